@@ -1,0 +1,6 @@
+"""kubetune's Kubernetes side: the FineTuneJob API, the CRD, the operator and the `kubetune` CLI."""
+
+API_GROUP = "kubetune.dev"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
