@@ -1,0 +1,449 @@
+"""What a training run is: the typed trainer configuration (`config.json`).
+
+This is the training part of a FineTuneJob spec. The operator embeds these models in its API (and
+generates the CRD schema from them), so this module is pure pydantic: it must import without torch.
+
+Every field carries help text (it becomes the CRD description that `kubectl explain` prints), and every
+cross-field rule is a `Rule`: one CEL expression for the API server and the same check, with the same
+message, for offline validation (`kubetune validate`) and for the trainer itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
+
+# A bucket name as S3 allows it (3-63 lowercase letters, digits, dots, hyphens), then an optional key.
+_S3 = r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?"
+_HF = r"hf://[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?"
+_LOCAL = r"(file://)?/.*"
+MODEL_URI = rf"^({_S3}|{_HF}|{_LOCAL})$"
+DATA_URI = rf"^({_S3}|{_LOCAL})$"
+QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, enforced twice with one message: by the API server and by the model.
+
+    `cel` is the `x-kubernetes-validations` rule (with `self` the object the model describes);
+    `holds` is the same predicate in Python. A unit test evaluates both over the bad-input catalog.
+    """
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+    field_path: str | None = None  # relative JSON path the error points at (reason FieldValueInvalid)
+
+    def schema(self) -> dict[str, str]:
+        entry = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        return entry
+
+
+def _cel_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _matching(pattern: str, message: str) -> Any:
+    """A string type checked by one regex, with the same message in the model and in the CRD's CEL."""
+
+    def check(value: str) -> str:
+        if not re.search(pattern, value):
+            raise ValueError(message)
+        return value
+
+    cel = {"rule": f"self.matches({_cel_string(pattern)})", "message": message}
+    return Annotated[
+        str,
+        Field(min_length=1, max_length=1024, json_schema_extra={"x-kubernetes-validations": [cel]}),
+        AfterValidator(check),
+    ]
+
+
+MODEL_ALLOWED = "s3://bucket/prefix/, hf://org/name, file:///path or an absolute path"
+DATA_ALLOWED = "s3://bucket/key, s3://bucket/prefix/, file:///path or an absolute path"
+ModelUri = _matching(MODEL_URI, f"must be {MODEL_ALLOWED}")
+DataUri = _matching(DATA_URI, f"must be {DATA_ALLOWED}")
+InstructionTemplate = _matching(r"(?s)\{prompt\}.*\{response\}", "must contain {prompt} followed by {response}")
+
+
+class ApiModel(BaseModel):
+    """Base for every API model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Any:
+        for rule in type(self).rules:
+            if not rule.holds(self):
+                raise ValueError(rule.message)
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> Any:
+        schema = handler(core_schema)
+        schema = handler.resolve_ref_schema(schema)
+        if cls.rules:
+            schema["x-kubernetes-validations"] = [rule.schema() for rule in cls.rules]
+        return schema
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+    key: str = Field(
+        default="token", min_length=1, max_length=253, description="Key in the Secret that holds the value."
+    )
+
+
+class S3CredentialsRef(ApiModel):
+    """A Secret holding S3 credentials; they reach the trainer as environment variables, never in config."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID",
+        min_length=1,
+        max_length=253,
+        description="Key holding the access key id.",
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY",
+        min_length=1,
+        max_length=253,
+        description="Key holding the secret access key.",
+    )
+    session_token_key: str | None = Field(
+        default=None, min_length=1, max_length=253, description="Optional key holding a session token."
+    )
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    source: ModelUri = Field(
+        description="Where the base model (config.json, weights, tokenizer) is: s3://bucket/prefix/, hf://org/name "
+        "(where the cluster reaches the Hugging Face Hub), or a path on a mounted volume.",
+    )
+    revision: str | None = Field(
+        default=None, min_length=1, max_length=255, description="Branch, tag or commit; hf:// sources only."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run Python code shipped with the model. Off by default: it executes arbitrary code.",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token for gated hf:// models."
+    )
+
+    rules = (
+        Rule(
+            "!has(self.revision) || self.source.startsWith('hf://')",
+            "model.revision is only valid with an hf:// source",
+            lambda m: m.revision is None or m.source.startswith("hf://"),
+            ".revision",
+        ),
+        Rule(
+            "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
+            "model.tokenSecretRef is only valid with an hf:// source",
+            lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
+            ".tokenSecretRef",
+        ),
+    )
+
+
+class DatasetFields(ApiModel):
+    """Column names in the dataset rows."""
+
+    prompt: str = Field(
+        default="prompt", min_length=1, max_length=128, description="Instruction format: the prompt column."
+    )
+    response: str = Field(
+        default="response",
+        min_length=1,
+        max_length=128,
+        description="Instruction format: the response column.",
+    )
+    messages: str = Field(
+        default="messages",
+        min_length=1,
+        max_length=128,
+        description="Chat format: the column holding a list of {role, content} messages.",
+    )
+    text: str = Field(default="text", min_length=1, max_length=128, description="Text format: the text column.")
+
+
+class DatasetSpec(ApiModel):
+    """Training (and evaluation) data."""
+
+    train: DataUri = Field(
+        description="Training data: a .jsonl, .json, .csv or .parquet object or file, "
+        "or a prefix/directory holding them.",
+    )
+    eval: DataUri | None = Field(
+        default=None, description="Evaluation data in the same formats. When absent, evalSplit is held out."
+    )
+    eval_split: float = Field(
+        default=0.05,
+        ge=0,
+        lt=0.5,
+        description="Fraction of train held out (seeded) for evaluation when eval is absent; 0 disables eval.",
+    )
+    format: Literal["instruction", "chat", "text"] = Field(
+        default="instruction",
+        description="instruction: prompt/response rows rendered with template; chat: a messages list rendered "
+        "with the tokenizer's chat template; text: plain text rows.",
+    )
+    fields: DatasetFields = Field(default_factory=DatasetFields, description="Column names in the rows.")
+    template: InstructionTemplate = Field(
+        default=DEFAULT_INSTRUCTION_TEMPLATE,
+        max_length=4096,
+        description="Instruction format: how a row becomes text. Must contain {prompt} and then {response}; "
+        "the loss counts only what {response} renders (and the EOS token). Default: the seed guide's.",
+    )
+    max_length: int = Field(
+        default=2048,
+        ge=16,
+        le=131072,
+        description="Tokens per training sequence; longer examples are truncated.",
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack several examples into each sequence (no padding; attention kept within each "
+        "example). Much higher throughput on short rows; on by default.",
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """bitsandbytes quantization of the frozen base weights (QLoRA)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="4 (QLoRA, NF4 by default) or 8 (LLM.int8 LoRA).")
+    type: Literal["nf4", "fp4"] = Field(
+        default="nf4",
+        description="4-bit data type. nf4 is information-theoretically optimal for normal weights "
+        "(QLoRA paper, Dettmers et al. 2023).",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="Quantize the quantization constants too: ~0.4 bits/parameter saved (QLoRA paper).",
+    )
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter shape (PEFT)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank. 16 is a common default for 7-8B models.")
+    alpha: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Scaling numerator (scale = alpha / r); 2*r is the usual choice.",
+    )
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Modules that get adapters: all-linear (every linear layer but the output head; the QLoRA "
+        "paper found all layers needed to match full fine-tuning) or names such as q_proj, v_proj.",
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 128}},
+    )
+
+
+class MethodSpec(ApiModel):
+    """How the model is adapted."""
+
+    type: Literal["qlora", "lora", "full"] = Field(
+        default="qlora",
+        description="qlora: LoRA on a 4- or 8-bit quantized frozen base (least memory); lora: LoRA on a "
+        "16-bit base; full: every weight trained.",
+    )
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="qlora only. Default: 4-bit nf4 with double quantization."
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="qlora and lora only. Default: r 16, alpha 32, dropout 0.05, all-linear."
+    )
+
+    rules = (
+        Rule(
+            "!has(self.quantization) || self.type == 'qlora'",
+            "method.quantization is only valid with method.type qlora",
+            lambda m: m.quantization is None or m.type == "qlora",
+            ".quantization",
+        ),
+        Rule(
+            "!has(self.lora) || self.type != 'full'",
+            "method.lora is only valid with method.type qlora or lora",
+            lambda m: m.lora is None or m.type != "full",
+            ".lora",
+        ),
+    )
+
+    def effective_quantization(self) -> QuantizationSpec | None:
+        if self.type != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
+    def effective_lora(self) -> LoraSpec | None:
+        if self.type == "full":
+            return None
+        return self.lora or LoraSpec()
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when eval loss stops improving."""
+
+    patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    threshold: float = Field(default=0.0, ge=0, description="Minimum eval-loss decrease that counts as improvement.")
+
+
+DEFAULT_EPOCHS = 3
+
+
+class TrainingSpec(ApiModel):
+    """The optimization loop."""
+
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description=f"Passes over the data ({DEFAULT_EPOCHS} when maxSteps is not set).",
+    )
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run, instead of epochs.")
+    learning_rate: float = Field(
+        default=2e-4,
+        gt=0,
+        le=1,
+        description="Peak learning rate. 2e-4 is the QLoRA paper's for 7-13B models.",
+    )
+    batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=2, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, lt=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(
+        default=0.3,
+        ge=0,
+        description="Gradient clipping norm; 0.3 is the QLoRA paper's. 0 disables clipping.",
+    )
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        default="auto",
+        description="auto: paged 8-bit AdamW for qlora on CUDA (QLoRA paper's paged optimizers), fused "
+        "AdamW elsewhere.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 where the hardware supports it, else fp16 on GPU, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=True,
+        description="Recompute activations in backward: much less memory for ~20-30% more compute.",
+    )
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order, splits and init.")
+    log_every_steps: int = Field(default=10, ge=1, description="Steps between log lines and progress updates.")
+    eval_every_steps: int = Field(default=100, ge=1, description="Steps between evaluations (and at the end).")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when eval loss stops improving. Off when absent."
+    )
+    checkpoint_every_steps: int = Field(
+        default=200, ge=1, description="Steps between checkpoints under <destination>/checkpoints/."
+    )
+    checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Newest complete checkpoints kept.")
+
+    rules = (
+        Rule(
+            "!(has(self.epochs) && has(self.maxSteps))",
+            "set either training.epochs or training.maxSteps, not both",
+            lambda t: not (t.epochs is not None and t.max_steps is not None),
+        ),
+    )
+
+    def effective_epochs(self) -> float:
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+
+
+class EvaluationSpec(ApiModel):
+    """Sample generations saved with the artifacts."""
+
+    prompts: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Prompts (raw; instruction-format runs wrap them in the template) to generate from after "
+        "training; results go to samples.jsonl.",
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 8192}},
+    )
+    max_new_tokens: int = Field(default=128, ge=1, le=4096, description="Tokens generated per prompt.")
+
+
+class OutputSpec(ApiModel):
+    """Where checkpoints and artifacts go."""
+
+    destination: DataUri = Field(
+        description="Prefix for checkpoints/, adapter/, metrics.json, samples.jsonl and README.md. "
+        "A restarted run with the same destination resumes from its newest complete checkpoint.",
+    )
+    merge_adapter: bool = Field(
+        default=False,
+        description="Also write merged/: the adapter merged into a 16-bit copy of the base (never into 4-bit "
+        "weights, which degrades quality).",
+    )
+
+
+class StorageSpec(ApiModel):
+    """How s3:// URIs are reached."""
+
+    endpoint: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph...); path-style addressing is used. "
+        "Empty: AWS S3.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, max_length=64, description="S3 region.")
+    credentials_secret_ref: S3CredentialsRef | None = Field(
+        default=None,
+        description="Secret with the S3 credentials. Absent: the pod's own identity (IRSA, instance role).",
+    )
+
+
+class TrainerConfig(ApiModel):
+    """The training part of a FineTuneJob: everything the trainer needs, and nothing secret."""
+
+    model: ModelSpec = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="Training and evaluation data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="qlora (default), lora or full.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization settings.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Sample generations.")
+    output: OutputSpec = Field(description="Where checkpoints and artifacts are written.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials.")
+
+    rules = (
+        Rule(
+            "!self.output.mergeAdapter || self.method.type != 'full'",
+            "output.mergeAdapter is only valid with method.type qlora or lora",
+            lambda c: not c.output.merge_adapter or c.method.type != "full",
+        ),
+    )
+
+    def trainer_json(self) -> dict[str, Any]:
+        """The config.json document: camelCase, defaults filled in."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
