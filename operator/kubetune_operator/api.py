@@ -1,0 +1,225 @@
+"""The FineTuneJob API (`kubetune.dev/v1alpha1`): spec and status models, and parsing at the edge.
+
+The spec embeds the trainer's config models (what a run is) and adds how it runs on Kubernetes. These
+models are the one source of truth: `kubetune_operator.crd` generates the CRD schema from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kubetune_operator import API_GROUP, API_VERSION, KIND
+from kubetune_trainer.config import DNS_SUBDOMAIN, QUANTITY, ApiModel, Rule, TrainerConfig
+from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result
+
+MAX_NAME_LENGTH = 63  # the Job is named after the FineTuneJob, and Job names end up in pod labels
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+# The trainer-facing sections are immutable: a running trainer resumes only into the same run.
+IMMUTABLE_SECTIONS = ("model", "dataset", "method", "training", "evaluation", "output", "storage", "resources", "image")
+
+
+class Resources(ApiModel):
+    """Compute for the trainer pod."""
+
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (one pod per node). 0 runs on CPU.")
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=QUALIFIED_NAME,
+        description="Extended resource that counts GPUs, e.g. nvidia.com/gpu or amd.com/gpu.",
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=64, description="Nodes (pods) for multi-node training: an Indexed Job with torchrun."
+    )
+    cpu: str | None = Field(
+        default=None, max_length=64, pattern=QUANTITY, description='CPU request and limit, e.g. "8". Unset: none.'
+    )
+    memory: str | None = Field(
+        default=None, max_length=64, pattern=QUANTITY, description="Memory request and limit, e.g. 64Gi. Unset: none."
+    )
+    shared_memory: str = Field(
+        default="2Gi",
+        max_length=64,
+        pattern=QUANTITY,
+        description="Size of the in-memory /dev/shm (data loader workers and NCCL need more than the 64Mi default).",
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=317, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(default=None, description="NoExecute only: how long to stay bound.")
+
+
+class Scheduling(ApiModel):
+    """Where the trainer pods may run. May change while a run is suspended or queued."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Taints tolerated.")
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A core/v1 Affinity, passed to the pod as it is.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods."
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Kueue LocalQueue: the Job is created suspended and Kueue admits it when quota allows.",
+    )
+
+
+class RunPolicy(ApiModel):
+    """How the run is retried, bounded and cleaned up."""
+
+    suspend: bool = Field(
+        default=False,
+        description="Suspend the run: the pod is stopped (it checkpoints first); set false to resume.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Failed attempts before the run fails. Preemptions and evictions do not count.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Wall-clock limit for the whole run, retries included."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the FineTuneJob (and its Job) this long after it finishes."
+    )
+
+
+class FineTuneJobSpec(TrainerConfig):
+    """The desired fine-tuning run: the trainer's config plus how it runs on Kubernetes."""
+
+    resources: Resources = Field(default_factory=Resources, description="GPUs, CPU, memory and nodes.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, Kueue.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadlines, clean-up.")
+    image: str | None = Field(
+        default=None, min_length=1, max_length=512, description="Trainer image; default: the operator's setting."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="ServiceAccount for the trainer pods (e.g. one bound to an IAM role for S3); its token is "
+        "never mounted.",
+    )
+
+    rules = (
+        *TrainerConfig.rules,
+        Rule(
+            "self.resources.nodes == 1 || self.resources.gpus >= 1",
+            "resources.nodes > 1 needs resources.gpus >= 1",
+            lambda s: s.resources.nodes == 1 or s.resources.gpus >= 1,
+        ),
+    )
+
+    def trainer_config(self) -> TrainerConfig:
+        """The training part alone: what goes into config.json."""
+        return TrainerConfig.model_validate(self.model_dump(include=set(TrainerConfig.model_fields)))
+
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(ApiModel):
+    """A status condition (Kubernetes API conventions)."""
+
+    type: str = Field(description="Ready, Running, Succeeded, Failed, Suspended...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase cause of the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The generation this was computed for.")
+
+
+class FineTuneJobStatus(ApiModel):
+    """What is running, computed by the operator from the Job, its pods and the trainer."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Queued, Running, Succeeded, Failed, Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, description="Detailed state, one entry per type.")
+    observed_generation: int | None = Field(default=None, description="The spec generation this status is for.")
+    job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    start_time: str | None = Field(default=None, description="When the first attempt started.")
+    completion_time: str | None = Field(default=None, description="When the run finished.")
+    attempts: int | None = Field(default=None, ge=0, description="Pods started so far, including retries.")
+    progress: Progress | None = Field(default=None, description="Live progress, read from the trainer.")
+    checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint.")
+    result: Result | None = Field(default=None, description="Final numbers of a succeeded run.")
+    artifacts: Artifacts | None = Field(default=None, description="Where the outputs are.")
+    reason: str | None = Field(default=None, description="Cause of the current phase, e.g. InvalidInput.")
+    message: str | None = Field(default=None, description="Human-readable explanation of the phase.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    """A fine-tuning run of a language model (kubetune.dev/v1alpha1 FineTuneJob)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+assert f"{API_GROUP}/{API_VERSION}" == "kubetune.dev/v1alpha1" and KIND == "FineTuneJob"
+
+
+class SpecError(ValueError):
+    """A FineTuneJob that breaks the API's rules; `problems` are `path: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    """Pydantic errors as `field.path: message`, with the wire (camelCase) names."""
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{path}: {message}" if path else message)
+    return problems
+
+
+def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
+    """Typed FineTuneJob from a raw object (a handler's body or a YAML document); SpecError if invalid.
+
+    The status is not parsed: it is computed from what runs, never read back as input.
+    """
+    try:
+        return FineTuneJob.model_validate({key: value for key, value in body.items() if key != "status"})
+    except ValidationError as error:
+        raise SpecError(describe_errors(error)) from None

@@ -1,0 +1,182 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the API models (the one source of truth).
+
+Pydantic writes JSON Schema (draft 2020-12); Kubernetes wants a *structural* OpenAPI v3 schema: no $ref,
+no anyOf-with-null, boolean exclusive bounds, every node typed. `finetunejob_crd()` converts one into
+the other and adds what only Kubernetes knows: printer columns, the status subresource, CEL rules that
+cross whole sections (name length, immutability).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+from pydantic.json_schema import GenerateJsonSchema
+
+from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
+from kubetune_operator.api import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, FineTuneJob
+
+CRD_FILE = f"{API_GROUP}_{PLURAL}.yaml"
+
+_DROPPED_KEYS = {"title", "additionalProperties", "discriminator"}
+_ROOT_DESCRIPTION = (
+    "A FineTuneJob fine-tunes a language model (QLoRA by default) from object storage to object storage. "
+    "kubetune runs it as a batch/v1 Job and reports progress, results and failures in its status."
+)
+
+
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """Pydantic leaves out defaults made by a default_factory; Kubernetes should apply them too."""
+
+    def default_schema(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            schema = {key: value for key, value in schema.items() if key != "default_factory"}
+            schema["default"] = factory()
+        return super().default_schema(schema)
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline every $ref (the models have no recursion)."""
+    if isinstance(node, list):
+        return [_resolve(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        # Keys beside a $ref (a field's description, default) win over the referenced model's.
+        merged = {**target, **{key: value for key, value in node.items() if key != "$ref"}}
+        return _resolve(merged, defs)
+    return {key: _resolve(value, defs) for key, value in node.items()}
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    """One JSON Schema node as a structural OpenAPI v3 node."""
+    node = dict(node)
+    if "anyOf" in node:  # pydantic's `X | None`: optional in Kubernetes means absent, not null
+        variants = [variant for variant in node.pop("anyOf") if variant.get("type") != "null"]
+        if len(variants) != 1:
+            raise ValueError(f"cannot express a union of {len(variants)} types structurally: {variants}")
+        node = {**variants[0], **node}
+    if node.get("default", ...) is None:
+        del node["default"]
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound in ("Minimum", "Maximum"):
+        if f"exclusive{bound}" in node:
+            node[bound.lower()] = node.pop(f"exclusive{bound}")
+            node[f"exclusive{bound}"] = True
+    extra_properties = node.get("additionalProperties")
+    out: dict[str, Any] = {key: value for key, value in node.items() if key not in _DROPPED_KEYS}
+    if "properties" in node:
+        out["properties"] = {name: _structural(child) for name, child in node["properties"].items()}
+        # A nested object defaults to {} so that the API server fills in its fields' defaults.
+        for child in out["properties"].values():
+            if child.get("type") == "object" and isinstance(child.get("default"), dict) and "properties" in child:
+                child["default"] = {}
+    elif isinstance(extra_properties, dict):
+        out["additionalProperties"] = _structural(extra_properties)
+    if "items" in node:
+        out["items"] = _structural(node["items"])
+    if "type" not in out:
+        raise ValueError(f"schema node without a type: {node}")
+    return out
+
+
+def _name_rule() -> dict[str, str]:
+    return {
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (it names the Job and labels its pods)",
+    }
+
+
+def _immutable(section: str) -> dict[str, str]:
+    return {"rule": "self == oldSelf", "message": f"spec.{section} is immutable: create a new FineTuneJob instead"}
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The structural openAPIV3Schema of a FineTuneJob."""
+    raw = FineTuneJob.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
+    resolved = _resolve({key: value for key, value in raw.items() if key != "$defs"}, raw.get("$defs", {}))
+    schema = _structural(resolved)
+    schema["description"] = _ROOT_DESCRIPTION
+    properties = schema["properties"]
+    properties["apiVersion"] = {"type": "string", "description": "kubetune.dev/v1alpha1"}
+    properties["kind"] = {"type": "string", "description": "FineTuneJob"}
+    properties["metadata"] = {"type": "object", "description": "Standard object metadata."}
+    schema["required"] = ["spec"]
+    schema["x-kubernetes-validations"] = [_name_rule()]
+
+    spec = properties["spec"]
+    for section in IMMUTABLE_SECTIONS:
+        if section == "image":  # optional scalar: a transition rule on it alone would miss set/unset
+            spec.setdefault("x-kubernetes-validations", []).append(
+                {
+                    "rule": "has(self.image) == has(oldSelf.image)"
+                    " && (!has(self.image) || self.image == oldSelf.image)",
+                    "message": "spec.image is immutable: create a new FineTuneJob instead",
+                }
+            )
+            continue
+        spec["properties"][section].setdefault("x-kubernetes-validations", []).append(_immutable(section))
+
+    status = properties["status"]
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the run is."},
+    {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of training steps done.",
+    },
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.trainLoss", "description": "Training loss."},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "description": "Time left in training."},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1, "description": "Why."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition manifest."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{API_GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["ftj"],
+                "categories": ["kubetune", "all"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def render_crd_yaml() -> str:
+    header = "# Generated by `kubetune crd` from the API models. Do not edit: change the models and regenerate.\n"
+    return header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=120, allow_unicode=True)

@@ -1,0 +1,135 @@
+"""Reading FineTuneJob YAML files: documents, where each field sits (file and line), and validation.
+
+Shared by `kubetune validate`, `kubetune render` and `kubetune run`, so all three report a bad file the
+same way: `FILE:LINE: spec.path: message`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune_operator import KIND
+from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class Document:
+    """One YAML document of a file, with what is needed to point at its fields."""
+
+    path: Path
+    index: int
+    body: Any
+    node: yaml.Node | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}#{self.index}" if self.index else str(self.path)
+
+    def line_of(self, dotted: str) -> int:
+        """1-based line of the deepest node of `dotted` (e.g. spec.training.epochs) that exists."""
+        node = self.node
+        line = node.start_mark.line + 1 if node is not None else 1
+        for part in dotted.split("."):
+            if isinstance(node, yaml.MappingNode):
+                node = next((value for key, value in node.value if key.value == part), None)
+            elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+                node = node.value[int(part)]
+            else:
+                node = None
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+        return line
+
+
+@dataclass
+class Checked:
+    """The outcome of validating one document."""
+
+    document: Document
+    job: FineTuneJob | None = None
+    problems: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.skipped is None
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Files as given; directories become their YAML files, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in YAML_SUFFIXES))
+        else:
+            files.append(path)
+    return files
+
+
+def read_documents(path: Path) -> list[Document]:
+    """Every non-empty document in a YAML file; a YAML syntax error becomes SpecError with its line."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError([f"{path}: cannot read: {error.strerror}"]) from None
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        bodies = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise SpecError([f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    return [
+        Document(path, index, body, node)
+        for index, (body, node) in enumerate(zip(bodies, nodes, strict=True))
+        if body is not None
+    ]
+
+
+def check_document(document: Document) -> Checked:
+    body = document.body
+    if not isinstance(body, dict):
+        return Checked(document, problems=[f"{document.where}:1: a document must be a mapping (a Kubernetes object)"])
+    if body.get("kind") != KIND:
+        return Checked(document, skipped=f"{body.get('kind', 'object without kind')} is not a {KIND}")
+    try:
+        return Checked(document, job=parse_finetunejob(body))
+    except SpecError as error:
+        located = []
+        for problem in error.problems:
+            dotted, _, _message = problem.partition(": ")
+            located.append(f"{document.path}:{document.line_of(dotted)}: {problem}")
+        return Checked(document, problems=located)
+
+
+def check_files(paths: list[Path]) -> list[Checked]:
+    checked: list[Checked] = []
+    for path in expand(paths):
+        try:
+            documents = read_documents(path)
+        except SpecError as error:
+            checked.append(Checked(Document(path, 0, None, None), problems=error.problems))
+            continue
+        if not documents:
+            checked.append(Checked(Document(path, 0, None, None), problems=[f"{path}: no YAML documents"]))
+        checked.extend(check_document(document) for document in documents)
+    return checked
+
+
+def load_finetunejob(path: Path) -> FineTuneJob:
+    """The one FineTuneJob in a file, or SpecError with every problem located."""
+    results = [checked for checked in check_files([path]) if checked.skipped is None]
+    problems = [problem for checked in results for problem in checked.problems]
+    if problems:
+        raise SpecError(problems)
+    jobs = [checked.job for checked in results if checked.job is not None]
+    if len(jobs) != 1:
+        raise SpecError([f"{path}: expected exactly one {KIND}, found {len(jobs)}"])
+    return jobs[0]
