@@ -54,37 +54,47 @@ def _cel_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _matching(pattern: str, message: str) -> Any:
-    """A string type checked by one regex, with the same message in the model and in the CRD's CEL."""
+def _must_match(pattern: str, message: str) -> AfterValidator:
+    """The model's half of a regex rule; `_cel_must_match` is the API server's, with the same message."""
 
     def check(value: str) -> str:
         if not re.search(pattern, value):
             raise ValueError(message)
         return value
 
-    cel = {"rule": f"self.matches({_cel_string(pattern)})", "message": message}
-    return Annotated[
-        str,
-        Field(min_length=1, max_length=1024, json_schema_extra={"x-kubernetes-validations": [cel]}),
-        AfterValidator(check),
-    ]
+    return AfterValidator(check)
+
+
+def _cel_must_match(pattern: str, message: str) -> Any:
+    rule: dict[str, Any] = {"rule": f"self.matches({_cel_string(pattern)})", "message": message}
+    return Field(min_length=1, max_length=1024, json_schema_extra={"x-kubernetes-validations": [rule]})
 
 
 MODEL_ALLOWED = "s3://bucket/prefix/, hf://org/name, file:///path or an absolute path"
 DATA_ALLOWED = "s3://bucket/key, s3://bucket/prefix/, file:///path or an absolute path"
-ModelUri = _matching(MODEL_URI, f"must be {MODEL_ALLOWED}")
-DataUri = _matching(DATA_URI, f"must be {DATA_ALLOWED}")
-InstructionTemplate = _matching(r"(?s)\{prompt\}.*\{response\}", "must contain {prompt} followed by {response}")
+_MODEL_MESSAGE = f"must be {MODEL_ALLOWED}"
+_DATA_MESSAGE = f"must be {DATA_ALLOWED}"
+_TEMPLATE = r"(?s)\{prompt\}.*\{response\}"
+_TEMPLATE_MESSAGE = "must contain {prompt} followed by {response}"
+ModelUri = Annotated[str, _cel_must_match(MODEL_URI, _MODEL_MESSAGE), _must_match(MODEL_URI, _MODEL_MESSAGE)]
+DataUri = Annotated[str, _cel_must_match(DATA_URI, _DATA_MESSAGE), _must_match(DATA_URI, _DATA_MESSAGE)]
+InstructionTemplate = Annotated[
+    str, _cel_must_match(_TEMPLATE, _TEMPLATE_MESSAGE), _must_match(_TEMPLATE, _TEMPLATE_MESSAGE)
+]
 
 
 class ApiModel(BaseModel):
-    """Base for every API model: camelCase on the wire, unknown fields rejected."""
+    """Base for every API model: camelCase on the wire, unknown fields rejected, types strict.
+
+    Strict like the API server's schema: "yes" is not a boolean and "4" is not an integer.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
+        strict=True,
     )
     rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -436,7 +446,7 @@ class TrainerConfig(ApiModel):
     output: OutputSpec = Field(description="Where checkpoints and artifacts are written.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials.")
 
-    rules = (
+    rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             "!self.output.mergeAdapter || self.method.type != 'full'",
             "output.mergeAdapter is only valid with method.type qlora or lora",

@@ -1,0 +1,331 @@
+"""The FineTuneJob API: the models and the generated CRD accept and reject the same objects.
+
+Every bad object must be rejected twice — by `kubetune validate` (the pydantic models) and by what the API
+server would do with the generated CRD (schema + CEL, see tests/support/admission.py) — each time with a
+message that names the field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
+from kubetune_operator.cli import main
+from kubetune_operator.crd import finetunejob_crd, render_crd_yaml
+from tests.support.admission import CRD_PATH, admit, apply_defaults, crd_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+BASE: dict[str, Any] = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "support-bot", "namespace": "default"},
+    "spec": {
+        "model": {"source": "s3://models/llama/"},
+        "dataset": {"train": "s3://datasets/support/train.jsonl"},
+        "output": {"destination": "s3://artifacts/support-bot/"},
+    },
+}
+
+
+def with_changes(*changes: tuple[str, Any]) -> dict[str, Any]:
+    """BASE with dotted paths set (a value of ... deletes the key)."""
+    obj = copy.deepcopy(BASE)
+    for dotted, value in changes:
+        *parents, last = dotted.split(".")
+        node = obj
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is ...:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return obj
+
+
+# (id, object, text that both error messages must contain: the field's path or name)
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("missing-spec", with_changes(("spec", ...)), "spec"),
+    ("missing-model", with_changes(("spec.model", ...)), "model"),
+    ("missing-dataset-train", with_changes(("spec.dataset.train", ...)), "train"),
+    ("missing-output", with_changes(("spec.output", ...)), "output"),
+    ("empty-model-source", with_changes(("spec.model.source", "")), "spec.model.source"),
+    ("unsupported-model-scheme", with_changes(("spec.model.source", "gs://bucket/model/")), "spec.model.source"),
+    ("relative-model-path", with_changes(("spec.model.source", "models/llama")), "spec.model.source"),
+    ("bad-bucket-name", with_changes(("spec.model.source", "s3://UPPER_case/x")), "spec.model.source"),
+    ("hf-dataset-unsupported", with_changes(("spec.dataset.train", "hf://org/data")), "spec.dataset.train"),
+    ("http-output", with_changes(("spec.output.destination", "https://example.com/out")), "spec.output.destination"),
+    ("unknown-top-field", with_changes(("spec.epochs", 3)), "epochs"),
+    ("unknown-nested-field", with_changes(("spec.training", {"learningrate": 1e-4})), "learningrate"),
+    ("wrong-type-batch", with_changes(("spec.training", {"batchSize": "four"})), "spec.training.batchSize"),
+    ("wrong-type-packing", with_changes(("spec.dataset.packing", "yes")), "spec.dataset.packing"),
+    ("zero-learning-rate", with_changes(("spec.training", {"learningRate": 0})), "spec.training.learningRate"),
+    ("negative-epochs", with_changes(("spec.training", {"epochs": -1})), "spec.training.epochs"),
+    ("eval-split-too-big", with_changes(("spec.dataset.evalSplit", 0.5)), "spec.dataset.evalSplit"),
+    ("eval-split-negative", with_changes(("spec.dataset.evalSplit", -0.1)), "spec.dataset.evalSplit"),
+    ("lora-rank-zero", with_changes(("spec.method", {"lora": {"r": 0}})), "spec.method.lora.r"),
+    ("lora-dropout-one", with_changes(("spec.method", {"lora": {"dropout": 1.0}})), "spec.method.lora.dropout"),
+    ("empty-target-modules", with_changes(("spec.method", {"lora": {"targetModules": []}})), "targetModules"),
+    ("bad-method", with_changes(("spec.method", {"type": "prefix-tuning"})), "spec.method.type"),
+    ("bad-quant-bits", with_changes(("spec.method", {"quantization": {"bits": 3}})), "spec.method.quantization.bits"),
+    ("bad-quant-type", with_changes(("spec.method", {"quantization": {"type": "int4"}})), "quantization.type"),
+    ("bad-format", with_changes(("spec.dataset.format", "alpaca")), "spec.dataset.format"),
+    ("bad-precision", with_changes(("spec.training", {"precision": "int8"})), "spec.training.precision"),
+    ("bad-scheduler", with_changes(("spec.training", {"lrScheduler": "step"})), "spec.training.lrScheduler"),
+    (
+        "quantization-with-lora",
+        with_changes(("spec.method", {"type": "lora", "quantization": {"bits": 4}})),
+        "method.quantization is only valid with method.type qlora",
+    ),
+    (
+        "lora-with-full",
+        with_changes(("spec.method", {"type": "full", "lora": {"r": 8}})),
+        "method.lora is only valid with method.type qlora or lora",
+    ),
+    (
+        "epochs-and-max-steps",
+        with_changes(("spec.training", {"epochs": 1, "maxSteps": 100})),
+        "set either training.epochs or training.maxSteps, not both",
+    ),
+    (
+        "merge-with-full",
+        with_changes(("spec.method", {"type": "full"}), ("spec.output.mergeAdapter", True)),
+        "output.mergeAdapter is only valid with method.type qlora or lora",
+    ),
+    (
+        "revision-without-hf",
+        with_changes(("spec.model.revision", "main")),
+        "model.revision is only valid with an hf:// source",
+    ),
+    (
+        "token-without-hf",
+        with_changes(("spec.model.tokenSecretRef", {"name": "hf-token"})),
+        "model.tokenSecretRef is only valid with an hf:// source",
+    ),
+    (
+        "template-without-response",
+        with_changes(("spec.dataset.template", "Q: {prompt}\nA:")),
+        "must contain {prompt} followed by {response}",
+    ),
+    (
+        "template-response-first",
+        with_changes(("spec.dataset.template", "{response} {prompt}")),
+        "must contain {prompt} followed by {response}",
+    ),
+    ("max-length-tiny", with_changes(("spec.dataset.maxLength", 8)), "spec.dataset.maxLength"),
+    ("zero-gpus-negative", with_changes(("spec.resources", {"gpus": -1})), "spec.resources.gpus"),
+    ("bad-memory-quantity", with_changes(("spec.resources", {"memory": "lots"})), "spec.resources.memory"),
+    ("bad-gpu-resource", with_changes(("spec.resources", {"gpuResourceName": "nvidia gpu"})), "gpuResourceName"),
+    ("multi-node-cpu", with_changes(("spec.resources", {"nodes": 2, "gpus": 0})), "resources.nodes > 1"),
+    (
+        "bad-toleration-operator",
+        with_changes(("spec.scheduling", {"tolerations": [{"key": "a", "operator": "In"}]})),
+        "operator",
+    ),
+    ("bad-queue-name", with_changes(("spec.scheduling", {"queueName": "GPU Queue"})), "queueName"),
+    ("negative-backoff", with_changes(("spec.runPolicy", {"backoffLimit": -1})), "spec.runPolicy.backoffLimit"),
+    ("bad-secret-name", with_changes(("spec.storage.credentialsSecretRef", {"name": "S3_Creds"})), "name"),
+    ("bad-endpoint", with_changes(("spec.storage.endpoint", "minio:9000")), "spec.storage.endpoint"),
+    ("empty-secret-name", with_changes(("spec.storage.credentialsSecretRef", {"name": ""})), "name"),
+    ("name-too-long", with_changes(("metadata.name", "a" * 64)), "metadata.name"),
+    ("wrong-api-version", with_changes(("apiVersion", "kubetune.dev/v1")), "apiVersion"),
+    ("prompt-list-not-strings", with_changes(("spec.evaluation", {"prompts": [1, 2]})), "prompts"),
+]
+
+GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("defaults-only", BASE),
+    ("eval-split-zero", with_changes(("spec.dataset.evalSplit", 0))),
+    ("eval-split-just-below-half", with_changes(("spec.dataset.evalSplit", 0.4999))),
+    ("max-steps-only", with_changes(("spec.training", {"maxSteps": 1}))),
+    ("fractional-epochs", with_changes(("spec.training", {"epochs": 0.5}))),
+    ("name-63", with_changes(("metadata.name", "a" * 63))),
+    ("hf-model-with-revision", with_changes(("spec.model", {"source": "hf://org/model", "revision": "v1.0"}))),
+    ("absolute-paths", with_changes(("spec.model.source", "/models/llama"), ("spec.dataset.train", "/data/x.csv"))),
+    ("file-uris", with_changes(("spec.output.destination", "file:///tmp/out"))),
+    ("eight-bit", with_changes(("spec.method", {"type": "qlora", "quantization": {"bits": 8}}))),
+    ("full-fine-tune", with_changes(("spec.method", {"type": "full"}))),
+    ("cpu-only", with_changes(("spec.resources", {"gpus": 0, "cpu": "500m", "memory": "1.5Gi"}))),
+    ("multiline-template", with_changes(("spec.dataset.template", "<s>[INST] {prompt} [/INST]\n\n{response}"))),
+    ("exists-toleration", with_changes(("spec.scheduling", {"tolerations": [{"operator": "Exists"}]}))),
+    ("affinity-passthrough", with_changes(("spec.scheduling", {"affinity": {"nodeAffinity": {"x": 1}}}))),
+]
+
+
+def model_errors(obj: dict[str, Any]) -> list[str]:
+    try:
+        parse_finetunejob(obj)
+    except SpecError as error:
+        return error.problems
+    return []
+
+
+@pytest.mark.parametrize(("case", "obj", "names"), BAD, ids=[case for case, _, _ in BAD])
+def test_bad_object_is_rejected_by_models_and_by_the_crd(case: str, obj: dict[str, Any], names: str) -> None:
+    from_models = model_errors(obj)
+    from_server = admit(obj)
+    assert from_models, f"{case}: the models accepted it"
+    assert from_server, f"{case}: the CRD schema and CEL rules accepted it"
+    assert any(names in problem for problem in from_models), from_models
+    assert any(names in problem for problem in from_server), from_server
+
+
+@pytest.mark.parametrize(("case", "obj"), GOOD_EDGE_CASES, ids=[case for case, _ in GOOD_EDGE_CASES])
+def test_valid_edge_case_is_accepted_by_both(case: str, obj: dict[str, Any]) -> None:
+    assert model_errors(obj) == []
+    assert admit(obj) == []
+
+
+def test_catalog_is_big_enough() -> None:
+    assert len(BAD) >= 25
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_examples_pass_both(path: Path) -> None:
+    for obj in yaml.safe_load_all(path.read_text()):
+        assert model_errors(obj) == []
+        assert admit(obj) == []
+
+
+def test_there_are_examples_of_each_kind() -> None:
+    specs = [yaml.safe_load(path.read_text())["spec"] for path in EXAMPLES]
+    assert any(spec.get("dataset", {}).get("format") == "chat" for spec in specs)
+    assert any(spec.get("resources", {}).get("gpus", 1) > 1 for spec in specs)
+    assert any(spec.get("scheduling", {}).get("queueName") for spec in specs)
+    assert any(spec.get("scheduling", {}).get("tolerations") for spec in specs)
+
+
+def test_models_and_server_defaults_agree() -> None:
+    """What the API server stores after defaulting is what the models would fill in."""
+    stored = apply_defaults(copy.deepcopy(BASE), crd_schema())
+    job = FineTuneJob.model_validate(stored)
+    from_models = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert stored["spec"] == from_models
+    assert stored["spec"]["method"] == {"type": "qlora"}  # quantization/lora: effective defaults, not stored
+    method = job.spec.method
+    quantization, lora = method.effective_quantization(), method.effective_lora()
+    assert quantization is not None and (quantization.bits, quantization.type, quantization.double_quant) == (
+        4,
+        "nf4",
+        True,
+    )
+    assert lora is not None and lora.target_modules == ["all-linear"] and (lora.r, lora.alpha) == (16, 32)
+    assert stored["spec"]["training"]["learningRate"] == 2e-4
+    assert stored["spec"]["training"]["gradientCheckpointing"] is True
+    assert stored["spec"]["dataset"]["packing"] is True
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ("model", {"source": "s3://models/other/"}),
+        ("dataset", {"train": "s3://datasets/other.jsonl"}),
+        ("training", {"learningRate": 1e-3}),
+        ("method", {"type": "lora"}),
+        ("output", {"destination": "s3://artifacts/elsewhere/"}),
+        ("image", "registry.example/trainer:2"),
+    ],
+)
+def test_training_fields_are_immutable(section: str, value: Any) -> None:
+    updated = with_changes((f"spec.{section}", value))
+    errors = admit(updated, old=BASE)
+    assert any(f"spec.{section} is immutable" in error for error in errors), errors
+
+
+def test_suspend_and_scheduling_may_change() -> None:
+    updated = with_changes(
+        ("spec.runPolicy", {"suspend": True}), ("spec.scheduling", {"nodeSelector": {"pool": "h100"}})
+    )
+    assert admit(updated, old=BASE) == []
+
+
+def test_committed_crd_is_what_the_models_generate() -> None:
+    stale = "crds/ is stale: run `kubetune crd -o crds/kubetune.dev_finetunejobs.yaml`"
+    assert CRD_PATH.read_text() == render_crd_yaml(), stale
+
+
+def _walk(schema: dict[str, Any], path: str) -> list[str]:
+    missing = [] if schema.get("description") else [path]
+    for name, child in schema.get("properties", {}).items():
+        missing += _walk(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict) and "properties" in schema["items"]:
+        missing += _walk(schema["items"], f"{path}[]")
+    return missing
+
+
+def test_every_field_has_a_description_for_kubectl_explain() -> None:
+    assert _walk(crd_schema(), "finetunejob") == []
+
+
+def test_crd_is_structural() -> None:
+    def check(schema: dict[str, Any], path: str) -> None:
+        assert "type" in schema, f"{path} has no type"
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "const"):
+            assert forbidden not in schema, f"{path} has {forbidden}"
+        for name, child in schema.get("properties", {}).items():
+            check(child, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            check(schema["items"], f"{path}[]")
+        if isinstance(schema.get("additionalProperties"), dict):
+            check(schema["additionalProperties"], f"{path}{{}}")
+
+    check(crd_schema(), "finetunejob")
+
+
+def test_crd_shape() -> None:
+    crd = finetunejob_crd()
+    version = crd["spec"]["versions"][0]
+    assert crd["spec"]["names"]["shortNames"] == ["ftj"]
+    assert "kubetune" in crd["spec"]["names"]["categories"]
+    assert version["subresources"] == {"status": {}}
+    columns = [column["name"] for column in version["additionalPrinterColumns"]]
+    assert columns[:4] == ["Phase", "Progress", "Loss", "ETA"] and columns[-1] == "Age"
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    for field in ("phase", "conditions", "observedGeneration", "progress", "result", "artifacts", "checkpoint"):
+        assert field in status
+
+
+def test_validate_cli_reports_file_line_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = with_changes(("spec.training", {"learningRate": -1}))
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump_all([BASE, {"apiVersion": "v1", "kind": "Secret"}, bad], sort_keys=False))
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}: FineTuneJob support-bot: OK" in out
+    assert "skipped: Secret is not a FineTuneJob" in out
+    line = next(
+        number for number, text in enumerate(path.read_text().splitlines(), start=1) if "learningRate: -1" in text
+    )
+    assert f"{path}:{line}: spec.training.learningRate: Input should be greater than 0" in err
+
+
+def test_validate_cli_on_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", *map(str, EXAMPLES)]) == 0
+    assert capsys.readouterr().out.count(": OK") == len(EXAMPLES)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("spec: [unclosed\n", ":2: not valid YAML"),
+        ("- just\n- a list\n", ":1: a document must be a mapping"),
+        ("", "no YAML documents"),
+    ],
+)
+def test_validate_cli_on_broken_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_validate_cli_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
