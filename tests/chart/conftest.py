@@ -35,21 +35,15 @@ class Chart:
                 timeout=60,
             )
 
-    def template(
-        self, values: dict[str, Any] | None = None, release: str = "kubetune"
-    ) -> list[dict[str, Any]]:
+    def template(self, values: dict[str, Any] | None = None, release: str = "kubetune") -> list[dict[str, Any]]:
         """Every object `helm template` renders, parsed; fails the test when rendering fails."""
-        result = self._run(
-            "template", release, str(self.path), "--namespace", RELEASE_NAMESPACE, values=values
-        )
+        result = self._run("template", release, str(self.path), "--namespace", RELEASE_NAMESPACE, values=values)
         assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
     def template_error(self, values: dict[str, Any]) -> str:
         """The error `helm template` prints for values it must reject."""
-        result = self._run(
-            "template", "kubetune", str(self.path), "--namespace", RELEASE_NAMESPACE, values=values
-        )
+        result = self._run("template", "kubetune", str(self.path), "--namespace", RELEASE_NAMESPACE, values=values)
         assert result.returncode != 0, f"helm template accepted {values!r}"
         return result.stderr
 

@@ -1,0 +1,29 @@
+"""Lint, format, types and layering are part of the suite, so README's one test command checks them all."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        # strict for the API models and the CRD generator (pyproject's [tool.mypy] overrides)
+        ["mypy", "operator/kubetune_operator", "trainer/kubetune_trainer"],
+        # api, builders, status import neither kopf nor kubernetes; the operator never imports torch
+        ["lint-imports"],
+    ],
+    ids=["ruff", "ruff-format", "mypy", "import-layers"],
+)
+def test_tool_passes(command: list[str]) -> None:
+    result = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
