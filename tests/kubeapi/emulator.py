@@ -191,7 +191,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return self._store[resource].get((namespace, name))
 
     def list(self, resource: ResourceKey, namespace: str | None = None) -> list[Body]:
-        return [obj for (ns, _), obj in self._store[resource].items() if namespace in (None, ns)]
+        # A snapshot first: tests may read from their own thread while the server writes.
+        objects = list(self._store[resource].items())
+        return [obj for (ns, _), obj in objects if namespace in (None, ns)]
 
     def history(self, resource: ResourceKey, namespace: str | None, name: str) -> list[WatchEvent]:
         """The retained watch events of one object, oldest first (for assertions on transitions)."""
@@ -202,13 +204,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
             == (namespace, name)
         ]
 
-    def verbs_by_resource(self) -> dict[str, set[str]]:
-        """{'batch/jobs': {'create', 'get', ...}, 'pods/status': {...}} from the request log."""
-        verbs: dict[str, set[str]] = collections.defaultdict(set)
+    def verbs_by_resource(self) -> dict[tuple[str, str], set[str]]:
+        """The verbs used, keyed as RBAC rules name resources: (apiGroup, "resource[/subresource]").
+
+        E.g. `{("batch", "jobs"): {"create", "get"}, ("", "pods/status"): {"patch"}}`.
+        """
+        verbs: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
         for req in self.api_requests:
-            name = f"{req.group}/{req.resource}" if req.group else req.resource
-            name += f"/{req.subresource}" if req.subresource else ""
-            verbs[name].add(req.verb)
+            name = f"{req.resource}/{req.subresource}" if req.subresource else req.resource
+            verbs[req.group, name].add(req.verb)
         return dict(verbs)
 
     def collect_garbage(self) -> list[Body]:
@@ -262,8 +266,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     @override
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         res = request.resource
-        if res is None or res.plural is None:  # discovery: kmock's own scaffold serves it
-            return await super()._handle(request)
+        if res is None or res.plural is None:
+            return await self._serve_discovery(request)
         key: ResourceKey = (res.group or "", res.version or "", res.plural)
         verb = self._verb(request)
         self.api_requests.append(
@@ -286,6 +290,25 @@ class KubeEmulator(kmock.KubernetesEmulator):
         except ApiError as e:
             status, body = e.code, e.as_status()
         return aiohttp.web.json_response(body, status=status)
+
+    async def _serve_discovery(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """kmock's discovery answers, called directly: through its reactions they slow down."""
+        parts = tuple(request.url.path.strip("/").split("/"))
+        serve = {
+            ("",): self._serve_root,
+            ("version",): self._serve_server_version,
+            ("api",): self._serve_api,
+            ("apis",): self._serve_apis,
+        }.get(parts)
+        if serve is None and len(parts) in (2, 3) and parts[0] in ("api", "apis"):
+            serve = self._serve_group if parts[0] == "apis" and len(parts) == 2 else self._serve_version
+        if serve is None:  # not Kubernetes: whatever reactions a test has declared
+            return await super()._handle(request)
+        try:
+            return aiohttp.web.json_response(await serve(request))
+        except kmock.KubernetesError as e:
+            error = ApiError(e.status, e.reason or "NotFound", e.message or "")
+            return aiohttp.web.json_response(error.as_status(), status=e.status)
 
     @staticmethod
     def _verb(request: kmock.Request) -> str:

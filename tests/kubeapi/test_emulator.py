@@ -100,7 +100,7 @@ def test_builtin_job_status_is_a_subresource(kube_api: KubeApiServer) -> None:
         },
     )
     assert job.status is None or job.status.active is None
-    batch.patch_namespaced_job("default" and "j", "default", {"status": {"active": 3}})
+    batch.patch_namespaced_job("j", "default", {"status": {"active": 3}})
     assert batch.read_namespaced_job("j", "default").status is None
 
 
@@ -157,6 +157,39 @@ def test_watch_from_a_resource_version_loses_nothing(custom: kubernetes.client.C
         ("MODIFIED", "two"),
         ("MODIFIED", "three"),
     ]
+
+
+def test_watch_sees_objects_enter_and_leave_a_selector(core: kubernetes.client.CoreV1Api) -> None:
+    since = core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "a"}}
+    ).metadata.resource_version
+    for labels in ({"app": "x"}, {"app": "x", "more": "1"}, {"app": None}):
+        core.patch_namespaced_config_map("a", "default", {"metadata": {"labels": labels}})
+    events = kubernetes.watch.Watch().stream(
+        core.list_namespaced_config_map,
+        "default",
+        label_selector="app=x",
+        resource_version=since,
+        timeout_seconds=1,
+    )
+    assert [event["type"] for event in events] == ["ADDED", "MODIFIED", "DELETED"]
+
+
+def test_watch_from_a_forgotten_resource_version_is_410_gone(kube_api: KubeApiServer) -> None:
+    kube_api.emulator.history_limit = 2
+    core = kubernetes.client.CoreV1Api()
+    since = core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "a"}}
+    ).metadata.resource_version
+    for i in range(5):
+        core.patch_namespaced_config_map("a", "default", {"data": {"i": str(i)}})
+    with pytest.raises(ApiException) as e:
+        list(
+            kubernetes.watch.Watch().stream(
+                core.list_namespaced_config_map, "default", resource_version=since, timeout_seconds=1
+            )
+        )
+    assert e.value.status == 410
 
 
 def test_watch_without_resource_version_lists_then_follows(
@@ -292,8 +325,8 @@ def test_request_log_names_kubernetes_verbs(
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, "a", {"status": {}})
     custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)
     assert kube_api.emulator.verbs_by_resource() == {
-        "kubetune.dev/finetunejobs": {"create", "list"},
-        "kubetune.dev/finetunejobs/status": {"patch"},
+        ("kubetune.dev", "finetunejobs"): {"create", "list"},
+        ("kubetune.dev", "finetunejobs/status"): {"patch"},
     }
 
 
