@@ -1,0 +1,314 @@
+"""`kubetune run`: the FineTuneJob a cluster would run, run on this machine instead.
+
+The trainer runs as a child process exactly as in a pod (`python -m kubetune_trainer --config ...`, its
+/metrics and /progress served, a termination message at the end), so what works here works there. This
+module is the pod's surroundings: it validates like the API server, renders config.json like the operator,
+follows /progress like the operator's poll, and ends with the status block the operator would write.
+It never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import yaml
+
+from kubetune_operator.api import FineTuneJob, SpecError
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.contract import (
+    EXIT_FAILED,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    METRICS_PORT_ENV,
+    PROGRESS_PATH,
+    RUN_NAME_ENV,
+    RUN_NAMESPACE_ENV,
+    Progress,
+    TerminationMessage,
+)
+
+STOP_GRACE_SECONDS = 120  # after Ctrl-C, how long the trainer gets to checkpoint before it is killed
+LOCAL_NAMESPACE = "local"
+
+
+class LocalRunError(Exception):
+    """A problem found before the trainer starts; `exit_code` follows the trainer's contract."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_INVALID_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class LocalRun:
+    job: FineTuneJob
+    config: TrainerConfig
+    workdir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.json"
+
+    @property
+    def termination_log(self) -> Path:
+        return self.workdir / "termination-log"
+
+    @property
+    def trainer_log(self) -> Path:
+        return self.workdir / "trainer.log"
+
+
+def local_config(job: FineTuneJob, *, max_steps: int | None = None, s3_endpoint: str | None = None) -> TrainerConfig:
+    """The trainer config of a FineTuneJob, with the overrides a laptop run allows."""
+    config = job.spec.trainer_config()
+    if max_steps is not None:
+        training = config.training.model_copy(update={"max_steps": max_steps, "epochs": None})
+        config = config.model_copy(update={"training": training})
+    if s3_endpoint is not None:
+        config = config.model_copy(update={"storage": config.storage.model_copy(update={"endpoint": s3_endpoint})})
+    return TrainerConfig.model_validate(config.trainer_json())  # re-validated: overrides obey the rules too
+
+
+def _local_path(uri: str) -> Path | None:
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return Path(uri) if uri.startswith("/") else None
+
+
+def preflight(config: TrainerConfig, *, connect_timeout: float = 3.0) -> None:
+    """Fail in seconds, naming the path or URL, on what would otherwise fail minutes into a run."""
+    inputs = {"spec.model.source": config.model.source, "spec.dataset.train": config.dataset.train}
+    if config.dataset.eval:
+        inputs["spec.dataset.eval"] = config.dataset.eval
+    for field, uri in inputs.items():
+        path = _local_path(uri)
+        if path is not None and not path.exists():
+            raise LocalRunError(f"{field}: {path} does not exist")
+    uses_s3 = any(uri.startswith("s3://") for uri in (*inputs.values(), config.output.destination))
+    if uses_s3 and config.storage.endpoint:
+        endpoint = urlparse(config.storage.endpoint)
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((endpoint.hostname or "", port), timeout=connect_timeout).close()
+        except OSError as error:
+            raise LocalRunError(
+                f"spec.storage.endpoint: cannot reach {config.storage.endpoint}: {error.strerror or error}"
+            ) from None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def trainer_command(run: LocalRun) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        str(run.config_path),
+        "--termination-log",
+        str(run.termination_log),
+        "--workdir",
+        str(run.workdir / "scratch"),
+    ]
+
+
+def read_progress(port: int, timeout: float = 1.0) -> Progress | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{PROGRESS_PATH}", timeout=timeout) as response:
+            return Progress.model_validate(json.load(response))
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def progress_line(progress: Progress) -> str:
+    parts = [f"{progress.stage:<10}"]
+    if progress.total_steps:
+        parts.append(f"step {progress.step}/{progress.total_steps} ({progress.percent or 0:.0f}%)")
+    if progress.train_loss is not None:
+        parts.append(f"loss {progress.train_loss:.4f}")
+    if progress.eval_loss is not None:
+        parts.append(f"eval {progress.eval_loss:.4f}")
+    if progress.tokens_per_second:
+        parts.append(f"{progress.tokens_per_second:,.0f} tok/s")
+    if progress.eta:
+        parts.append(f"ETA {progress.eta}")
+    return "  ".join(parts)
+
+
+class ProgressPrinter:
+    """One live line on a terminal (rewritten in place); one line per change elsewhere. Stages get their own."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.last_line = ""
+        self.last_stage: str | None = None
+
+    def show(self, progress: Progress) -> None:
+        if progress.stage != self.last_stage:
+            self.finish()
+            print(f"stage: {progress.stage}", file=self.out, flush=True)
+            self.last_stage = progress.stage
+        line = progress_line(progress)
+        if line == self.last_line or progress.stage not in ("train", "evaluating"):
+            return
+        if self.live:
+            print(f"\r\033[K{line}", end="", file=self.out, flush=True)
+        else:
+            print(line, file=self.out, flush=True)
+        self.last_line = line
+
+    def finish(self) -> None:
+        if self.live and self.last_line:
+            print(file=self.out, flush=True)
+            self.last_line = ""
+
+
+def status_block(job: FineTuneJob, message: TerminationMessage | None, exit_code: int) -> dict[str, Any]:
+    """The FineTuneJob status the operator would write for this ending."""
+    if message is None:
+        return {
+            "phase": "Failed",
+            "reason": "NoTerminationMessage",
+            "message": f"the trainer exited with {exit_code} and wrote no termination message",
+        }
+    status: dict[str, Any] = {}
+    if message.outcome == "succeeded":
+        status.update(phase="Succeeded", reason="Completed", message="training finished")
+    elif message.outcome == "preempted":
+        checkpoint = message.checkpoint
+        where = f"checkpoint at step {checkpoint.step}" if checkpoint else "no checkpoint"
+        status.update(phase="Suspended", reason="Stopped", message=f"stopped with {where}; run again to resume")
+    else:
+        error = message.error
+        status.update(
+            phase="Failed",
+            reason="InvalidInput" if message.outcome == "invalid" else (error.reason if error else "Failed"),
+            message=error.message if error else f"the trainer exited with {exit_code}",
+        )
+    for key, value in (("result", message.result), ("artifacts", message.artifacts), ("checkpoint", message.checkpoint)):
+        if value is not None:
+            status[key] = value.wire()
+    if message.error is not None:
+        status["error"] = message.error.wire()
+    return status
+
+
+def prepare(job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoint: str | None) -> LocalRun:
+    config = local_config(job, max_steps=max_steps, s3_endpoint=s3_endpoint)
+    preflight(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = LocalRun(job, config, workdir)
+    run.config_path.write_text(json.dumps(config.trainer_json(), indent=2))
+    run.termination_log.unlink(missing_ok=True)  # a stale message must not pass for this run's
+    return run
+
+
+def execute(
+    run: LocalRun,
+    out: IO[str] = sys.stdout,
+    *,
+    port: int | None = None,
+    poll_seconds: float = 1.0,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status)."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        METRICS_PORT_ENV: str(port),
+        RUN_NAME_ENV: run.job.metadata.name,
+        RUN_NAMESPACE_ENV: run.job.metadata.namespace or LOCAL_NAMESPACE,
+    }
+    printer = ProgressPrinter(out)
+    print(f"trainer log: {run.trainer_log}", file=out)
+    print(f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}{PROGRESS_PATH}", file=out)
+    with run.trainer_log.open("ab") as log:
+        # Its own session: Ctrl-C reaches us alone, and we stop the trainer the way Kubernetes does (SIGTERM).
+        child = subprocess.Popen(trainer_command(run), env=env, stdout=log, stderr=log, start_new_session=True)
+        if on_start is not None:
+            on_start(child)
+        try:
+            while child.poll() is None:
+                progress = read_progress(port)
+                if progress is not None:
+                    printer.show(progress)
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:
+            printer.finish()
+            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to wait less patiently)", file=out)
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        printer.finish()
+    code = child.returncode if child.returncode >= 0 else EXIT_FAILED
+    try:
+        message: TerminationMessage | None = TerminationMessage.model_validate_json(run.termination_log.read_text())
+    except (OSError, ValueError):
+        message = None
+    if message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
+        code = message.exit_code or code
+    return code, status_block(run.job, message, code)
+
+
+def print_status(status: dict[str, Any], out: IO[str]) -> None:
+    print("status:", file=out)
+    print(yaml.safe_dump(status, sort_keys=False, width=120).rstrip().replace("\n", "\n  ").join(["  ", ""]), file=out)
+
+
+def run_file(
+    path: Path, workdir: Path | None, *, max_steps: int | None, s3_endpoint: str | None, out: IO[str] = sys.stdout
+) -> int:
+    """`kubetune run`: 1 for an invalid file (nothing loaded), else the trainer's exit code."""
+    from kubetune_operator.manifests import load_finetunejob
+
+    try:
+        job = load_finetunejob(path)
+    except SpecError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    workdir = workdir or Path(".kubetune") / job.metadata.name
+    try:
+        run = prepare(job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint)
+    except (LocalRunError, SpecError) as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return error.exit_code if isinstance(error, LocalRunError) else 1
+    ignored = [name for name in ("resources", "scheduling", "runPolicy") if name in job.spec.model_fields_set]
+    if ignored or job.spec.storage.credentials_secret_ref:
+        print(
+            "note: running locally: "
+            + ", ".join(f"spec.{name}" for name in ignored)
+            + (" " if ignored else "")
+            + "ignored; S3 credentials come from the standard AWS environment",
+            file=out,
+        )
+    code, status = execute(run, out)
+    print_status(status, out)
+    if code == EXIT_PREEMPTED:
+        print(f"run the same command again to resume ({path})", file=out)
+    elif code not in (EXIT_OK,):
+        print(f"trainer log: {run.trainer_log}", file=out)
+    return code
