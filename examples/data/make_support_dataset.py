@@ -62,8 +62,7 @@ ERRORS = {
     ),
     "QS-409": (
         "two devices changed the same page while one was offline",
-        "open the page, pick the version to keep in the conflict banner, and the other version stays in "
-        "page history",
+        "open the page, pick the version to keep in the conflict banner, and the other version stays in page history",
     ),
     "QS-429": (
         "the API token sent too many requests",
@@ -160,8 +159,7 @@ TOPICS: dict[str, Topic] = {
                 "On {plan} you pay {price}, and the plan allows {seats}.",
             ),
             (
-                "We're comparing tools. What does {plan} include in terms of price, members, storage and "
-                "API limits?",
+                "We're comparing tools. What does {plan} include in terms of price, members, storage and API limits?",
                 "On {plan} you pay {price}. The plan allows {seats}, comes with {storage} of storage, and "
                 "each API token can make {rate} requests per minute. Every plan includes unlimited pages, "
                 "page history and the desktop and mobile apps.",
@@ -193,8 +191,7 @@ TOPICS: dict[str, Topic] = {
                 "from Help > Export logs so we can look at the timeline.",
             ),
             (
-                "One of my colleagues sees {code} whenever she opens a page in the {team} space. How do we "
-                "fix it?",
+                "One of my colleagues sees {code} whenever she opens a page in the {team} space. How do we fix it?",
                 "{code} means {meaning}. To fix it, {fix}. If she still sees the error afterwards, ask her "
                 "to export the logs from Help > Export logs and attach them to a ticket with the page name "
                 "and the time it happened. Meanwhile she can open the page in the web app, which uses a "
@@ -228,8 +225,7 @@ TOPICS: dict[str, Topic] = {
                 "work email or SSO.",
             ),
             (
-                "What are the steps to set up {product} on a new {system} machine for a member of the "
-                "{team} team?",
+                "What are the steps to set up {product} on a new {system} machine for a member of the {team} team?",
                 "To set up {product} on {system}: 1. Open the Downloads page and pick {system}. 2. Run the "
                 "installer. 3. Sign in with a work email or SSO. 4. Choose which spaces to keep available "
                 "offline. The first sync can take a few minutes for large spaces, and the app shows its "
@@ -263,8 +259,7 @@ TOPICS: dict[str, Topic] = {
                 "{product} password: reset it with your identity provider instead.",
             ),
             (
-                "A new hire on our {team} team cannot log in and says the reset link has expired. Can you "
-                "help?",
+                "A new hire on our {team} team cannot log in and says the reset link has expired. Can you help?",
                 "Reset links expire after 30 minutes, so they should request a new one from the sign-in "
                 "page and use it straight away. If the email does not arrive within five minutes, check the "
                 "spam folder and confirm the address matches the invitation. An admin can also resend the "
@@ -379,8 +374,7 @@ TOPICS: dict[str, Topic] = {
                 "The {integration} integration {integration_does}. It is available on every plan.",
             ),
             (
-                "The {team} team wants {integration} connected to {product}. Do they need an admin to set "
-                "it up?",
+                "The {team} team wants {integration} connected to {product}. Do they need an admin to set it up?",
                 "Yes, the first connection needs a workspace admin: open Settings > Integrations > "
                 "{integration} and approve it. After that, anyone in the {team} team with the Editor role "
                 "can use it. The {integration} integration {integration_does}.",
@@ -391,8 +385,7 @@ TOPICS: dict[str, Topic] = {
         pairs=[
             (
                 "What can someone with the {role} role do?",
-                "{role_does} Roles are set per space, so a person can have different roles in different "
-                "spaces.",
+                "{role_does} Roles are set per space, so a person can have different roles in different spaces.",
             ),
             (
                 "What's the difference between the roles in a space?",
@@ -436,8 +429,7 @@ TOPICS: dict[str, Topic] = {
                 "to get an email or Slack message when an incident starts and ends.",
             ),
             (
-                "Pages are loading very slowly for everyone in the {team} team right now. Is there an "
-                "incident?",
+                "Pages are loading very slowly for everyone in the {team} team right now. Is there an incident?",
                 "Thanks for reporting it. Please check status.quillstack.example for any open incident. If "
                 "nothing is listed, send us your workspace name, region and the time it started, and we "
                 "will investigate.",
@@ -473,8 +465,7 @@ ROLE_DOES = {
     "Viewer": "A Viewer can read pages and search, but cannot comment or edit.",
     "Commenter": "A Commenter can read pages and add comments, but cannot edit them.",
     "Editor": "An Editor can create, edit, move and delete pages, and use integrations in the space.",
-    "Space admin": "A Space admin can do everything an Editor can, and also manages the space's members "
-    "and settings.",
+    "Space admin": "A Space admin can do everything an Editor can, and also manages the space's members and settings.",
     "Workspace owner": "A Workspace owner manages billing, security, SSO and every space in the workspace.",
 }
 

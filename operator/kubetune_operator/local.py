@@ -205,7 +205,11 @@ def status_block(job: FineTuneJob, message: TerminationMessage | None, exit_code
             reason="InvalidInput" if message.outcome == "invalid" else (error.reason if error else "Failed"),
             message=error.message if error else f"the trainer exited with {exit_code}",
         )
-    for key, value in (("result", message.result), ("artifacts", message.artifacts), ("checkpoint", message.checkpoint)):
+    for key, value in (
+        ("result", message.result),
+        ("artifacts", message.artifacts),
+        ("checkpoint", message.checkpoint),
+    ):
         if value is not None:
             status[key] = value.wire()
     if message.error is not None:

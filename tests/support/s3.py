@@ -106,9 +106,7 @@ class S3Endpoint:
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
         paginator = self.client().get_paginator("list_objects_v2")
         return sorted(
-            obj["Key"]
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-            for obj in page.get("Contents", [])
+            obj["Key"] for page in paginator.paginate(Bucket=bucket, Prefix=prefix) for obj in page.get("Contents", [])
         )
 
     def read(self, bucket: str, key: str) -> bytes:

@@ -83,10 +83,7 @@ def test_env_points_a_subprocess_at_the_endpoint(s3_endpoint: S3Endpoint, s3_buc
     bucket = s3_endpoint.make_bucket(s3_bucket_name)
     s3_endpoint.client().put_object(Bucket=bucket, Key="hello.txt", Body=b"hi")
     # Nothing but the environment tells this client where to go and how to sign.
-    script = (
-        "import boto3; "
-        f"print(boto3.client('s3').get_object(Bucket={bucket!r}, Key='hello.txt')['Body'].read())"
-    )
+    script = f"import boto3; print(boto3.client('s3').get_object(Bucket={bucket!r}, Key='hello.txt')['Body'].read())"
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     env |= {"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull} | s3_endpoint.env()
 
@@ -106,9 +103,7 @@ def test_a_second_seaweedfs_fails_clearly_while_one_runs(s3_seaweed: S3Endpoint,
         pass
 
 
-def test_seaweedfs_fixture_leaves_nothing_running(
-    seaweedfs_service: SeaweedfsService, tmp_path: Path
-) -> None:
+def test_seaweedfs_fixture_leaves_nothing_running(seaweedfs_service: SeaweedfsService, tmp_path: Path) -> None:
     # A whole pytest session of its own uses the fixture; afterwards no `weed` may be left and
     # every fixed port must be free. The session's own server must stop first: one per machine.
     seaweedfs_service.stop()
@@ -127,9 +122,7 @@ def test_seaweedfs_fixture_leaves_nothing_running(
     command += [str(tmp_path / "test_inner.py")]
     env = os.environ | {"PYTHONPATH": str(REPO)}
 
-    result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
@@ -138,9 +131,7 @@ def test_seaweedfs_fixture_leaves_nothing_running(
     assert weed_processes(under=basetemp) == []
 
 
-def test_seaweedfs_service_restarts_after_stop(
-    seaweedfs_service: SeaweedfsService, s3_bucket_name: str
-) -> None:
+def test_seaweedfs_service_restarts_after_stop(seaweedfs_service: SeaweedfsService, s3_bucket_name: str) -> None:
     seaweedfs_service.stop()
     endpoint = seaweedfs_service.endpoint()
     bucket = endpoint.make_bucket(s3_bucket_name)
@@ -172,17 +163,16 @@ def test_tiny_model_loads_from_its_directory_and_generates(tiny_model_dir: Path)
     assert model.config.vocab_size == len(tokenizer) == 1000
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        assert (
-            getattr(model.config, name) == getattr(model.generation_config, name) == getattr(tokenizer, name)
-        )
+        assert getattr(model.config, name) == getattr(model.generation_config, name) == getattr(tokenizer, name)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 8
     assert [p.name for p in tiny_model_dir.glob("*.safetensors")] == ["model.safetensors"]
     assert sum(p.stat().st_size for p in tiny_model_dir.iterdir()) < 2_000_000
 
 
 def test_tokenizer_round_trips_and_is_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from kubetune_trainer.tiny import build_tokenizer
     from transformers import AutoTokenizer
+
+    from kubetune_trainer.tiny import build_tokenizer
 
     built = build_tokenizer()
     loaded = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -244,6 +234,7 @@ def test_chat_template_rejects_unknown_roles(tiny_model_dir: Path) -> None:
 
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
     import torch
+
     from kubetune_trainer.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -266,9 +257,7 @@ def test_write_tiny_model_names_unknown_arguments(tmp_path: Path) -> None:
         write_tiny_model(tmp_path, hidden=32)
 
 
-def test_tiny_model_s3_holds_a_loadable_model(
-    tiny_model_s3: str, s3_moto: S3Endpoint, tmp_path: Path
-) -> None:
+def test_tiny_model_s3_holds_a_loadable_model(tiny_model_s3: str, s3_moto: S3Endpoint, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     bucket, prefix = tiny_model_s3.removeprefix("s3://").split("/", 1)
