@@ -140,7 +140,7 @@ def read_progress(port: int, timeout: float = 1.0) -> Progress | None:
 
 
 def progress_line(progress: Progress) -> str:
-    parts = [f"{progress.stage:<10}"]
+    parts = [f"{progress.stage:<8}"]
     if progress.total_steps:
         parts.append(f"step {progress.step}/{progress.total_steps} ({progress.percent or 0:.0f}%)")
     if progress.train_loss is not None:
@@ -155,12 +155,14 @@ def progress_line(progress: Progress) -> str:
 
 
 class ProgressPrinter:
-    """One live line on a terminal (rewritten in place); one line per change elsewhere. Stages get their own."""
+    """One live line on a terminal, rewritten in place; in a log, one line per logging interval.
+    Stage changes get lines of their own."""
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
         self.live = out.isatty()
         self.last_line = ""
+        self.last_logged: tuple[float | None, float | None] | None = None
         self.last_stage: str | None = None
 
     def show(self, progress: Progress) -> None:
@@ -168,14 +170,18 @@ class ProgressPrinter:
             self.finish()
             print(f"stage: {progress.stage}", file=self.out, flush=True)
             self.last_stage = progress.stage
-        line = progress_line(progress)
-        if line == self.last_line or progress.stage not in ("train", "evaluating"):
+        if not progress.total_steps or progress.stage not in ("train", "evaluating"):
             return
+        line = progress_line(progress)
         if self.live:
-            print(f"\r\033[K{line}", end="", file=self.out, flush=True)
-        else:
+            if line != self.last_line:
+                print(f"\r\033[K{line}", end="", file=self.out, flush=True)
+                self.last_line = line
+            return
+        logged = (progress.train_loss, progress.eval_loss)
+        if logged != self.last_logged:
             print(line, file=self.out, flush=True)
-        self.last_line = line
+            self.last_logged = logged
 
     def finish(self) -> None:
         if self.live and self.last_line:
