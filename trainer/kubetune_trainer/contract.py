@@ -1,0 +1,129 @@
+"""The operator-trainer contract (DESIGN.md, "Contracts"): exit codes, paths, the port, and the JSON the
+trainer reports.
+
+Pure pydantic (no torch): the operator imports these models to read `/progress` and the termination
+message, and embeds Progress, Result and Artifacts in the FineTuneJob status (so every field has help
+text, which becomes the CRD description). Field names are camelCase on the wire. Unknown fields are
+ignored when reading, so an older operator can read a newer trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# Exit codes. The Job's podFailurePolicy fails at once on EXIT_INVALID_INPUT and ignores EXIT_PREEMPTED.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID_INPUT = 2  # bad config, dataset, model or bucket: retrying cannot help
+EXIT_PREEMPTED = 3  # stopped on SIGTERM after a checkpoint was saved: retried without counting a failure
+
+CONFIG_PATH = "/etc/kubetune/config.json"
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+TERMINATION_MESSAGE_MAX_BYTES = 4096  # Kubernetes truncates termination messages beyond this
+METRICS_PORT = 9400
+METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+RUN_NAMESPACE_ENV = "KUBETUNE_RUN_NAMESPACE"
+RUN_NAME_ENV = "KUBETUNE_RUN_NAME"
+PROGRESS_PATH = "/progress"
+METRICS_PATH = "/metrics"
+
+# Objects under output.destination.
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"  # written last, in a checkpoint and in the destination
+
+Stage = Literal[
+    "starting", "downloading", "setup", "train", "evaluating", "checkpointing", "save", "uploading", "cleanup",
+    "done", "failed",
+]  # fmt: skip
+STAGES: tuple[str, ...] = Stage.__args__  # type: ignore[attr-defined]
+
+
+class ContractModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Progress(ContractModel):
+    """Live progress of a run: what the trainer serves at /progress, mirrored into status.progress."""
+
+    stage: Stage = Field(default="starting", description="What the trainer is doing now.")
+    step: int = Field(default=0, ge=0, description="Optimizer steps completed.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps the run will take.")
+    percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps, in percent.")
+    epoch: float | None = Field(default=None, ge=0, description="Epochs completed (fractional).")
+    train_loss: float | None = Field(default=None, description="Training loss over the last logging interval.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    learning_rate: float | None = Field(default=None, ge=0, description="Current learning rate.")
+    grad_norm: float | None = Field(default=None, ge=0, description="Gradient norm at the last logged step.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput (real tokens).")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
+    eta: str | None = Field(default=None, description="etaSeconds for humans, e.g. 1h02m (the ETA column).")
+    resumed_from_step: int | None = Field(default=None, ge=0, description="Checkpoint step this attempt resumed from.")
+    updated_at: str | None = Field(default=None, description="When the trainer last updated this (RFC 3339).")
+
+
+class Result(ContractModel):
+    """Final numbers of a finished run."""
+
+    train_loss: float | None = Field(default=None, description="Training loss over the last logging interval.")
+    eval_loss: float | None = Field(default=None, description="Final evaluation loss.")
+    perplexity: float | None = Field(default=None, ge=0, description="exp(evalLoss).")
+    train_seconds: float | None = Field(default=None, ge=0, description="Wall time spent training.")
+    trained_tokens: int | None = Field(default=None, ge=0, description="Real (non-padding) tokens trained on.")
+    steps: int | None = Field(default=None, ge=0, description="Optimizer steps taken.")
+
+
+class Artifacts(ContractModel):
+    """Where a finished run's outputs are."""
+
+    adapter: str | None = Field(default=None, description="The LoRA adapter (PEFT- and vLLM-loadable).")
+    merged: str | None = Field(default=None, description="The merged 16-bit model (output.mergeAdapter).")
+    metrics: str | None = Field(default=None, description="metrics.json: losses, perplexity, tokens, times.")
+    model_card: str | None = Field(default=None, description="README.md model card.")
+    samples: str | None = Field(default=None, description="samples.jsonl: generations for evaluation.prompts.")
+
+
+class CheckpointRef(ContractModel):
+    """The newest complete checkpoint."""
+
+    step: int = Field(ge=0, description="Optimizer step the checkpoint was taken at.")
+    uri: str = Field(description="Where it is.")
+
+
+class TrainerError(ContractModel):
+    """Why a run failed, pointing at what to fix."""
+
+    reason: str = Field(description="InvalidConfig, InvalidDataset, ModelNotFound, StorageError, ...")
+    message: str = Field(description="What is wrong and what would be valid.")
+    field: str | None = Field(default=None, description="The spec field at fault, e.g. dataset.fields.prompt.")
+    file: str | None = Field(default=None, description="The file or URI at fault.")
+    line: int | None = Field(default=None, ge=1, description="Line or row number in that file (1-based).")
+
+
+class TerminationMessage(ContractModel):
+    """The one JSON object written to the termination log on every exit path (< 4 KiB)."""
+
+    outcome: Literal["succeeded", "failed", "invalid", "preempted"]
+    exit_code: int
+    result: Result | None = None
+    artifacts: Artifacts | None = None
+    checkpoint: CheckpointRef | None = None
+    error: TrainerError | None = None
+
+    def encode(self) -> str:
+        """JSON under TERMINATION_MESSAGE_MAX_BYTES: the error message is shortened if needed."""
+        text = self.model_dump_json(by_alias=True, exclude_none=True)
+        if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES or self.error is None:
+            return text
+        excess = len(text.encode()) - TERMINATION_MESSAGE_MAX_BYTES + 16
+        message = self.error.message.encode()[: max(0, len(self.error.message.encode()) - excess)]
+        short = self.model_copy(
+            update={"error": self.error.model_copy(update={"message": message.decode(errors="ignore") + "..."})}
+        )
+        return short.model_dump_json(by_alias=True, exclude_none=True)
