@@ -7,6 +7,9 @@ the libraries need (quantized load -> k-bit preparation -> adapters).
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,15 @@ from kubetune_trainer.config import MethodSpec, TrainerConfig, TrainingSpec
 from kubetune_trainer.errors import InvalidInput
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 still calls transformers 5's deprecated gradient-checkpointing aliases; nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -155,9 +167,10 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        with _quiet_peft():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     if method.type == "full":
         return model
     from peft import get_peft_model
@@ -165,7 +178,8 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
     lora = lora_config(method, model)
     if gc and quant is None:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora)
+    with _quiet_peft():
+        return get_peft_model(model, lora)
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

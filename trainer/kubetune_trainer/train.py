@@ -99,7 +99,20 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
     from transformers import TrainingArguments
 
     t = cfg.training
+    # transformers 5 renamed gradient checkpointing to activation checkpointing (old names warn).
+    checkpointing = (
+        {
+            "activation_checkpointing": t.gradient_checkpointing,
+            "activation_checkpointing_kwargs": {"use_reentrant": False},
+        }
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else {
+            "gradient_checkpointing": t.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        }
+    )
     return TrainingArguments(
+        **checkpointing,
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -115,8 +128,6 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed,
         data_seed=t.seed,
         logging_strategy="steps",
@@ -317,6 +328,9 @@ def run(
     storage = Storage(cfg.storage)
     destination = cfg.output.destination
     workdir.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise in a pod log
 
     # setup: cheapest checks first, so a bad input fails before any download.
     telemetry.set_stage("setup")
