@@ -5,9 +5,9 @@ Rows are composed from per-topic templates and small vocabularies, so the facts 
 something learnable. The output is deterministic: running this script again rewrites the same
 bytes. Run from anywhere:
 
-    python examples/data/make_support_dataset.py
+    python examples/data/make_support_dataset.py [OUT_DIR]
 
-It writes, next to itself:
+It writes, next to itself unless OUT_DIR is given:
   support-instructions.jsonl  {"prompt", "response"} rows for training
   support-eval.jsonl          held-out {"prompt", "response"} rows (no prompt also in training)
   support-chat.jsonl          {"messages": [...]} conversations, some with a system message, some multi-turn
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -573,14 +574,14 @@ def write_jsonl(path: Path, rows: list) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+def main(out_dir: Path = HERE) -> None:
     rng = random.Random(SEED)
     pairs = instruction_rows(rng, N_INSTRUCTIONS + N_EVAL)
     # Unique prompts, so the held-out rows never appear verbatim in training.
-    write_jsonl(HERE / "support-instructions.jsonl", pairs[:N_INSTRUCTIONS])
-    write_jsonl(HERE / "support-eval.jsonl", pairs[N_INSTRUCTIONS:])
-    write_jsonl(HERE / "support-chat.jsonl", chat_rows(rng, N_CHAT))
+    write_jsonl(out_dir / "support-instructions.jsonl", pairs[:N_INSTRUCTIONS])
+    write_jsonl(out_dir / "support-eval.jsonl", pairs[N_INSTRUCTIONS:])
+    write_jsonl(out_dir / "support-chat.jsonl", chat_rows(rng, N_CHAT))
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
