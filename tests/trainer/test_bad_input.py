@@ -62,7 +62,10 @@ def test_empty_dataset(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_every_example_truncated_to_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_rows(tmp_path / "train.jsonl", [GOOD] * 4)
     result = local_run(
-        tmp_path, tiny_model_dir, train, dataset={"maxLength": 16, "template": "### Instruction:\n{prompt}\n" * 3 + "{response}"}
+        tmp_path,
+        tiny_model_dir,
+        train,
+        dataset={"maxLength": 16, "template": "### Instruction:\n{prompt}\n" * 3 + "{response}"},
     )
     assert_invalid(result, "InvalidDataset", "truncated to nothing", "maxLength 16")
 
@@ -96,12 +99,19 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
     from kubetune_trainer.__main__ import main
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model": {"source": "s3://models/x/"}, "dataset": {"train": "s3://data/t.jsonl",
-                                  "maxLength": 1}, "output": {"destination": "s3://out/run"}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"source": "s3://models/x/"},
+                "dataset": {"train": "s3://data/t.jsonl", "maxLength": 1},
+                "output": {"destination": "s3://out/run"},
+            }
+        )
+    )
     termination = tmp_path / "termination.json"
     assert main(["--config", str(config), "--termination-log", str(termination)]) == 2
     error = json.loads(termination.read_text())["error"]
-    assert error["reason"] == "InvalidConfig" and error["field"] == "dataset.max_length", error
+    assert error["reason"] == "InvalidConfig" and error["field"] == "dataset.maxLength", error
     assert len(termination.read_bytes()) < 4096
 
 
@@ -126,7 +136,9 @@ def test_missing_s3_dataset_object(s3_moto: S3Endpoint, s3_model, tmp_path: Path
 
 def test_missing_s3_model(s3_moto: S3Endpoint, s3_model, tmp_path: Path) -> None:
     bucket, _ = s3_model
-    result = s3_run(s3_moto, tmp_path, f"s3://{bucket}/models/absent/", f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/out")
+    result = s3_run(
+        s3_moto, tmp_path, f"s3://{bucket}/models/absent/", f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/out"
+    )
     assert_invalid(result, "ObjectNotFound", "models/absent")
 
 
@@ -144,7 +156,7 @@ def test_wrong_credentials_on_seaweedfs(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     started = time.monotonic()
     result = s3_run(s3_seaweed, tmp_path, f"s3://{bucket}/m/", f"s3://{bucket}/t.jsonl", f"s3://{bucket}/out")
-    assert_invalid(result, "AccessDenied", "SignatureDoesNotMatch")
+    assert_invalid(result, "AccessDenied", "SignatureDoesNotMatch", "credentials")
     assert time.monotonic() - started < 10  # not retried
 
 

@@ -128,14 +128,26 @@ def test_qlora_4bit_against_seaweedfs_with_credentials(
     ("method", "lr"),
     [
         ({"type": "qlora", "quantization": {"bits": 8}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}}, 0.01),
-        ({"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "v_proj", "down_proj"]}}, 0.01),
+        (
+            {
+                "type": "lora",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["q_proj", "v_proj", "down_proj"]},
+            },
+            0.01,
+        ),
         ({"type": "full"}, 0.003),
     ],
     ids=["qlora8", "lora", "full"],
 )
 def test_methods(
-    method: dict, lr: float, s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tiny_model_dir: Path,
-    tmp_path: Path, s3_credentials: Any,
+    method: dict,
+    lr: float,
+    s3_moto: S3Endpoint,
+    s3_bucket_name: str,
+    tiny_model_s3: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    s3_credentials: Any,
 ) -> None:
     s3_credentials(s3_moto)
     bucket = s3_bucket_name  # tiny_model_s3 created it
@@ -161,7 +173,12 @@ def test_methods(
 
 @pytest.mark.parametrize("fmt", ["chat", "text"])
 def test_formats(
-    fmt: str, s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tiny_model_dir: Path, tmp_path: Path,
+    fmt: str,
+    s3_moto: S3Endpoint,
+    s3_bucket_name: str,
+    tiny_model_s3: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
     s3_credentials: Any,
 ) -> None:
     s3_credentials(s3_moto)

@@ -7,7 +7,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from kubetune_trainer.config import DatasetSpec
 from kubetune_trainer.contract import TerminationMessage, TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, Example, Row, encode_row, pack
@@ -57,7 +56,6 @@ def test_packing_keeps_examples_apart(tokenizer) -> None:
     """Packed with per-example position_ids and no attention mask, each example's logits are exactly what
     it gets alone: no attention across examples."""
     import torch
-
     from kubetune_trainer.tiny import build_model
 
     model = build_model(tokenizer)
@@ -67,9 +65,11 @@ def test_packing_keeps_examples_apart(tokenizer) -> None:
     assert packed["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
     with torch.no_grad():
         together = model(
-            input_ids=torch.tensor([packed["input_ids"]]), position_ids=torch.tensor([packed["position_ids"]])
+            input_ids=torch.tensor([packed["input_ids"]]),
+            position_ids=torch.tensor([packed["position_ids"]]),
+            use_cache=False,  # as in training: packing is read from position_ids only when there is no cache
         ).logits
-        alone = model(input_ids=torch.tensor([b.input_ids])).logits
+        alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
     torch.testing.assert_close(together[0, 5:], alone[0], rtol=1e-4, atol=1e-4)
 
 

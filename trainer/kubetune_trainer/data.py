@@ -245,7 +245,8 @@ def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
         raise InvalidInput(
             "InvalidDataset", f"{row.file}:{row.line}: chat template failed: {exc}", file=row.file, line=row.line
         ) from exc
-    if messages[-1]["role"] == "assistant" and ids and ids[-1] != tokenizer.eos_token_id:
+    # Templates that end assistant turns with EOS (most) already train it; for the others, add it.
+    if messages[-1]["role"] == "assistant" and tokenizer.eos_token_id not in labels:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return Example(ids, labels)

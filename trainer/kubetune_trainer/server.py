@@ -76,6 +76,16 @@ class Telemetry:
             buckets=_SAVE_BUCKETS,
             registry=r,
         )
+        # Create every run-labelled series now, so dashboards see them (at 0) from the first scrape.
+        for metric in (
+            self.tokens_total,
+            self.examples_total,
+            self.checkpoint_save_seconds,
+            self.checkpoint_upload_seconds,
+            self.checkpoint_bytes,
+            self.step,
+        ):
+            metric.labels(**self.labels)
         self._gpu: dict[str, Gauge] = {}
         try:
             import torch

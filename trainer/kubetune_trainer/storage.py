@@ -178,7 +178,9 @@ class Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_bucket(Bucket=loc.bucket)
+            # ListObjects, not HeadBucket: a HEAD answer has no body, so a 403 would not say which
+            # credential problem it is (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied).
+            self.client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in {"404", "NotFound", "NoSuchBucket"}:
