@@ -40,7 +40,7 @@ def slice_jsonl(source: Path, target: Path, rows: int, start: int = 0) -> Path:
 
 
 def base_config(model: str, train: str, destination: str, **sections: Any) -> dict[str, Any]:
-    """A small, fast run; `sections` replace or extend top-level sections (dicts are merged one level)."""
+    """A small, fast run; `sections` extend top-level sections (one level deep); `method` replaces."""
     cfg: dict[str, Any] = {
         "model": {"source": model},
         "dataset": {"train": train, "maxLength": 128, "evalSplit": 0.1},
@@ -61,7 +61,7 @@ def base_config(model: str, train: str, destination: str, **sections: Any) -> di
         "output": {"destination": destination},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+        if key != "method" and isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
         elif value is None:
             cfg.pop(key, None)
