@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: int | None = None) -> int:
     """Run with SIGTERM handling, /metrics and /progress, and a termination message whatever happens."""
     from kubetune_trainer import server, train
-    from kubetune_trainer.checkpoints import StopRequest
+    from kubetune_trainer.checkpoints import Preempted, StopRequest
     from kubetune_trainer.errors import TrainerFailure
 
     stop = StopRequest()
@@ -182,7 +182,7 @@ def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: 
             log.warning("cannot serve metrics: %s", exc)
     try:
         outcome = train.run(cfg, workdir, telemetry=telemetry, stop=stop)
-    except train.Preempted:
+    except Preempted:
         telemetry.set_stage("done")
         write_termination(termination, TerminationMessage(outcome="preempted", exit_code=EXIT_PREEMPTED))
         return EXIT_PREEMPTED

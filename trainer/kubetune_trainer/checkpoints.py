@@ -86,6 +86,10 @@ def prune_checkpoints(storage: Storage, destination: str, keep: int) -> list[int
     return sorted(c.step for c in doomed)
 
 
+class Preempted(Exception):
+    """SIGTERM arrived while there was nothing to checkpoint (before training started)."""
+
+
 class StopRequest:
     """Set by SIGTERM: the training loop finishes its current step, checkpoints and returns.
 
@@ -98,6 +102,8 @@ class StopRequest:
         self.event = threading.Event()
         self.received_at: float | None = None
         self.on_timeout: Callable[[], None] | None = None  # e.g. write the termination message
+        # Until training starts there is no progress to save: a signal then stops the run where it is.
+        self.interruptible = True
 
     @property
     def requested(self) -> bool:
@@ -115,8 +121,11 @@ class StopRequest:
         threading.Thread(target=self._watchdog, name="kubetune-stop-watchdog", daemon=True).start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: finishing the current step, then checkpointing (at most %.0f s)", self.grace)
         self.request()
+        if self.interruptible:
+            log.warning("SIGTERM before training started: stopping now")
+            raise Preempted("SIGTERM before training started")
+        log.warning("SIGTERM: finishing the current step, then checkpointing (at most %.0f s)", self.grace)
 
     def _watchdog(self) -> None:
         time.sleep(self.grace)

@@ -56,7 +56,11 @@ class TokenizedData:
 
 def load_rows(storage: Storage, uri: str, workdir: Path) -> list[Row]:
     """Every row of the data at `uri` (an object/file or a prefix/directory of supported files)."""
-    files = [u for u in storage.list(uri) if u.endswith(SUFFIXES)]
+    # A URI ending in a data suffix is one object; anything else is a prefix (directory) of them.
+    listing = uri if uri.endswith(SUFFIXES) or uri.endswith("/") else uri + "/"
+    files = [u for u in storage.list(listing) if u.endswith(SUFFIXES)]
+    if uri.endswith(SUFFIXES):
+        files = [u for u in files if u == uri or u == uri.removeprefix("file://")]
     if not files:
         # `list` of a single object under S3 returns it too; nothing means nothing readable is there.
         if uri.startswith("s3://"):
@@ -256,6 +260,13 @@ def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = 
     """Encode every row; cut to maxLength; drop (and count) examples left with nothing to learn."""
     if not rows:
         raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
+    if spec.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise InvalidInput(
+            "InvalidDataset",
+            "dataset.format chat needs a tokenizer with a chat template, and this model's has none; "
+            "use format instruction or text",
+            field="dataset.format",
+        )
     out = TokenizedData([])
     for row in rows:
         example = encode_row(row, spec, tokenizer)

@@ -42,10 +42,6 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class Preempted(Exception):
-    """SIGTERM arrived before training started: nothing to save."""
-
-
 @dataclass(frozen=True)
 class Distributed:
     rank: int = 0
@@ -189,6 +185,9 @@ def _make_callback(
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             telemetry.update(step=state.global_step, epoch=state.epoch)
+            if dist.is_main:  # sequences consumed by all ranks in this optimizer step
+                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * dist.world_size
+                telemetry.child(telemetry.examples_total).inc(per_step)
             if self._stop_requested():
                 self.preempted = True
                 control.should_save = True
@@ -381,7 +380,9 @@ def run(
     trainable, total = model_mod.trainable_parameters(model)
     log.info("model: %s, %d of %d parameters trainable", cfg.method.type, trainable, total)
     if stop.requested:
-        raise Preempted("SIGTERM before training started")
+        raise ckpt.Preempted("SIGTERM before training started")
+    if cfg.training.early_stopping and not eval_features:
+        log.warning("training.earlyStopping needs eval data (dataset.eval or evalSplit > 0); it is off")
 
     from transformers import PrinterCallback, Trainer
 
@@ -399,6 +400,9 @@ def run(
 
     # train
     telemetry.set_stage("train")
+    stop.interruptible = False  # from here a SIGTERM means: finish the step, checkpoint, exit 3
+    if stop.requested:
+        raise ckpt.Preempted("SIGTERM before training started")
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     train_seconds = time.monotonic() - started
