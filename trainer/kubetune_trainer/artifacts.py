@@ -92,6 +92,10 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path, cfg: Traine
     merged.save_pretrained(out_dir, safe_serialization=True)
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
     method = cfg.method
     quant = method.effective_quantization()
@@ -137,9 +141,9 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        f"- final train loss: {metrics.get('train_loss')}",
-        f"- eval loss: {metrics.get('eval_loss')}",
-        f"- perplexity: {metrics.get('perplexity')}",
+        f"- final train loss: {_number(metrics.get('train_loss'))}",
+        f"- eval loss: {_number(metrics.get('eval_loss'))}",
+        f"- perplexity: {_number(metrics.get('perplexity'))}",
         f"- trained tokens: {metrics.get('trained_tokens')}",
         f"- train time: {metrics.get('train_seconds')} s",
         "",
