@@ -128,3 +128,28 @@ def test_metrics_and_progress_endpoints() -> None:
     assert 'kubetune_trainer_stage{finetunejob="support-bot",namespace="team",stage="train"} 1.0' in text
     assert 'stage="setup"} 0.0' in text
     assert "kubetune_trainer_checkpoint_upload_seconds_bucket" in text
+
+
+def test_sigterm_before_training_stops_at_once_and_after_waits_for_the_step() -> None:
+    import os
+    import signal
+    import time
+
+    from kubetune_trainer.checkpoints import Preempted, StopRequest
+
+    stop = later = StopRequest(grace=30)
+    previous = stop.install()
+    try:
+        with pytest.raises(Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, in the main thread
+        later = StopRequest(grace=30)
+        later.install()
+        later.interruptible = False  # training: only a flag for the loop to see
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert later.requested
+    finally:
+        stop.finish()
+        later.finish()
+        signal.signal(signal.SIGTERM, previous)

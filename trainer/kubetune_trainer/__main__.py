@@ -201,6 +201,7 @@ def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: 
         write_termination(termination, TerminationMessage(outcome="failed", exit_code=EXIT_FAILED, error=error))
         return EXIT_FAILED
     finally:
+        stop.finish()
         if http is not None:
             http.shutdown()
             http.server_close()

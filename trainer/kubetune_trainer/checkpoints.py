@@ -104,14 +104,17 @@ class StopRequest:
         self.on_timeout: Callable[[], None] | None = None  # e.g. write the termination message
         # Until training starts there is no progress to save: a signal then stops the run where it is.
         self.interruptible = True
+        self._finished = threading.Event()
 
     @property
     def requested(self) -> bool:
         return self.event.is_set()
 
-    def install(self) -> None:
+    def install(self) -> Any:
+        """Handle SIGTERM from now on; returns the previous handler (main thread only, else None)."""
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
+            return signal.signal(signal.SIGTERM, self._on_signal)
+        return None
 
     def request(self) -> None:
         if self.event.is_set():
@@ -127,8 +130,13 @@ class StopRequest:
             raise Preempted("SIGTERM before training started")
         log.warning("SIGTERM: finishing the current step, then checkpointing (at most %.0f s)", self.grace)
 
+    def finish(self) -> None:
+        """The run is over (its exit code is decided): the watchdog has nothing left to guard."""
+        self._finished.set()
+
     def _watchdog(self) -> None:
-        time.sleep(self.grace)
+        if self._finished.wait(self.grace):
+            return
         log.error("still running %.0f s after SIGTERM; exiting without a new checkpoint", self.grace)
         if self.on_timeout is not None:
             self.on_timeout()

@@ -192,6 +192,7 @@ def _make_callback(
                 self.preempted = True
                 control.should_save = True
                 control.should_training_stop = True
+                control.should_evaluate = False  # the grace period is for the checkpoint
                 log.warning("stopping after step %d: saving a checkpoint", state.global_step)
             if control.should_save:
                 self.save_started = time.monotonic()
@@ -234,6 +235,8 @@ def _make_callback(
             if loss is None:
                 return
             telemetry.update(eval_loss=loss)
+            if self.save_started is not None:  # a save at this step comes after the evaluation
+                self.save_started = time.monotonic()
             if dist.is_main:
                 log.info(
                     "eval step %d/%d eval_loss %.4f perplexity %.2f",
