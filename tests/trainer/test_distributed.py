@@ -1,8 +1,10 @@
-"""Two processes under torchrun (gloo on CPU): real DDP, one set of artifacts, rank 0's exit code."""
+"""Two processes under torchrun (gloo on CPU): real DDP, preemption and resume, one set of artifacts, and
+rank 0's exit code through the launcher."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ def test_launch_command() -> None:
     assert launch_command(4)[-2:] == ["--nproc-per-node", "4"]
 
 
-def test_torchrun_two_processes_write_one_set_of_artifacts(
+def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
     s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
 ) -> None:
     bucket = s3_bucket_name
@@ -34,23 +36,36 @@ def test_torchrun_two_processes_write_one_set_of_artifacts(
         f"s3://{bucket}/data/train.jsonl",
         f"s3://{bucket}/ddp",
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
-        training={"maxSteps": 6, "checkpointEverySteps": 3, "evalEverySteps": 3, "logEverySteps": 2},
+        training={"maxSteps": 10, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
         storage=storage_section(s3_moto),
     )
     env = {**s3_env(s3_moto), "OMP_NUM_THREADS": "1"}
-    trainer = TrainerProcess(cfg, tmp_path, "ddp", env, args=["--nproc-per-node", "2"])
+
+    # SIGTERM reaches the launcher, torchrun passes it to both workers; they agree on the step to stop at.
+    first = TrainerProcess(cfg, tmp_path, "first", env, args=["--nproc-per-node", "2"])
     try:
-        code = trainer.wait(timeout=300)
+        first.wait_for_step(2, timeout=180)
+        first.process.send_signal(signal.SIGTERM)
+        code = first.wait(timeout=40)
     finally:
-        trainer.kill()
-    log = trainer.log()
+        first.kill()
+    assert code == 3, first.log()[-4000:]
+    step = first.result()["checkpoint"]["step"]
+    keys = s3_moto.list_keys(bucket, "ddp/")
+    assert {f"ddp/checkpoints/step-{step}/rng_state_{rank}.pth" for rank in (0, 1)} <= set(keys)
+    assert f"ddp/checkpoints/step-{step}/COMPLETE" in keys
+
+    second = TrainerProcess(cfg, tmp_path, "second", env, args=["--nproc-per-node", "2"])
+    try:
+        code = second.wait(timeout=300)
+    finally:
+        second.kill()
+    log = second.log()
     assert code == 0, log[-4000:]
-    assert trainer.result()["outcome"] == "succeeded"
+    assert second.result()["outcome"] == "succeeded"
     keys = s3_moto.list_keys(bucket, "ddp/")
     assert keys.count("ddp/adapter/adapter_model.safetensors") == 1
     assert keys.count("ddp/COMPLETE") == 1
-    assert sum(k.endswith("/COMPLETE") and "/checkpoints/" in k for k in keys) == 2  # steps 3 and 6
-    assert "ddp/checkpoints/step-6/rng_state_1.pth" in keys  # every rank's RNG state is in the checkpoint
     metrics = json.loads(s3_moto.read(bucket, "ddp/metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    assert metrics["world_size"] == 2 and metrics["steps"] == 10 and metrics["resumed_from_step"] == step
     assert log.count("artifacts written to") == 1  # rank 0 only
