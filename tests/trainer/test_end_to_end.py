@@ -165,6 +165,8 @@ def test_methods(
     result = run_in_process(cfg, tmp_path)
     assert result.code == 0, result.termination
     full = method["type"] == "full"
+    artifacts = result.termination["artifacts"]
+    assert artifacts.get("merged") == (f"{destination}/model/" if full else None), artifacts
     metrics = check_artifacts(s3_moto, bucket, f"runs/{method['type']}", adapter=not full, merged=False)
     loss_fell(metrics)
     if not full:

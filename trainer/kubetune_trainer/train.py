@@ -169,7 +169,7 @@ def _make_callback(
             self.start_time = time.monotonic()
             self.start_step = state.global_step
             self.last_log = (self.start_time, state.num_input_tokens_seen)
-            telemetry.update(step=state.global_step, total_steps=state.max_steps, stage="train")
+            telemetry.update(step=state.global_step, total_steps=state.max_steps)
 
         def _stop_requested(self) -> bool:
             wanted = stop.requested
@@ -196,6 +196,10 @@ def _make_callback(
                 log.warning("stopping after step %d: saving a checkpoint", state.global_step)
             if control.should_save:
                 self.save_started = time.monotonic()
+            if control.should_evaluate:
+                telemetry.set_stage("evaluating")
+            elif control.should_save:
+                telemetry.set_stage("checkpointing")
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
@@ -212,6 +216,8 @@ def _make_callback(
             telemetry.update(
                 train_loss=logs["loss"],
                 learning_rate=logs.get("learning_rate"),
+                grad_norm=float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+                eta=_fmt_seconds(eta) if eta is not None else None,
                 tokens_per_second=round(tok_rate, 1),
                 eta_seconds=round(eta, 1) if eta is not None else None,
             )
@@ -237,6 +243,7 @@ def _make_callback(
             telemetry.update(eval_loss=loss)
             if self.save_started is not None:  # a save at this step comes after the evaluation
                 self.save_started = time.monotonic()
+            telemetry.set_stage("checkpointing" if control.should_save else "train")
             if dist.is_main:
                 log.info(
                     "eval step %d/%d eval_loss %.4f perplexity %.2f",
@@ -262,6 +269,7 @@ def _make_callback(
                 telemetry.child(telemetry.checkpoint_save_seconds).observe(time.monotonic() - self.save_started)
             dist.barrier()  # every rank has written its files (rng states are per rank)
             if not dist.is_main:
+                telemetry.set_stage("train")
                 return
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             started = time.monotonic()
@@ -279,6 +287,7 @@ def _make_callback(
                 seconds,
                 f"; deleted steps {deleted}" if deleted else "",
             )
+            telemetry.set_stage("train")
 
     return RunCallback()
 
@@ -286,7 +295,9 @@ def _make_callback(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _local_model(storage: Storage, cfg: TrainerConfig, workdir: Path, dist: Distributed, args: Any) -> Path:
+def _local_model(
+    storage: Storage, cfg: TrainerConfig, workdir: Path, dist: Distributed, args: Any, telemetry: Telemetry
+) -> Path:
     source = cfg.model.source
     loc = parse_uri(source)
     target = workdir / "model"
@@ -299,9 +310,11 @@ def _local_model(storage: Storage, cfg: TrainerConfig, workdir: Path, dist: Dist
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
         elif dist.local_rank == 0 and not (target / "config.json").exists():
             log.info("downloading model %s", source)
+            telemetry.set_stage("downloading")
             path = storage.download(source if source.endswith("/") or loc.scheme == "hf" else source + "/", target)
         else:
             path = target
+    telemetry.set_stage("setup")
     model_mod.check_model_dir(path, source)
     return path
 
@@ -353,7 +366,7 @@ def run(
     # The tokenizer comes with the model, and the data needs the tokenizer.
     rows_train, rows_eval = _rows(storage, cfg, workdir)
     args = training_arguments(cfg, workdir / "trainer", precision, has_eval=bool(rows_eval))
-    model_dir = _local_model(storage, cfg, workdir, dist, args)
+    model_dir = _local_model(storage, cfg, workdir, dist, args, telemetry)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
     train_data = data_mod.tokenize(rows_train, cfg.dataset, tokenizer, name="train")
     eval_data = data_mod.tokenize(rows_eval, cfg.dataset, tokenizer, name="eval") if rows_eval else None
@@ -441,7 +454,7 @@ def run(
     )
     if dist.is_main:
         outcome.artifacts = _save(
-            cfg, storage, trainer.model, tokenizer, model_dir, workdir, metrics, outcome, precision
+            cfg, storage, trainer.model, tokenizer, model_dir, workdir, metrics, outcome, precision, telemetry
         )
     dist.barrier()
 
@@ -515,6 +528,7 @@ def _save(
     metrics: dict[str, Any],
     outcome: Outcome,
     precision: str,
+    telemetry: Telemetry,
 ) -> Artifacts:
     """Write every artifact locally, upload them, then the final marker (last)."""
     destination = cfg.output.destination
@@ -524,7 +538,9 @@ def _save(
     art.save_weights(model, tokenizer, weights_dir, full=full)
     artifacts = Artifacts(
         adapter=None if full else join(destination, "adapter") + "/",
-        model=join(destination, "model") + "/" if full else None,
+        # Full fine-tuning: the trained model is the deployable full-weight model, which the contract
+        # calls `merged` (there is no adapter to merge).
+        merged=join(destination, "model") + "/" if full else None,
         metrics=join(destination, "metrics.json"),
         model_card=join(destination, "README.md"),
     )
@@ -539,6 +555,7 @@ def _save(
         artifacts.merged = join(destination, "merged") + "/"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(art.model_card(cfg, metrics))
+    telemetry.set_stage("uploading")
     storage.upload_dir(out, destination)
     outcome.artifacts = artifacts
     marker = {"result": outcome.result.wire() if outcome.result else None, "artifacts": artifacts.wire()}
