@@ -109,6 +109,7 @@ def build_model(
     num_attention_heads: int = 4,
     num_key_value_heads: int = 4,
     max_position_embeddings: int = 512,
+    initializer_range: float = 0.02,
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama whose vocabulary and special-token ids match `tokenizer`.
@@ -130,6 +131,9 @@ def build_model(
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
+        # Larger than Llama's 0.02 gives a random model logits big enough for a LoRA adapter (which
+        # cannot touch the head) to move the loss visibly within a dozen steps.
+        initializer_range=initializer_range,
         **special_ids,
     )
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,71 @@
+"""Two processes under torchrun (gloo on CPU): real DDP, preemption and resume, one set of artifacts, and
+rank 0's exit code through the launcher."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.support.s3 import S3Endpoint
+from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl, storage_section
+
+pytestmark = pytest.mark.slow
+
+
+def test_launch_command() -> None:
+    from kubetune_trainer.__main__ import launch_command
+
+    assert launch_command(1) == [
+        "python", "-m", "kubetune_trainer", "--config", "/etc/kubetune/config.json",
+        "--termination-log", "/dev/termination-log",
+    ]  # fmt: skip
+    assert launch_command(4)[-2:] == ["--nproc-per-node", "4"]
+
+
+def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
+    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
+) -> None:
+    bucket = s3_bucket_name
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
+    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+    cfg = base_config(
+        tiny_model_s3,
+        f"s3://{bucket}/data/train.jsonl",
+        f"s3://{bucket}/ddp",
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
+        training={"maxSteps": 10, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
+        storage=storage_section(s3_moto),
+    )
+    env = {**s3_env(s3_moto), "OMP_NUM_THREADS": "1"}
+
+    # SIGTERM reaches the launcher, torchrun passes it to both workers; they agree on the step to stop at.
+    first = TrainerProcess(cfg, tmp_path, "first", env, args=["--nproc-per-node", "2"])
+    try:
+        first.wait_for_step(2, timeout=180)
+        first.process.send_signal(signal.SIGTERM)
+        code = first.wait(timeout=40)
+    finally:
+        first.kill()
+    assert code == 3, first.log()[-4000:]
+    step = first.result()["checkpoint"]["step"]
+    keys = s3_moto.list_keys(bucket, "ddp/")
+    assert {f"ddp/checkpoints/step-{step}/rng_state_{rank}.pth" for rank in (0, 1)} <= set(keys)
+    assert f"ddp/checkpoints/step-{step}/COMPLETE" in keys
+
+    second = TrainerProcess(cfg, tmp_path, "second", env, args=["--nproc-per-node", "2"])
+    try:
+        code = second.wait(timeout=300)
+    finally:
+        second.kill()
+    log = second.log()
+    assert code == 0, log[-4000:]
+    assert second.result()["outcome"] == "succeeded"
+    keys = s3_moto.list_keys(bucket, "ddp/")
+    assert keys.count("ddp/adapter/adapter_model.safetensors") == 1
+    assert keys.count("ddp/COMPLETE") == 1
+    metrics = json.loads(s3_moto.read(bucket, "ddp/metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["steps"] == 10 and metrics["resumed_from_step"] == step
+    assert log.count("artifacts written to") == 1  # rank 0 only
