@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -58,9 +59,17 @@ def latest_checkpoint(storage: Storage, destination: str) -> Checkpoint | None:
 
 
 def download_checkpoint(storage: Storage, checkpoint: Checkpoint, local_dir: Path) -> Path:
-    path = storage.download(checkpoint.uri, local_dir)
-    (path / COMPLETE_MARKER).unlink(missing_ok=True)
-    return path
+    """A private local copy of a checkpoint in `local_dir`, to resume from.
+
+    For a local destination `Storage.download` hands back the original directory: it is copied, never
+    changed, so the checkpoint there keeps its marker and stays complete.
+    """
+    shutil.rmtree(local_dir, ignore_errors=True)  # a copy left by an earlier attempt may be partial
+    source = storage.download(checkpoint.uri, local_dir)
+    if source.resolve() != local_dir.resolve():
+        shutil.copytree(source, local_dir, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    (local_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    return local_dir
 
 
 def upload_checkpoint(storage: Storage, local_dir: Path, destination: str, step: int) -> tuple[Checkpoint, int]:
