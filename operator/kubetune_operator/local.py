@@ -163,13 +163,13 @@ class ProgressPrinter:
         self.live = out.isatty()
         self.last_line = ""
         self.last_logged: tuple[float | None, float | None] | None = None
-        self.last_stage: str | None = None
+        self.stages_seen: set[str] = set()
 
     def show(self, progress: Progress) -> None:
-        if progress.stage != self.last_stage:
+        if progress.stage not in self.stages_seen:  # training and evaluation alternate: announce each once
             self.finish()
             print(f"stage: {progress.stage}", file=self.out, flush=True)
-            self.last_stage = progress.stage
+            self.stages_seen.add(progress.stage)
         if not progress.total_steps or progress.stage not in ("train", "evaluating"):
             return
         line = progress_line(progress)
