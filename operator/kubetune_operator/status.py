@@ -10,7 +10,6 @@ trainer reported, and a finished outcome whose Job is gone. Inputs are never mut
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -160,7 +159,8 @@ def _waiting_outcome(pods: list[dict[str, Any]]) -> Outcome:
     failed = _latest(pods, "Failed")
     if failed is not None:
         terminated = trainer_terminated(failed) or {}
-        why = terminated.get("reason") or f"exit code {terminated.get('exitCode', 'unknown')}"
+        code = terminated.get("exitCode", "unknown")
+        why = f"{terminated['reason']}, exit code {code}" if terminated.get("reason") else f"exit code {code}"
         return Outcome("Pending", "Retrying", f"pod {failed['metadata']['name']} failed ({why}); the Job retries")
     return Outcome("Pending", "WaitingForPod", "the Job has not created a pod yet")
 
@@ -369,8 +369,3 @@ def phase_event(previous: dict[str, Any] | None, new: dict[str, Any]) -> tuple[s
 
 def is_finished(status: dict[str, Any] | None) -> bool:
     return (status or {}).get("phase") in FINISHED
-
-
-def dumps(status: dict[str, Any]) -> str:
-    """A stable rendering for logs and test failure messages."""
-    return json.dumps(status, indent=2, sort_keys=True)
