@@ -298,5 +298,18 @@ def scheduling_patch(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     return {"spec": {"template": {"spec": {key: pod.get(key) for key in ("nodeSelector", "tolerations", "affinity")}}}}
 
 
+def suspend_patch(job: FineTuneJob, observed_job: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch making a Job's `suspend` follow spec.runPolicy.suspend, or None if it does.
+
+    With a Kueue queue the operator only ever suspends: resuming is Kueue's (it admits and unsuspends).
+    """
+    suspended = bool(observed_job.get("spec", {}).get("suspend"))
+    if job.spec.run_policy.suspend and not suspended:
+        return {"spec": {"suspend": True}}
+    if not job.spec.run_policy.suspend and suspended and not job.spec.scheduling.queue_name:
+        return {"spec": {"suspend": False}}
+    return None
+
+
 class UnsupportedSpec(ValueError):
     """A valid spec this operator version cannot run yet."""
