@@ -21,6 +21,7 @@ from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
 
 Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "kubetune-operator"  # audit logs (and the tests' RBAC check) tell the operator's calls by it
 
 
 class ApiError(Exception):
@@ -91,7 +92,9 @@ class Kube:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config(client_configuration=configuration)
-        return cls(kubernetes.client.ApiClient(configuration))
+        api_client = kubernetes.client.ApiClient(configuration)
+        api_client.user_agent = USER_AGENT
+        return cls(api_client)
 
     def close(self) -> None:
         self._client.close()
