@@ -50,13 +50,17 @@ class ProgressPoller:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def _client(self) -> aiohttp.ClientSession:
+        if self._closed:  # a daemon may still poll while the operator shuts down
+            raise ProgressError("the operator is stopping")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 

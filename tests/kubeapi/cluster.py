@@ -147,9 +147,7 @@ def set_pod_waiting(
     )
 
 
-def set_pod_running(
-    pod: Any, *, ready: bool = True, api_client: kubernetes.client.ApiClient | None = None
-) -> Body:
+def set_pod_running(pod: Any, *, ready: bool = True, api_client: kubernetes.client.ApiClient | None = None) -> Body:
     """Scheduled and started, as the kubelet reports it."""
     client = _client(api_client)
     pod = _as_dict(pod, client)
@@ -213,17 +211,13 @@ def terminate_pod(
                     "reason": "PodCompleted" if exit_code == 0 else "PodFailed",
                 }
             ],
-            "containerStatuses": _container_statuses(
-                pod, ready=False, started=False, state={"terminated": terminated}
-            ),
+            "containerStatuses": _container_statuses(pod, ready=False, started=False, state={"terminated": terminated}),
         },
         client,
     )
 
 
-def update_job_status(
-    job: Any, *, api_client: kubernetes.client.ApiClient | None = None, **status: Any
-) -> Body:
+def update_job_status(job: Any, *, api_client: kubernetes.client.ApiClient | None = None, **status: Any) -> Body:
     """Merge `status` fields (active=1, ready=1, succeeded=..., failed=...) into the Job's status,
     setting `startTime` as the Job controller does once the Job runs."""
     client = _client(api_client)
@@ -232,9 +226,7 @@ def update_job_status(
     current = _as_dict(batch.read_namespaced_job_status(meta["name"], meta["namespace"]), client)
     if not current.get("status", {}).get("startTime") and "startTime" not in status:
         status["startTime"] = _now()
-    return _as_dict(
-        batch.patch_namespaced_job_status(meta["name"], meta["namespace"], {"status": status}), client
-    )
+    return _as_dict(batch.patch_namespaced_job_status(meta["name"], meta["namespace"], {"status": status}), client)
 
 
 def set_job_condition(
@@ -259,9 +251,7 @@ def set_job_condition(
     current = _as_dict(batch.read_namespaced_job_status(meta["name"], meta["namespace"]), client)
     status = dict(current.get("status") or {})
     now = _now()
-    added = {"Complete": ["SuccessCriteriaMet", "Complete"], "Failed": ["FailureTarget", "Failed"]}.get(
-        type, [type]
-    )
+    added = {"Complete": ["SuccessCriteriaMet", "Complete"], "Failed": ["FailureTarget", "Failed"]}.get(type, [type])
     conditions = [c for c in status.get("conditions") or [] if c["type"] not in added]
     conditions += [
         {
@@ -286,6 +276,4 @@ def set_job_condition(
     if type == "Suspended":
         status["startTime"] = None
     status.update(counts)
-    return _as_dict(
-        batch.patch_namespaced_job_status(meta["name"], meta["namespace"], {"status": status}), client
-    )
+    return _as_dict(batch.patch_namespaced_job_status(meta["name"], meta["namespace"], {"status": status}), client)

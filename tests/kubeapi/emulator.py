@@ -170,9 +170,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _store: dict[ResourceKey, dict[ObjectKey, Body]] = attrs.field(
         factory=lambda: collections.defaultdict(dict), init=False
     )
-    _journals: dict[ResourceKey, _Journal] = attrs.field(
-        factory=lambda: collections.defaultdict(_Journal), init=False
-    )
+    _journals: dict[ResourceKey, _Journal] = attrs.field(factory=lambda: collections.defaultdict(_Journal), init=False)
     _counter: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _rv: int = attrs.field(default=0, init=False)
     _closing: bool = attrs.field(default=False, init=False)
@@ -201,8 +199,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return [
             event
             for event in self._journals[resource].events
-            if (event.object["metadata"].get("namespace"), event.object["metadata"]["name"])
-            == (namespace, name)
+            if (event.object["metadata"].get("namespace"), event.object["metadata"]["name"]) == (namespace, name)
         ]
 
     def verbs_by_resource(self) -> dict[tuple[str, str], set[str]]:
@@ -324,11 +321,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _verb(request: kmock.Request) -> str:
         method = request.method.value.upper()
         if method == "GET":
-            return (
-                "watch"
-                if request.params.get("watch") in ("true", "1")
-                else ("get" if request.name else "list")
-            )
+            return "watch" if request.params.get("watch") in ("true", "1") else ("get" if request.name else "list")
         if method == "DELETE":
             return "delete" if request.name else "deletecollection"
         return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
@@ -647,9 +640,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if obj is None and key == ("", "v1", "namespaces"):
             obj = next((ns for ns in self._objects_of(key, None) if ns["metadata"]["name"] == name), None)
         if obj is None:
-            raise ApiError(
-                404, "NotFound", f'{self._qualified(key)} "{name}" not found', self._details(key, name)
-            )
+            raise ApiError(404, "NotFound", f'{self._qualified(key)} "{name}" not found', self._details(key, name))
         return obj
 
     @staticmethod

@@ -32,9 +32,7 @@ class KubeApiServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(),), name="kube-api", daemon=True
-        )
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), name="kube-api", daemon=True)
 
     @property
     def url(self) -> str:

@@ -40,9 +40,7 @@ def core(kube_api: KubeApiServer) -> kubernetes.client.CoreV1Api:
 
 
 def create_ftj(custom: kubernetes.client.CustomObjectsApi, name: str, **spec: object) -> dict:
-    return custom.create_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, finetunejob(name, **spec)
-    )
+    return custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, finetunejob(name, **spec))
 
 
 def test_create_returns_the_object_with_server_fields(core: kubernetes.client.CoreV1Api) -> None:
@@ -71,9 +69,7 @@ def test_generation_bumps_on_spec_changes_only(custom: kubernetes.client.CustomO
         GROUP, VERSION, "default", PLURAL, "a", {"status": {"phase": "Running"}}
     )
     assert obj["metadata"]["generation"] == 1
-    obj = custom.patch_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, "a", {"spec": {"model": "bigger"}}
-    )
+    obj = custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a", {"spec": {"model": "bigger"}})
     assert obj["metadata"]["generation"] == 2
 
 
@@ -138,9 +134,7 @@ def test_failed_json_patch_test_is_422(custom: kubernetes.client.CustomObjectsAp
 def test_watch_from_a_resource_version_loses_nothing(custom: kubernetes.client.CustomObjectsApi) -> None:
     since = create_ftj(custom, "a")["metadata"]["resourceVersion"]
     for model in ("one", "two", "three"):
-        custom.patch_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, "a", {"spec": {"model": model}}
-        )
+        custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a", {"spec": {"model": model}})
     events = list(
         kubernetes.watch.Watch().stream(
             custom.list_namespaced_custom_object,
@@ -160,9 +154,7 @@ def test_watch_from_a_resource_version_loses_nothing(custom: kubernetes.client.C
 
 
 def test_watch_sees_objects_enter_and_leave_a_selector(core: kubernetes.client.CoreV1Api) -> None:
-    since = core.create_namespaced_config_map(
-        "default", {"metadata": {"name": "a"}}
-    ).metadata.resource_version
+    since = core.create_namespaced_config_map("default", {"metadata": {"name": "a"}}).metadata.resource_version
     for labels in ({"app": "x"}, {"app": "x", "more": "1"}, {"app": None}):
         core.patch_namespaced_config_map("a", "default", {"metadata": {"labels": labels}})
     events = kubernetes.watch.Watch().stream(
@@ -178,9 +170,7 @@ def test_watch_sees_objects_enter_and_leave_a_selector(core: kubernetes.client.C
 def test_watch_from_a_forgotten_resource_version_is_410_gone(kube_api: KubeApiServer) -> None:
     kube_api.emulator.history_limit = 2
     core = kubernetes.client.CoreV1Api()
-    since = core.create_namespaced_config_map(
-        "default", {"metadata": {"name": "a"}}
-    ).metadata.resource_version
+    since = core.create_namespaced_config_map("default", {"metadata": {"name": "a"}}).metadata.resource_version
     for i in range(5):
         core.patch_namespaced_config_map("a", "default", {"data": {"i": str(i)}})
     with pytest.raises(ApiException) as e:
@@ -240,9 +230,7 @@ def test_deletion_waits_for_finalizers(custom: kubernetes.client.CustomObjectsAp
     marked = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
     assert marked["metadata"]["deletionTimestamp"]
     assert int(marked["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
-    custom.patch_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, "a", {"metadata": {"finalizers": None}}
-    )
+    custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a", {"metadata": {"finalizers": None}})
     with pytest.raises(ApiException) as e:
         custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
     assert e.value.status == 404
@@ -334,9 +322,7 @@ def test_request_log_names_kubernetes_verbs(
 def test_a_thousand_creates_stay_fast(kube_api: KubeApiServer, core: kubernetes.client.CoreV1Api) -> None:
     started = time.monotonic()
     for i in range(1000):
-        core.create_namespaced_config_map(
-            "default", {"metadata": {"name": f"cm-{i}", "labels": {"i": str(i)}}}
-        )
+        core.create_namespaced_config_map("default", {"metadata": {"name": f"cm-{i}", "labels": {"i": str(i)}}})
     elapsed = time.monotonic() - started
     print(f"1000 creates in {elapsed:.2f} s: {1000 / elapsed:.0f}/s")
     assert elapsed < 30
