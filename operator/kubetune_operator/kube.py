@@ -9,7 +9,9 @@ own queue (batched, with Kopf's credentials).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +23,7 @@ from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
 
 Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+API_CONCURRENCY = 16  # API calls in flight at once
 USER_AGENT = "kubetune-operator"  # audit logs (and the tests' RBAC check) tell the operator's calls by it
 
 
@@ -81,8 +84,11 @@ def owner_name(obj: Body) -> str | None:
 class Kube:
     """Async access to the few API calls the operator makes (all within the Helm chart's RBAC)."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, concurrency: int = API_CONCURRENCY) -> None:
         self._client = api_client
+        # The client blocks; its calls run in threads of their own, as many as its connection pool holds.
+        self._client.configuration.connection_pool_maxsize = concurrency
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kubetune-api")
 
     @classmethod
     def connect(cls) -> Kube:
@@ -97,6 +103,7 @@ class Kube:
         return cls(api_client)
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def _request_sync(
@@ -124,7 +131,8 @@ class Kube:
         return parsed
 
     async def _request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Body:
-        return await asyncio.to_thread(self._request_sync, method, path, body, **kwargs)
+        call = functools.partial(self._request_sync, method, path, body, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def get(self, resource: Resource, namespace: str, name: str) -> Body | None:
         try:
@@ -150,25 +158,22 @@ class Kube:
         """
         resource = KIND_RESOURCES[obj["kind"]]
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:  # create first: a new FineTuneJob's children do not exist, so this is one call, not two
+            return await self.create(obj), True
+        except ApiError as error:
+            if error.status != 409:
+                raise
         existing = await self.get(resource, namespace, name)
-        created = False
-        if existing is None:
-            try:
-                existing, created = await self.create(obj), True
-            except ApiError as error:
-                if error.status != 409:
-                    raise
-                existing = await self.get(resource, namespace, name)  # created meanwhile: adopt it if ours
-                if existing is None:
-                    raise
-        if not created and not owned_by(existing, owner["metadata"]["uid"]):
+        if existing is None:  # deleted between the two calls: the next sync creates it
+            raise ApiError(409, f"{obj['kind']} {name} is being deleted")
+        if not owned_by(existing, owner["metadata"]["uid"]):
             if owner_name(existing) == owner["metadata"]["name"]:
                 raise OwnedByPredecessor(f"{obj['kind']} {name} still belongs to a deleted FineTuneJob {name}")
             raise NameConflict(
                 f"{obj['kind']} {name} already exists and is not owned by this FineTuneJob; "
                 "delete it or rename the FineTuneJob"
             )
-        return existing, created
+        return existing, False
 
     async def patch(
         self, resource: Resource, namespace: str, name: str, patch: Body, subresource: str | None = None

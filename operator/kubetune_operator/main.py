@@ -125,7 +125,8 @@ async def expire_finished(
     memo: kopf.Memo, **_: Any,
 ) -> None:  # fmt: skip
     """Delete a finished FineTuneJob ttlSecondsAfterFinished after it finished."""
-    finished = datetime.fromisoformat(str(status.get("completionTime")).replace("Z", "+00:00"))
+    completed = status.get("completionTime")
+    finished = datetime.fromisoformat(completed.replace("Z", "+00:00")) if completed else datetime.now(UTC)
     due = finished.timestamp() + float(spec["runPolicy"]["ttlSecondsAfterFinished"])
     await stopped.wait(max(0.0, due - datetime.now(UTC).timestamp()))
     if not stopped:

@@ -8,7 +8,6 @@ the operator made is checked against the chart's RBAC (`tests/api/rbac.py`).
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,8 @@ T = TypeVar("T")
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
 OPERATOR_AGENTS = ("kopf/", "kubetune-operator")
 OBSERVED_CALLS: set[tuple[str, str, str, str | None]] = set()  # over the whole run, for the summary
+# Measurements for the summary: KopfRunner redirects stdout while the operator runs, so print() is lost.
+REPORT_LINES: list[str] = []
 
 
 def free_port() -> int:
@@ -190,10 +191,9 @@ def operator(kube_api: KubeApiServer, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in REPORT_LINES:
+        terminalreporter.write_line(line)
     if OBSERVED_CALLS:
         terminalreporter.write_sep("-", "API calls made by the operator (verb, group, resource, subresource)")
         for call in sorted(OBSERVED_CALLS, key=lambda c: (c[1], c[2], c[3] or "", c[0])):
             terminalreporter.write_line(f"  {call}")
-
-
-os.environ.setdefault("KUBETUNE_LOG_LEVEL", "DEBUG")
