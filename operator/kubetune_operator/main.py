@@ -82,9 +82,14 @@ async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **
 
 
 @kopf.on.event(*FINETUNEJOBS)
-def finetunejob_seen(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED" and memo.get("reconciler") is not None:
+def finetunejob_seen(
+    type: str | None, namespace: str, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
+    """Keep the phase gauge true to what exists (also after a restart); forget deleted FineTuneJobs."""
+    if type == "DELETED":
         memo.reconciler.forget(namespace, name)
+    else:
+        memo.reconciler.metrics.phases[namespace, name] = status.get("phase") or "Pending"
 
 
 @kopf.index("", "v1", "pods", labels=MANAGED)

@@ -87,7 +87,7 @@ class Metrics:
         self, namespace: str, name: str, previous: dict[str, Any], status: dict[str, Any], created: str | None
     ) -> None:
         """Record the phase, and on a transition the queue wait or the run's duration."""
-        self.phases[namespace, name] = status.get("phase") or "Pending"
+        self.phases[namespace, name] = status.get("phase") or "Pending"  # the FineTuneJob watch confirms it
         before, now = previous.get("phase"), status.get("phase")
         if before == now:
             return

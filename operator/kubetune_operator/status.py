@@ -5,6 +5,17 @@ Status is computed, not accumulated (STYLE.md habit 5): `compute_status` derives
 timestamps from the observed objects every time. The previous status is read only to keep what cannot be
 observed again: a condition's lastTransitionTime while its status holds, the start time, the progress the
 trainer reported, and a finished outcome whose Job is gone. Inputs are never mutated.
+
+Choices:
+- A pod stuck on its image (ImagePullBackOff, ErrImagePull, InvalidImageName) or on its configuration
+  (CreateContainerConfigError: a missing Secret) leaves the run Pending with the kubelet's reason and
+  message, not Failed: the Job itself has not failed, the cause is often fixed in place (a registry
+  credential, a Secret created late), and status must not claim an outcome that may still change. A
+  Warning event tells it; runPolicy.activeDeadlineSeconds bounds the wait for those who want a limit.
+- Ready is True while the trainer runs and after it succeeded: "the run is doing what was asked".
+- A failed Job with exit code 2 is InvalidInput (the trainer's own error, from its termination message);
+  one whose last pod was OOMKilled is OOMKilled; otherwise the Job's reason (BackoffLimitExceeded,
+  DeadlineExceeded, PodFailurePolicy) is kept.
 """
 
 from __future__ import annotations
