@@ -186,10 +186,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """Serve the custom resource a CRD manifest declares, and the CRD itself."""
         return self._commit_create(("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None, crd)
 
-    def get(self, resource: ResourceKey, namespace: str | None, name: str) -> Body | None:
+    def get_object(self, resource: ResourceKey, namespace: str | None, name: str) -> Body | None:
         return self._store[resource].get((namespace, name))
 
-    def list(self, resource: ResourceKey, namespace: str | None = None) -> list[Body]:
+    def list_objects(self, resource: ResourceKey, namespace: str | None = None) -> list[Body]:
         # A snapshot first: tests may read from their own thread while the server writes.
         objects = list(self._store[resource].items())
         return [obj for (ns, _), obj in objects if namespace in (None, ns)]
@@ -214,18 +214,25 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return dict(verbs)
 
     def collect_garbage(self) -> list[Body]:
-        """Delete what the garbage collector would: objects all of whose owners are gone.
+        """Delete what the garbage collector would: objects all of whose owners are gone, repeatedly
+        (a Job's pods, then what the pods own). Returns them as deleted or marked for deletion.
 
         Call it on the server's event loop (`KubeApiServer.collect_garbage` does).
         """
-        uids = {obj["metadata"]["uid"] for objects in self._store.values() for obj in objects.values()}
-        collected = []
-        for resource, objects in list(self._store.items()):
-            for obj in list(objects.values()):
-                owners = obj["metadata"].get("ownerReferences") or []
-                if owners and not any(owner.get("uid") in uids for owner in owners):
-                    collected.append(self._delete(resource, obj))
-        return collected
+        collected: list[Body] = []
+        while True:
+            uids = {obj["metadata"]["uid"] for objects in self._store.values() for obj in objects.values()}
+            orphans = [
+                (resource, obj)
+                for resource, objects in self._store.items()
+                for obj in objects.values()
+                if obj["metadata"].get("ownerReferences")
+                and not obj["metadata"].get("deletionTimestamp")
+                and not any(owner.get("uid") in uids for owner in obj["metadata"]["ownerReferences"])
+            ]
+            if not orphans:
+                return collected
+            collected += [self._delete(resource, obj) for resource, obj in orphans]
 
     def close_watches(self) -> None:
         self._closing = True
@@ -342,7 +349,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         }
 
     def _objects_of(self, key: ResourceKey, namespace: str | None) -> list[Body]:
-        objects = self.list(key, namespace)
+        objects = self.list_objects(key, namespace)
         if key == ("", "v1", "namespaces"):  # namespaces that are only used exist too, as `default`
             used = {ns for objs in self._store.values() for ns, _ in objs} | {"default"}
             stored = {obj["metadata"]["name"] for obj in objects}
@@ -431,7 +438,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     await asyncio.wait_for(wakeup.wait(), wait)
         except ApiError as e:
             await send("ERROR", e.as_status())
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
             return response  # the client has gone
         await response.write_eof()
         return response
@@ -480,7 +487,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _serve_delete_collection(self, request: kmock.Request, key: ResourceKey) -> tuple[int, Body]:
         matches = self._matcher(request)
-        deleted = [self._delete(key, obj) for obj in self.list(key, request.namespace) if matches(obj)]
+        deleted = [
+            self._delete(key, obj) for obj in self.list_objects(key, request.namespace) if matches(obj)
+        ]
         info = self._info(key)
         return 200, {
             "apiVersion": self._api_version(key),
@@ -516,6 +525,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             )
         if "status" in info.subresources:
             obj.pop("status", None)  # the status of a new object is the controllers' to write
+        if key == ("", "v1", "pods"):
+            obj["status"] = {"phase": "Pending"}  # as the API server defaults it, before any scheduling
         obj["apiVersion"], obj["kind"] = self._api_version(key), info.kind
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pathlib
 import textwrap
 import time
+from collections.abc import Callable
 
 import kopf.testing
 import kubernetes
@@ -14,6 +16,7 @@ from tests.kubeapi import cluster
 from tests.kubeapi.server import KubeApiServer
 
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
+FTJ = (GROUP, VERSION, PLURAL)
 JOB = {
     "metadata": {"name": "j"},
     "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
@@ -336,23 +339,41 @@ OPERATOR = textwrap.dedent("""
     def seen(spec, patch, **_):
         patch.status['phase'] = 'Seen'
         patch.status['model'] = spec['model']
+
+    @kopf.on.delete('kubetune.dev', 'v1alpha1', 'finetunejobs')
+    def cleaned_up(logger, **_):
+        logger.info('cleaned up')
 """)
 
 
+def wait_for(condition: Callable[[], object], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_kopf_operator_handles_a_finetunejob(kube_api: KubeApiServer, tmp_path, custom) -> None:
+def test_kopf_operator_handles_a_finetunejob(
+    kube_api: KubeApiServer, tmp_path: pathlib.Path, custom: kubernetes.client.CustomObjectsApi
+) -> None:
+    """Create (a status patch) and delete (Kopf's finalizer, removed by a JSON patch) end to end."""
     handlers = tmp_path / "operator.py"
     handlers.write_text(OPERATOR)
     args = ["run", "--standalone", "-A", "--verbose", str(handlers)]
+
+    def status() -> dict:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a").get("status", {})
+
+    def gone() -> bool:
+        return not kube_api.emulator.get_object(FTJ, "default", "a")
+
     with kopf.testing.KopfRunner(args, timeout=60) as runner:
         create_ftj(custom, "a")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
-            status = obj.get("status", {})
-            if status.get("phase") == "Seen":
-                break
-            time.sleep(0.1)
+        wait_for(lambda: status().get("phase") == "Seen")
+        assert status()["model"] == "tiny"
+        custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
+        wait_for(gone)
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0
-    assert status == {**status, "phase": "Seen", "model": "tiny"}, runner.output
+    assert "cleaned up" in runner.output
