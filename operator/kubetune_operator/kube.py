@@ -89,6 +89,7 @@ class Kube:
         # The client blocks; its calls run in threads of their own, as many as its connection pool holds.
         self._client.configuration.connection_pool_maxsize = concurrency
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kubetune-api")
+        self._closed = False
 
     @classmethod
     def connect(cls) -> Kube:
@@ -103,8 +104,9 @@ class Kube:
         return cls(api_client)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        """Refuse new calls; let calls in flight finish (Kopf may stop daemons after its cleanup)."""
+        self._closed = True
+        self._executor.shutdown(wait=False)
 
     def _request_sync(
         self,
@@ -131,6 +133,8 @@ class Kube:
         return parsed
 
     async def _request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Body:
+        if self._closed:
+            raise ApiError(503, "the operator is stopping")
         call = functools.partial(self._request_sync, method, path, body, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

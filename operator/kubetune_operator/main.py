@@ -54,8 +54,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     reconciler: Reconciler | None = memo.get("reconciler")
     if reconciler is not None:
-        await reconciler.poller.close()
-        reconciler.kube.close()
+        await reconciler.close()
     if memo.get("metrics_server") is not None:
         await memo.metrics_server.cleanup()
 
@@ -110,21 +109,26 @@ def _expiring(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     return is_finished(dict(status)) and spec.get("runPolicy", {}).get("ttlSecondsAfterFinished") is not None
 
 
-@kopf.daemon(*FINETUNEJOBS, when=_running, cancellation_timeout=5)
+@kopf.daemon(*FINETUNEJOBS, when=_running, cancellation_timeout=5, backoff=RETRY_SECONDS)
 async def poll_progress(
     namespace: str, name: str, body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo,
-    trainer_urls: kopf.Index[tuple[str, str], str], **_: Any,
+    trainer_urls: kopf.Index[tuple[str, str], str], logger: logging.Logger, **_: Any,
 ) -> None:  # fmt: skip
     """While Running: poll the trainer every PROGRESS_INTERVAL_SECONDS (stops when the phase changes)."""
     reconciler: Reconciler = memo.reconciler
     failures = 0
-    while not stopped:
+    while not stopped and not reconciler.closed:  # Kopf may not stop a daemon spawned during shutdown
         url = next(iter(trainer_urls.get((namespace, name), [])), None)
-        failures = await reconciler.poll_progress(dict(body), url, failures)
+        try:
+            failures = await reconciler.poll_progress(dict(body), url, failures)
+        except Exception as error:  # e.g. an API error writing status: try again next interval, not in 60 s
+            if stopped or reconciler.closed:
+                return
+            logger.warning("progress of %s/%s not written: %s", namespace, name, error)
         await stopped.wait(reconciler.settings.progress_interval_seconds)
 
 
-@kopf.daemon(*FINETUNEJOBS, when=_expiring, cancellation_timeout=5)
+@kopf.daemon(*FINETUNEJOBS, when=_expiring, cancellation_timeout=5, backoff=RETRY_SECONDS)
 async def expire_finished(
     namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, stopped: kopf.DaemonStopped,
     memo: kopf.Memo, **_: Any,

@@ -54,6 +54,16 @@ class Reconciler:
         self.clock = clock
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.poller.close()
+        self.kube.close()
 
     # -- the one reconciliation path ---------------------------------------------------------------
 
