@@ -226,3 +226,10 @@ def test_name_taken_by_a_foreign_job_is_a_conflict(operator: Operator, cluster: 
     assert (
         "ownerReferences" not in (cluster.job()["metadata"] or {}) or not cluster.job()["metadata"]["ownerReferences"]
     )
+
+
+def test_multi_node_is_refused_clearly(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply(spec={"resources": {"gpus": 8, "nodes": 2}})
+    status = cluster.wait_phase("Failed", reason="Unsupported")
+    assert "resources.nodes > 1" in status["message"]
+    assert cluster.job() is None

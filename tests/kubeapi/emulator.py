@@ -487,9 +487,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _serve_delete_collection(self, request: kmock.Request, key: ResourceKey) -> tuple[int, Body]:
         matches = self._matcher(request)
-        deleted = [
-            self._delete(key, obj) for obj in self.list_objects(key, request.namespace) if matches(obj)
-        ]
+        deleted = [self._delete(key, obj) for obj in self.list_objects(key, request.namespace) if matches(obj)]
         info = self._info(key)
         return 200, {
             "apiVersion": self._api_version(key),
