@@ -36,8 +36,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(check: Callable[[], T | None], timeout: float = 15, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with the last value seen."""
+def wait_for(check: Callable[[], T | None], timeout: float = 15, what: str | Callable[[], str] = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail with the last value seen (`what` may be a
+    callable, evaluated only then, to describe the state at the time of failure)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -49,7 +50,8 @@ def wait_for(check: Callable[[], T | None], timeout: float = 15, what: str = "co
             if last:
                 return last
         time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+    described = what() if callable(what) else what
+    pytest.fail(f"timed out after {timeout} s waiting for {described}; last: {last!r}")
 
 
 class Cluster:
@@ -110,7 +112,9 @@ class Cluster:
                 return status
             return None
 
-        return wait_for(reached, timeout, f"{name} phase {phase} {reason or ''}: {self.status(name)}")
+        return wait_for(
+            reached, timeout, lambda: f"{name} phase {phase} {reason or ''}; status now: {self.status(name)}"
+        )
 
     def wait_job(self, name: str = "support-bot") -> dict:
         return wait_for(lambda: self.job(name), what=f"Job {name}")

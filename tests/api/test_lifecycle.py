@@ -12,7 +12,8 @@ from tests.kubeapi import cluster as kubelet
 
 
 def test_finished_finetunejob_is_deleted_after_its_ttl(operator: Operator, cluster: Cluster) -> None:
-    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 1}})
+    # completionTime has whole seconds: a TTL of 3 s leaves the test at least 2 s to see Succeeded.
+    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 3}})
     job = cluster.wait_job()
     kubelet.terminate_pod(kubelet.create_pod_for_job(job), 0, "")
     kubelet.set_job_condition(job, "Complete", "CompletionsReached", "")
