@@ -61,14 +61,27 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.create(*FINETUNEJOBS, backoff=RETRY_SECONDS)
 @kopf.on.resume(*FINETUNEJOBS, backoff=RETRY_SECONDS)
-@kopf.on.update(*FINETUNEJOBS, field="spec.runPolicy.suspend", backoff=RETRY_SECONDS)
 async def reconcile(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.sync(namespace, name)
+
+
+@kopf.on.field(*FINETUNEJOBS, field="spec.runPolicy.suspend", backoff=RETRY_SECONDS)
+async def suspend_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Suspend or resume: sync patches the Job's `suspend` (see builders.suspend_patch) and the status."""
     await memo.reconciler.sync(namespace, name)
 
 
 @kopf.on.update(*FINETUNEJOBS, field="spec.scheduling", backoff=RETRY_SECONDS)
 async def scheduling_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.reschedule(namespace, name)
+    await memo.reconciler.sync(namespace, name)  # observedGeneration follows the new spec
+
+
+@kopf.on.update(*FINETUNEJOBS, field="spec.runPolicy", backoff=RETRY_SECONDS)
+async def run_policy_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Other run policy changes (ttlSecondsAfterFinished...) only move observedGeneration; the Job keeps
+    the backoffLimit and deadline it was created with."""
+    await memo.reconciler.sync(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)

@@ -137,11 +137,13 @@ def test_created_suspended_and_rescheduled_while_suspended(operator: Operator, c
     job = cluster.wait_job()
     assert job["spec"]["suspend"] is True
     cluster.wait_phase("Suspended")
-    cluster.patch_spec({"scheduling": {"nodeSelector": {"pool": "spot"}}})
+    generation = cluster.patch_spec({"scheduling": {"nodeSelector": {"pool": "spot"}}})["metadata"]["generation"]
     wait_for(
         lambda: cluster.job()["spec"]["template"]["spec"].get("nodeSelector") == {"pool": "spot"},
         what="nodeSelector applied to the suspended Job",
     )
+    wait_for(lambda: cluster.status().get("observedGeneration") == generation, what="observedGeneration")
+    wait_for(lambda: any(e["reason"] == "Rescheduled" for e in cluster.events()), what="Rescheduled event")
 
 
 def test_job_deleted_while_running_is_recreated(operator: Operator, cluster: Cluster) -> None:
