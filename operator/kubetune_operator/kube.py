@@ -81,6 +81,19 @@ def owner_name(obj: Body) -> str | None:
     return None
 
 
+def check_owner(obj: Body, owner: Body) -> None:
+    """Raise unless `owner` controls `obj`: OwnedByPredecessor for a same-named FineTuneJob's leftovers (wait
+    for the garbage collector), NameConflict for anything else (never overwritten)."""
+    if owned_by(obj, owner["metadata"]["uid"]):
+        return
+    kind, name = obj.get("kind", "object"), obj["metadata"]["name"]
+    if owner_name(obj) == owner["metadata"]["name"]:
+        raise OwnedByPredecessor(f"{kind} {name} still belongs to a deleted FineTuneJob of the same name")
+    raise NameConflict(
+        f"{kind} {name} already exists and is not owned by this FineTuneJob; delete it or rename the FineTuneJob"
+    )
+
+
 class Kube:
     """Async access to the few API calls the operator makes (all within the Helm chart's RBAC)."""
 
@@ -170,13 +183,7 @@ class Kube:
         existing = await self.get(resource, namespace, name)
         if existing is None:  # deleted between the two calls: the next sync creates it
             raise ApiError(409, f"{obj['kind']} {name} is being deleted")
-        if not owned_by(existing, owner["metadata"]["uid"]):
-            if owner_name(existing) == owner["metadata"]["name"]:
-                raise OwnedByPredecessor(f"{obj['kind']} {name} still belongs to a deleted FineTuneJob {name}")
-            raise NameConflict(
-                f"{obj['kind']} {name} already exists and is not owned by this FineTuneJob; "
-                "delete it or rename the FineTuneJob"
-            )
+        check_owner(existing, owner)
         return existing, False
 
     async def patch(

@@ -26,7 +26,16 @@ from kubetune_operator.builders import (
     scheduling_patch,
     suspend_patch,
 )
-from kubetune_operator.kube import FINETUNEJOBS, JOBS, PODS, Kube, NameConflict, OwnedByPredecessor, owned_by
+from kubetune_operator.kube import (
+    FINETUNEJOBS,
+    JOBS,
+    PODS,
+    Kube,
+    NameConflict,
+    OwnedByPredecessor,
+    check_owner,
+    owned_by,
+)
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressError, ProgressPoller, progress_condition
 from kubetune_operator.settings import Settings
@@ -104,7 +113,7 @@ class Reconciler:
             observed = await self._create_children(body, job, previous)
         elif observed is not None and not owned_by(observed, job.metadata.uid or ""):
             if not is_finished(previous):
-                await self._refuse(body, "NameConflict", f"Job {job_name(job)} exists and is not owned by it")
+                await self._check_owner(body, observed)
             observed = None
         elif observed is not None and not is_finished(previous):
             patch = suspend_patch(job, observed)
@@ -129,6 +138,14 @@ class Reconciler:
             self.kube.event(body, "Warning", "JobRecreated", f"Job {job_name(job)} was deleted; recreated it, "
                             "the trainer resumes from its newest checkpoint")  # fmt: skip
         return observed
+
+    async def _check_owner(self, body: Body, observed: Body) -> None:
+        try:
+            check_owner(observed, body)
+        except NameConflict as error:
+            await self._refuse(body, "NameConflict", str(error))
+        except OwnedByPredecessor as error:
+            raise kopf.TemporaryError(str(error), delay=PREDECESSOR_RETRY_SECONDS) from None
 
     async def _refuse(self, body: Body, reason: str, message: str) -> NoReturn:
         """Mark a FineTuneJob the operator will not run as Failed, once, and stop retrying."""

@@ -235,3 +235,20 @@ def test_multi_node_is_refused_clearly(operator: Operator, cluster: Cluster) -> 
     status = cluster.wait_phase("Failed", reason="Unsupported")
     assert "resources.nodes > 1" in status["message"]
     assert cluster.job() is None
+
+
+def test_recreated_finetunejob_waits_for_its_predecessors_children(operator: Operator, cluster: Cluster) -> None:
+    first = cluster.apply()
+    old_job = cluster.wait_job()
+    cluster.delete_ftj()
+    wait_for(lambda: cluster.ftj() is None, what="first FineTuneJob gone")
+    second = cluster.apply()  # same name, before the garbage collector removed the old children
+    time.sleep(1)
+    assert cluster.job()["metadata"]["uid"] == old_job["metadata"]["uid"]  # not adopted, not overwritten
+    assert cluster.status().get("phase") != "Failed"  # waiting, not a NameConflict
+    cluster.server.collect_garbage()
+    new_job = wait_for(
+        lambda: (j := cluster.job()) and j["metadata"]["uid"] != old_job["metadata"]["uid"] and j, what="new Job"
+    )
+    assert new_job["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"] != first["metadata"]["uid"]
+    cluster.wait_phase("Pending")

@@ -17,6 +17,7 @@ from kubetune_operator.builders import (
     dns_name,
     job_name,
     scheduling_patch,
+    suspend_patch,
 )
 from kubetune_operator.settings import Settings
 from kubetune_trainer import contract
@@ -282,3 +283,12 @@ def test_image_config_volumes_port_and_termination_message() -> None:
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
     _, big = built("multi-gpu")
     assert {v["name"]: v for v in pod_spec(big)["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "32Gi"
+
+
+def test_suspend_patch_follows_the_spec_and_leaves_resuming_to_kueue() -> None:
+    running, suspended = {"spec": {"suspend": False}}, {"spec": {"suspend": True}}
+    assert suspend_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), running) == {"spec": {"suspend": True}}
+    assert suspend_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), suspended) is None
+    assert suspend_patch(finetunejob(), suspended) == {"spec": {"suspend": False}}
+    assert suspend_patch(finetunejob(), running) is None
+    assert suspend_patch(finetunejob(spec=CASES["kueue"]), suspended) is None  # Kueue admits and unsuspends
