@@ -252,3 +252,23 @@ def test_recreated_finetunejob_waits_for_its_predecessors_children(operator: Ope
     )
     assert new_job["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"] != first["metadata"]["uid"]
     cluster.wait_phase("Pending")
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        ("ImagePullBackOff", 'Back-off pulling image "registry.example/kubetune/trainer:test"'),
+        ("CreateContainerConfigError", 'secret "s3-credentials" not found'),
+    ],
+)
+def test_pod_stuck_before_start_is_pending_with_the_kubelets_reason(
+    operator: Operator, cluster: Cluster, reason: str, message: str
+) -> None:
+    cluster.apply()
+    pod = kubelet.create_pod_for_job(cluster.wait_job())
+    kubelet.set_pod_waiting(pod, reason, message)
+    status = cluster.wait_phase("Pending", reason=reason)
+    assert status["message"] == message
+    wait_for(
+        lambda: any(e["type"] == "Warning" and e["reason"] == reason for e in cluster.events()), what="Warning event"
+    )
