@@ -65,6 +65,8 @@ def test_phases_pending_running_succeeded(operator: Operator, cluster: Cluster) 
         what="phase events",
     )
     assert "Unschedulable" in reasons
+    # Kopf's finalizer is held only while a daemon runs (progress polling, TTL): none once finished.
+    wait_for(lambda: not cluster.ftj()["metadata"].get("finalizers"), what="no finalizer after the run")
 
 
 def test_kueue_queued_until_admitted(operator: Operator, cluster: Cluster) -> None:
