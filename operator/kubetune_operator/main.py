@@ -90,7 +90,7 @@ async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **
     """A Job or pod changed (or went away): the owning FineTuneJob's status follows, its Job is recreated."""
     owner = labels.get(LABEL_FINETUNEJOB)
     if owner:
-        await memo.reconciler.sync(namespace, owner)
+        await memo.reconciler.sync_from_event(namespace, owner, RETRY_SECONDS)
 
 
 @kopf.on.event(*FINETUNEJOBS)

@@ -9,6 +9,7 @@ collapses into one more sync, which reads the latest state anyway.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from kubetune_operator.status import compute_status, failed_status, is_finished,
 
 Body = dict[str, Any]
 PREDECESSOR_RETRY_SECONDS = 2.0
+logger = logging.getLogger(__name__)
 
 
 class Reconciler:
@@ -64,6 +66,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
         self._closed = False
+        self._retries: set[asyncio.Task[None]] = set()
 
     @property
     def closed(self) -> bool:
@@ -71,6 +74,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._retries):
+            task.cancel()
         await self.poller.close()
         self.kube.close()
 
@@ -98,6 +103,32 @@ class Reconciler:
                 self.metrics.reconcile_total.labels("ok").inc()
             finally:
                 self.metrics.reconcile_duration.observe(time.monotonic() - started)
+
+    async def sync_from_event(self, namespace: str, name: str, retry_seconds: float) -> None:
+        """`sync` for a watch event. Kopf does not retry event handlers, so a failed sync (an API error) is
+        retried here in the background: a Job deleted during an API hiccup is still recreated."""
+        try:
+            await self.sync(namespace, name)
+        except kopf.PermanentError:
+            pass  # reported in status and events already
+        except Exception as error:
+            logger.warning("sync of %s/%s failed (%s); retrying in %s s", namespace, name, error, retry_seconds)
+            task = asyncio.create_task(self._retry(namespace, name, retry_seconds))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, namespace: str, name: str, delay: float, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            await asyncio.sleep(delay * (attempt + 1))
+            if self._closed:
+                return
+            try:
+                await self.sync(namespace, name)
+                return
+            except kopf.PermanentError:
+                return
+            except Exception as error:
+                logger.warning("sync of %s/%s failed again: %s", namespace, name, error)
 
     async def _sync(self, namespace: str, name: str) -> None:
         body = await self.kube.get(FINETUNEJOBS, namespace, name)
