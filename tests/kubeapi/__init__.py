@@ -1,0 +1,1 @@
+"""A local Kubernetes API for tests: an emulator on kmock, its server, and fixtures."""
