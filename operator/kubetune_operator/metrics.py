@@ -82,6 +82,8 @@ class Metrics:
             self.progress_polls.labels(result)
         for result in ("ok", "failed", "error"):
             self.reconcile_total.labels(result)
+        for outcome in ("succeeded", "failed"):  # likewise: increase() must count the first finished run
+            self.run_duration.labels(outcome)
 
     def observe_phase(
         self, namespace: str, name: str, previous: dict[str, Any], status: dict[str, Any], created: str | None

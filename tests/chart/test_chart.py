@@ -230,6 +230,8 @@ _ENDPOINT = {
         "interval": _DURATION,
         "scrapeTimeout": _DURATION,
         "relabelings": {"type": "array", "items": _RELABELING},
+        "metricRelabelings": {"type": "array", "items": _RELABELING},
+        "honorLabels": {"type": "boolean"},
     },
 }
 _METADATA = {
@@ -543,6 +545,8 @@ def test_service_monitor_scrapes_the_operator_service(rendered: dict[str, list[d
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["endpoints"][0]["interval"] == "1m"
+    # kubetune_run_* series keep the FineTuneJob's namespace rather than the operator's.
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"metrics": "metrics"}
     assert (
         service["spec"]["selector"].items()
@@ -557,6 +561,9 @@ def test_pod_monitor_selects_trainer_pods(rendered: dict[str, list[dict[str, Any
     endpoint = everywhere["podMetricsEndpoints"][0]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert endpoint["relabelings"][0]["sourceLabels"] == ["__meta_kubernetes_pod_label_kubetune_dev_finetunejob"]
+    # Target labels win over the trainer's own (docs/monitoring.md, "Labels"); its copies are dropped.
+    assert not endpoint.get("honorLabels")
+    assert endpoint["metricRelabelings"] == [{"regex": "exported_(namespace|finetunejob)", "action": "labeldrop"}]
     namespaced = only(rendered["monitors-namespaced"], "PodMonitor")["spec"]
     assert namespaced["namespaceSelector"] == {"matchNames": ["team-a"]}
 
