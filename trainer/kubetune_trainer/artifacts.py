@@ -1,0 +1,147 @@
+"""What a finished run leaves under its destination, and the marker that says it finished.
+
+adapter/        adapter_config.json + adapter_model.safetensors + tokenizer files (lora, qlora)
+model/          full weights + tokenizer files (full fine-tuning)
+merged/         adapter merged into a 16-bit (fp32 on CPU) copy of the base, when output.mergeAdapter
+metrics.json    loss history, final losses, perplexity, tokens, times, throughput, peak memory
+samples.jsonl   generations for evaluation.prompts with the trained model
+README.md       model card
+COMPLETE        written last; holds the result and artifact URIs. Its presence means "done".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.contract import COMPLETE_MARKER, Artifacts, Result
+from kubetune_trainer.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def finished_run(storage: Storage, destination: str) -> tuple[Result, Artifacts] | None:
+    """The result recorded by a run that already completed at this destination, or None."""
+    marker = join(destination, COMPLETE_MARKER)
+    if not storage.exists(marker):
+        return None
+    doc = json.loads(storage.read_bytes(marker) or b"{}")
+    return Result.model_validate(doc.get("result") or {}), Artifacts.model_validate(doc.get("artifacts") or {})
+
+
+def save_weights(model: Any, tokenizer: Any, directory: Path, *, full: bool) -> None:
+    """Adapter only (no embedding/head copies, so vLLM loads it) or the full model; tokenizer alongside."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if full:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    tokenizer.save_pretrained(directory)
+
+
+def prompt_text(cfg: TrainerConfig, tokenizer: Any, prompt: str) -> str:
+    from kubetune_trainer.data import instruction_prompt
+
+    if cfg.dataset.format == "instruction":
+        return instruction_prompt(cfg.dataset, prompt)
+    if cfg.dataset.format == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def generate_samples(model: Any, tokenizer: Any, cfg: TrainerConfig) -> list[dict[str, str]]:
+    """Greedy generations for evaluation.prompts (the seed guide's step 6, with the trained weights)."""
+    import torch
+
+    samples = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for prompt in cfg.evaluation.prompts:
+        text = prompt_text(cfg, tokenizer, prompt)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=cfg.dataset.format != "chat").to(device)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=cfg.evaluation.max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion})
+    if was_training:
+        model.train()
+    return samples
+
+
+def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path, cfg: TrainerConfig, dtype: Any) -> None:
+    """Reload the base unquantized (merging into 4-bit weights would round the update away) and merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+
+
+def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
+    method = cfg.method
+    quant = method.effective_quantization()
+    lora = method.effective_lora()
+    t = cfg.training
+    lines = [
+        "---",
+        "library_name: peft" if lora else "library_name: transformers",
+        f"base_model: {cfg.model.source}",
+        "tags: [kubetune, " + method.type + "]",
+        "---",
+        "",
+        f"# Fine-tuned {cfg.model.source}",
+        "",
+        "Trained by the kubetune trainer.",
+        "",
+        "## Method",
+        "",
+        f"- method: {method.type}",
+    ]
+    if quant:
+        q = f"{quant.bits}-bit" + (f" {quant.type}, double quant {quant.double_quant}" if quant.bits == 4 else "")
+        lines.append(f"- quantization: {q}")
+    if lora:
+        lines.append(f"- LoRA: r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {lora.target_modules}")
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- train: {cfg.dataset.train}",
+        f"- eval: {cfg.dataset.eval or f'{cfg.dataset.eval_split:.0%} held out of train'}",
+        f"- format: {cfg.dataset.format}, maxLength {cfg.dataset.max_length}, packing {cfg.dataset.packing}",
+        f"- examples: {metrics.get('train_examples')} train, {metrics.get('eval_examples')} eval; "
+        f"{metrics.get('truncated_examples')} truncated",
+        "",
+        "## Hyperparameters",
+        "",
+        f"- steps: {metrics.get('steps')} (epochs {t.epochs}, maxSteps {t.max_steps})",
+        f"- learning rate {t.learning_rate} ({t.lr_scheduler}, warmup {t.warmup_ratio})",
+        f"- batch size {t.batch_size} x accumulation {t.gradient_accumulation_steps} x "
+        f"{metrics.get('world_size', 1)} processes",
+        f"- precision {metrics.get('precision')}, max grad norm {t.max_grad_norm}, seed {t.seed}",
+        "",
+        "## Results",
+        "",
+        f"- final train loss: {metrics.get('train_loss')}",
+        f"- eval loss: {metrics.get('eval_loss')}",
+        f"- perplexity: {metrics.get('perplexity')}",
+        f"- trained tokens: {metrics.get('trained_tokens')}",
+        f"- train time: {metrics.get('train_seconds')} s",
+        "",
+    ]
+    return "\n".join(lines)

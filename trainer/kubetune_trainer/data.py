@@ -1,0 +1,350 @@
+"""Training data: load rows (.jsonl/.json/.csv/.parquet, a file or a prefix of them), render them in the
+configured format, tokenize with the loss on the response only, truncate, pack, and collate.
+
+Every row remembers its file and line, so a bad row fails the run with a message that points at it.
+Packing is padding-free: examples are placed whole into bins of at most maxLength tokens (first-fit
+decreasing) and concatenated with position_ids restarting at 0 for each example and no attention_mask.
+transformers then builds a block-diagonal causal mask from the position_ids (sdpa/eager) or uses
+variable-length flash attention, so an example never attends to its neighbours in the bin - the same
+mechanism as TRL's padding-free "bfd" packing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import DatasetSpec
+from kubetune_trainer.errors import InvalidInput
+from kubetune_trainer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value the loss skips
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Row:
+    record: dict[str, Any]
+    file: str
+    line: int  # 1-based: line of a .jsonl/.csv file, item of a .json array, row of a .parquet file
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    truncated: int = 0  # examples cut to maxLength
+    dropped: int = 0  # examples with no trainable token left after truncation
+    tokens: int = field(default=0)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load_rows(storage: Storage, uri: str, workdir: Path) -> list[Row]:
+    """Every row of the data at `uri` (an object/file or a prefix/directory of supported files)."""
+    files = [u for u in storage.list(uri) if u.endswith(SUFFIXES)]
+    if not files:
+        # `list` of a single object under S3 returns it too; nothing means nothing readable is there.
+        if uri.startswith("s3://"):
+            raise InvalidInput("ObjectNotFound", f"no {'/'.join(SUFFIXES)} data at {uri}", field="dataset")
+        if Path(uri.removeprefix("file://")).exists():
+            raise InvalidInput("InvalidDataset", f"{uri} holds no {'/'.join(SUFFIXES)} file", field="dataset")
+        raise InvalidInput("ObjectNotFound", f"{uri} does not exist", field="dataset")
+    rows: list[Row] = []
+    for name in files:
+        rows.extend(_parse(name, storage.read_bytes(name)))
+    return rows
+
+
+def _parse(name: str, data: bytes) -> list[Row]:
+    try:
+        if name.endswith(".jsonl"):
+            return _jsonl(name, data.decode("utf-8"))
+        if name.endswith(".json"):
+            text = data.decode("utf-8")
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError:
+                return _jsonl(name, text)  # JSON Lines saved as .json
+            if isinstance(doc, dict):
+                doc = [doc]
+            if not isinstance(doc, list):
+                raise InvalidInput("InvalidDataset", f"{name}: expected a JSON array of objects", file=name)
+            return [_object(name, i + 1, item) for i, item in enumerate(doc)]
+        if name.endswith(".csv"):
+            reader = csv.DictReader(io.StringIO(data.decode("utf-8")))
+            return [Row(dict(rec), name, reader.line_num) for rec in reader]
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        return [Row(rec, name, i + 1) for i, rec in enumerate(table.to_pylist())]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("InvalidDataset", f"{name} is not UTF-8 text: {exc}", file=name) from exc
+    except InvalidInput:
+        raise
+    except Exception as exc:  # pyarrow/csv errors: the file itself is unreadable
+        raise InvalidInput("InvalidDataset", f"cannot read {name}: {exc}", file=name) from exc
+
+
+def _jsonl(name: str, text: str) -> list[Row]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(
+                "InvalidDataset", f"{name}:{number}: not valid JSON ({exc.msg})", file=name, line=number
+            ) from exc
+        rows.append(_object(name, number, value))
+    return rows
+
+
+def _object(name: str, number: int, value: Any) -> Row:
+    if not isinstance(value, dict):
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{name}:{number}: expected a JSON object, got {type(value).__name__}",
+            file=name,
+            line=number,
+        )
+    return Row(value, name, number)
+
+
+def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Hold out a seeded `fraction` of rows (at least one, never all) for evaluation."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# -- formatting and tokenizing ---------------------------------------------------------------------
+
+
+def _field(row: Row, name: str, kind: type, what: str) -> Any:
+    if name not in row.record or row.record[name] is None:
+        present = ", ".join(sorted(row.record)) or "none"
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{row.file}:{row.line}: missing field {name!r} ({what}; fields present: {present}); "
+            "set dataset.fields to map your column names",
+            field=f"dataset.fields.{what}",
+            file=row.file,
+            line=row.line,
+        )
+    value = row.record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{row.file}:{row.line}: field {name!r} must be a {kind.__name__}, got {type(value).__name__}",
+            field=f"dataset.fields.{what}",
+            file=row.file,
+            line=row.line,
+        )
+    return value
+
+
+def instruction_prompt(spec: DatasetSpec, prompt: str) -> str:
+    """The template up to {response}: what the model sees before it answers (also used for samples)."""
+    return spec.template[: spec.template.index("{response}")].replace("{prompt}", prompt)
+
+
+def encode_row(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
+    """Tokens and labels of one row: prompt tokens labelled IGNORE_INDEX, response tokens and EOS trained."""
+    eos = tokenizer.eos_token_id
+    if spec.format == "instruction":
+        prompt = _field(row, spec.fields.prompt, str, "prompt")
+        response = _field(row, spec.fields.response, str, "response")
+        tail = spec.template[spec.template.index("{response}") :].replace("{prompt}", prompt)
+        prompt_ids = tokenizer(instruction_prompt(spec, prompt), add_special_tokens=True)["input_ids"]
+        if prompt_ids and prompt_ids[-1] == eos:  # tokenizers that append EOS themselves
+            prompt_ids = prompt_ids[:-1]
+        response_ids = tokenizer(tail.replace("{response}", response), add_special_tokens=False)["input_ids"]
+        response_ids = [*response_ids, eos]
+        return Example([*prompt_ids, *response_ids], [IGNORE_INDEX] * len(prompt_ids) + response_ids)
+    if spec.format == "text":
+        text = _field(row, spec.fields.text, str, "text")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids or ids[-1] != eos:
+            ids = [*ids, eos]
+        return Example(ids, list(ids))
+    return _encode_chat(row, spec, tokenizer)
+
+
+def _check_messages(row: Row, spec: DatasetSpec) -> list[dict[str, str]]:
+    messages = _field(row, spec.fields.messages, list, "messages")
+    where = f"{row.file}:{row.line}"
+    for i, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise InvalidInput(
+                "InvalidDataset",
+                f"{where}: message {i} must be an object with string role and content",
+                field="dataset.fields.messages",
+                file=row.file,
+                line=row.line,
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{where}: no assistant message to learn from",
+            field="dataset.fields.messages",
+            file=row.file,
+            line=row.line,
+        )
+    return messages
+
+
+def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
+    """Chat rows through the tokenizer's chat template; only assistant turns carry labels.
+
+    Templates with `{% generation %}` markers give the assistant mask directly; for others the mask
+    comes from rendering growing prefixes of the conversation (the tokens each assistant turn adds).
+    """
+    messages = _check_messages(row, spec)
+    template = tokenizer.chat_template or ""
+    try:
+        if "generation" in template:
+            out = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = list(out["input_ids"])
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
+        else:
+            ids, labels = [], []
+            for i, message in enumerate(messages):
+                rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)
+                new = list(rendered["input_ids"])[len(ids) :]
+                ids.extend(new)
+                labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
+    except InvalidInput:
+        raise
+    except Exception as exc:  # the template raised (unknown role, ...)
+        raise InvalidInput(
+            "InvalidDataset", f"{row.file}:{row.line}: chat template failed: {exc}", file=row.file, line=row.line
+        ) from exc
+    if messages[-1]["role"] == "assistant" and ids and ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Example(ids, labels)
+
+
+def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = "train") -> TokenizedData:
+    """Encode every row; cut to maxLength; drop (and count) examples left with nothing to learn."""
+    if not rows:
+        raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
+    out = TokenizedData([])
+    for row in rows:
+        example = encode_row(row, spec, tokenizer)
+        if len(example.input_ids) > spec.max_length:
+            out.truncated += 1
+            example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length])
+        if all(label == IGNORE_INDEX for label in example.labels):
+            out.dropped += 1
+            continue
+        out.examples.append(example)
+        out.tokens += len(example.input_ids)
+    if out.truncated:
+        log.warning(
+            "%s data: %d of %d examples truncated to maxLength %d (%d left with no response tokens, dropped)",
+            name,
+            out.truncated,
+            len(rows),
+            spec.max_length,
+            out.dropped,
+        )
+    if not out.examples:
+        raise InvalidInput(
+            "InvalidDataset",
+            f"every {name} example was truncated to nothing: dataset.maxLength {spec.max_length} leaves no "
+            "response token after the prompt; raise maxLength or shorten the prompts/template",
+            field="dataset.maxLength",
+        )
+    return out
+
+
+# -- packing and collation -------------------------------------------------------------------------
+
+
+def pack(examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
+    """First-fit-decreasing bins of whole examples, each with position_ids restarting per example."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        size = len(examples[i].input_ids)
+        for b, room in enumerate(free):
+            if size <= room:
+                bins[b].append(i)
+                free[b] -= size
+                break
+        else:
+            bins.append([i])
+            free.append(max_length - size)
+    packed = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            ids += examples[i].input_ids
+            labels += examples[i].labels
+            positions += list(range(len(examples[i].input_ids)))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+def as_features(examples: list[Example], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
+    if packing:
+        return pack(examples, max_length)
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+class Collator:
+    """Pads a batch. Packed features (with position_ids) get no attention_mask: padding becomes one more
+    'example' of pad tokens with its own positions, labelled IGNORE_INDEX, so nothing attends across."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        packed = "position_ids" in features[0]
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        if packed:
+            batch["position_ids"] = []
+        else:
+            batch["attention_mask"] = []
+        for f in features:
+            n = width - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * n)
+            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
+            if packed:
+                batch["position_ids"].append(f["position_ids"] + list(range(n)))
+            else:
+                batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * n)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

@@ -1,0 +1,173 @@
+"""The model side of a run: precision, quantization and LoRA factories, and loading the base model.
+
+Factories turn config into library objects and do nothing else; `load_model` applies them in the order
+the libraries need (quantized load -> k-bit preparation -> adapters).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune_trainer.config import MethodSpec, TrainerConfig, TrainingSpec
+from kubetune_trainer.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def precision(spec: TrainingSpec) -> str:
+    """auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if spec.precision != "auto":
+        return spec.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot quantize here, or None when it can."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a native library that fails to load
+        return f"bitsandbytes is not usable here ({type(exc).__name__}: {exc})"
+    return None
+
+
+def quantization_config(method: MethodSpec, compute: str) -> Any:
+    """BitsAndBytesConfig for qlora (4-bit nf4/fp4 with optional double quant, or 8-bit); None otherwise."""
+    quant = method.effective_quantization()
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute],
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers (plain or bitsandbytes) that adapters can target, without the head."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+            names.add(name.rsplit(".", 1)[-1])
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is output:
+            names.discard(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(method: MethodSpec, model: torch.nn.Module | None = None) -> Any:
+    """LoraConfig for qlora/lora. With `model`, named target modules are checked against its linear layers."""
+    from peft import LoraConfig, TaskType
+
+    spec = method.effective_lora()
+    if spec is None:
+        return None
+    targets: Any = "all-linear" if "all-linear" in spec.target_modules else list(spec.target_modules)
+    if model is not None and targets != "all-linear":
+        available = linear_module_names(model)
+        unknown = [name for name in targets if name not in available]
+        if unknown:
+            raise InvalidInput(
+                "UnknownTargetModule",
+                f"method.lora.targetModules {unknown} not in the model; its linear modules are: "
+                f"{', '.join(available)} (or use all-linear)",
+                field="method.lora.targetModules",
+            )
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise InvalidInput("InvalidModel", f"the tokenizer in {model_dir} has no EOS token", field="model.source")
+    if tokenizer.pad_token_id is None:
+        # Labels never come from padding here, so pad == eos would be harmless for the loss; a distinct
+        # pad still keeps token counts honest, and unk is the one every tokenizer has.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def check_model_dir(model_dir: Path, source: str) -> None:
+    if not (model_dir / "config.json").is_file():
+        present = sorted(p.name for p in model_dir.iterdir())[:20] if model_dir.is_dir() else []
+        raise InvalidInput(
+            "InvalidModel",
+            f"{source} has no config.json (found: {', '.join(present) or 'nothing'}); "
+            "model.source must point at a Hugging Face model directory",
+            field="model.source",
+        )
+
+
+def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_index: int | None = None) -> Any:
+    """The model ready to train: quantized and prepared for k-bit training, with LoRA adapters, or full."""
+    from transformers import AutoModelForCausalLM
+
+    method = cfg.method
+    quant = quantization_config(method, compute)
+    if quant is not None:
+        problem = bitsandbytes_problem()
+        if problem:
+            raise InvalidInput(
+                "QuantizationUnavailable",
+                f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
+                field="method.type",
+            )
+    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); adapters train on a
+    # frozen base held in the compute dtype.
+    dtype = torch.float32 if method.type == "full" else DTYPES[compute]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": device_index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (ImportError, NotImplementedError) as exc:
+        raise InvalidInput(
+            "QuantizationUnavailable", f"cannot load {cfg.model.source} as configured: {exc}", field="method"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidInput("InvalidModel", f"cannot load {cfg.model.source}: {exc}", field="model.source") from exc
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    gc = cfg.training.gradient_checkpointing
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if method.type == "full":
+        return model
+    from peft import get_peft_model
+
+    lora = lora_config(method, model)
+    if gc and quant is None:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,179 @@
+"""What a running trainer tells the outside: Prometheus `/metrics` and contract.Progress at `/progress`.
+
+One `Telemetry` per run owns a private registry (no process-global collectors, so in-process test runs
+don't collide) and the current Progress; the training callbacks update it, a daemon HTTP thread reads it.
+Labels identify the run only (namespace, finetunejob): never a step or other unbounded value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kubetune_trainer.contract import (
+    METRICS_PATH,
+    METRICS_PORT,
+    METRICS_PORT_ENV,
+    PROGRESS_PATH,
+    RUN_NAME_ENV,
+    RUN_NAMESPACE_ENV,
+    STAGES,
+    Progress,
+)
+
+log = logging.getLogger(__name__)
+PREFIX = "kubetune_trainer_"
+_SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Telemetry:
+    """Metrics and progress of one run."""
+
+    def __init__(self, namespace: str | None = None, name: str | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {
+            "namespace": namespace if namespace is not None else os.environ.get(RUN_NAMESPACE_ENV, ""),
+            "finetunejob": name if name is not None else os.environ.get(RUN_NAME_ENV, ""),
+        }
+        names = list(self.labels)
+        r = self.registry
+
+        def gauge(metric: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + metric, doc, [*names, *extra], registry=r)
+
+        self.step = gauge("step", "Optimizer steps done.")
+        self.total_steps = gauge("total_steps", "Optimizer steps planned.")
+        self.epoch = gauge("epoch", "Epochs done (fractional).")
+        self.train_loss = gauge("train_loss", "Training loss over the last logging interval.")
+        self.eval_loss = gauge("eval_loss", "Latest evaluation loss.")
+        self.learning_rate = gauge("learning_rate", "Current learning rate.")
+        self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logging interval.")
+        self.tokens_per_second = gauge("tokens_per_second", "Training throughput, non-padding tokens per second.")
+        self.eta_seconds = gauge("eta_seconds", "Estimated seconds until training ends.")
+        self.checkpoint_bytes = gauge("checkpoint_bytes", "Size of the latest checkpoint.")
+        self.stage = gauge("stage", "1 for the current stage of the run, 0 for the others.", ("stage",))
+        self.tokens_total = Counter(PREFIX + "tokens", "Non-padding tokens trained on.", names, registry=r)
+        self.examples_total = Counter(PREFIX + "examples", "Training sequences consumed.", names, registry=r)
+        self.checkpoint_save_seconds = Histogram(
+            PREFIX + "checkpoint_save_seconds",
+            "Time to write a checkpoint locally.",
+            names,
+            buckets=_SAVE_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_upload_seconds = Histogram(
+            PREFIX + "checkpoint_upload_seconds",
+            "Time to upload a checkpoint.",
+            names,
+            buckets=_SAVE_BUCKETS,
+            registry=r,
+        )
+        self._gpu: dict[str, Gauge] = {}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for kind in ("allocated", "reserved", "peak"):
+                    self._gpu[kind] = gauge(f"gpu_memory_{kind}_bytes", f"GPU memory {kind}.", ("device",))
+        except ImportError:
+            pass
+        self._lock = threading.Lock()
+        self._progress = Progress()
+        self.set_stage("starting")
+
+    def child(self, metric: Any) -> Any:
+        return metric.labels(**self.labels)
+
+    def set_stage(self, stage: str) -> None:
+        for name in STAGES:
+            self.stage.labels(**self.labels, stage=name).set(1 if name == stage else 0)
+        self.update(stage=stage)
+        log.info("stage %s", stage)
+
+    def update(self, **fields: Any) -> None:
+        """Change Progress fields (snake_case) and the matching gauges."""
+        with self._lock:
+            data = self._progress.model_dump()
+            data.update(fields)
+            total, step = data.get("total_steps"), data.get("step")
+            if total:
+                data["percent"] = round(100.0 * min(step or 0, total) / total, 2)
+            data["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            self._progress = Progress(**data)
+        gauges = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "learning_rate": self.learning_rate,
+            "tokens_per_second": self.tokens_per_second,
+            "eta_seconds": self.eta_seconds,
+        }
+        for key, value in fields.items():
+            if key in gauges and value is not None:
+                self.child(gauges[key]).set(value)
+
+    def progress(self) -> Progress:
+        with self._lock:
+            return self._progress.model_copy()
+
+    def record_gpu_memory(self) -> None:
+        if not self._gpu:
+            return
+        import torch
+
+        for index in range(torch.cuda.device_count()):
+            device = str(index)
+            self._gpu["allocated"].labels(**self.labels, device=device).set(torch.cuda.memory_allocated(index))
+            self._gpu["reserved"].labels(**self.labels, device=device).set(torch.cuda.memory_reserved(index))
+            self._gpu["peak"].labels(**self.labels, device=device).set(torch.cuda.max_memory_allocated(index))
+
+    def exposition(self) -> bytes:
+        self.record_gpu_memory()
+        return generate_latest(self.registry)
+
+
+def _handler(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == METRICS_PATH:
+                self._send(200, CONTENT_TYPE_LATEST, telemetry.exposition())
+            elif path == PROGRESS_PATH:
+                self._send(200, "application/json", json.dumps(telemetry.progress().wire()).encode())
+            elif path in ("/healthz", "/"):
+                self._send(200, "text/plain", b"ok\n")
+            else:
+                self._send(404, "text/plain", b"not found\n")
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
+            pass
+
+    return Handler
+
+
+def serve(telemetry: Telemetry, port: int | None = None, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve /metrics and /progress from a daemon thread; port from KUBETUNE_METRICS_PORT (0: any free)."""
+    if port is None:
+        port = int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT))
+    server = ThreadingHTTPServer((host, port), _handler(telemetry))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="kubetune-metrics", daemon=True).start()
+    log.info("serving %s and %s on port %d", METRICS_PATH, PROGRESS_PATH, server.server_address[1])
+    return server

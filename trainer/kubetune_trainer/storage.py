@@ -1,0 +1,324 @@
+"""Where the trainer reads and writes: s3:// objects and prefixes, local paths (file://), and hf:// models.
+
+One `Storage` per run. Every operation takes a URI; S3 errors that retrying cannot fix (missing bucket or
+object, wrong credentials) become `InvalidInput` naming the URI, everything else `TrainerFailure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.config import StorageSpec
+from kubetune_trainer.errors import InvalidInput, TrainerFailure
+
+log = logging.getLogger(__name__)
+
+# Codes S3 (and S3-compatible stores) answer when the request itself is wrong: never worth a retry.
+_NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken"}
+DOWNLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: scheme s3 (bucket, key), file (path) or hf (repo, revision)."""
+
+    scheme: str
+    bucket: str = ""
+    key: str = ""
+    path: str = ""
+    revision: str | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.key}"
+        if self.scheme == "hf":
+            return f"hf://{self.path}" + (f"@{self.revision}" if self.revision else "")
+        return self.path
+
+
+def parse_uri(uri: str) -> Location:
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return Location("s3", bucket=bucket, key=key)
+    if uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://") :].partition("@")
+        return Location("hf", path=repo.rstrip("/"), revision=revision or None)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return Location("file", path=uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """`join("s3://b/run", "adapter", "x")` -> `s3://b/run/adapter/x` (one slash between parts)."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+class Storage:
+    """S3 (endpoint and region from the config, credentials from the standard AWS environment) and files."""
+
+    def __init__(self, spec: StorageSpec | None = None, *, max_attempts: int = 4, connect_timeout: float = 5.0):
+        self.spec = spec or StorageSpec()
+        self._max_attempts = max_attempts
+        self._connect_timeout = connect_timeout
+        self._client: Any = None
+
+    # -- S3 plumbing -------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                region_name=self.spec.region,
+                # standard mode retries throttling, 5xx and connection errors with jittered backoff and
+                # never retries 4xx such as AccessDenied; a small max_attempts keeps a dead endpoint quick.
+                retries={"mode": "standard", "max_attempts": self._max_attempts},
+                connect_timeout=self._connect_timeout,
+                read_timeout=60,
+                s3={"addressing_style": "path"} if self.spec.endpoint else {},
+                max_pool_connections=DOWNLOAD_THREADS * 2,
+            )
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.spec.endpoint, region_name=self.spec.region, config=config
+            )
+        return self._client
+
+    @property
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
+
+    def _failure(self, exc: Exception, uri: str, action: str) -> TrainerFailure:
+        """Map a boto/botocore error to the failure a user can act on."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        endpoint = self.spec.endpoint or "AWS S3"
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                return InvalidInput("BucketNotFound", f"cannot {action} {uri}: bucket does not exist at {endpoint}")
+            if code in _NOT_FOUND:
+                return InvalidInput("ObjectNotFound", f"cannot {action} {uri}: no such object at {endpoint}")
+            if code in _DENIED:
+                return InvalidInput(
+                    "AccessDenied",
+                    f"cannot {action} {uri}: {code} from {endpoint}; check the S3 credentials "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from storage.credentialsSecretRef) and their policy",
+                )
+            return TrainerFailure("StorageError", f"cannot {action} {uri}: {code or exc} from {endpoint}")
+        if isinstance(exc, NoCredentialsError):
+            return InvalidInput("AccessDenied", f"cannot {action} {uri}: no S3 credentials found")
+        if isinstance(exc, EndpointConnectionError):
+            return TrainerFailure("StorageUnreachable", f"cannot {action} {uri}: {exc} (endpoint {endpoint})")
+        return TrainerFailure("StorageError", f"cannot {action} {uri} at {endpoint}: {exc}")
+
+    def _s3_keys(self, loc: Location) -> list[tuple[str, int]]:
+        """(key, size) of every object under the prefix `loc.key` (listing pages of 1000)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        out: list[tuple[str, int]] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+                out.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, loc.uri, "list") from exc
+        return out
+
+    # -- the operations ----------------------------------------------------------------------------
+
+    def list(self, uri: str) -> list[str]:
+        """URIs of every object/file under a prefix/directory (recursively), sorted."""
+        loc = parse_uri(uri)
+        if loc.scheme == "s3":
+            return sorted(f"s3://{loc.bucket}/{key}" for key, _ in self._s3_keys(loc))
+        root = Path(loc.path)
+        if root.is_file():
+            return [str(root)]
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+    def exists(self, uri: str) -> bool:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            return Path(loc.path).exists()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+            return True
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND - {"NoSuchBucket"}:
+                return False
+            raise self._failure(exc, uri, "read") from exc
+        except BotoCoreError as exc:
+            raise self._failure(exc, uri, "read") from exc
+
+    def check_bucket(self, uri: str) -> None:
+        """Fail early (InvalidInput) when the destination bucket is missing or not ours."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=loc.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in {"404", "NotFound", "NoSuchBucket"}:
+                raise InvalidInput(
+                    "BucketNotFound", f"bucket of {uri} does not exist at {self.spec.endpoint or 'AWS S3'}"
+                ) from exc
+            raise self._failure(exc, uri, "access") from exc
+        except BotoCoreError as exc:
+            raise self._failure(exc, uri, "access") from exc
+
+    def read_bytes(self, uri: str) -> bytes:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            try:
+                return Path(loc.path).read_bytes()
+            except OSError as exc:
+                raise InvalidInput("ObjectNotFound", f"cannot read {uri}: {exc.strerror}") from exc
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "read") from exc
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "write") from exc
+
+    def upload_file(self, local: Path, uri: str) -> None:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            target = Path(loc.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, target)
+            return
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer_config)
+        except S3UploadFailedError as exc:
+            raise TrainerFailure("StorageError", f"cannot write {uri}: {exc}") from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "write") from exc
+
+    def upload_dir(self, local_dir: Path, uri: str, *, exclude: Iterable[str] = ()) -> int:
+        """Upload every file under `local_dir` to the prefix `uri`, in parallel; returns bytes uploaded."""
+        skip = set(exclude)
+        files = [p for p in sorted(Path(local_dir).rglob("*")) if p.is_file() and p.name not in skip]
+
+        def one(path: Path) -> int:
+            self.upload_file(path, join(uri, path.relative_to(local_dir).as_posix()))
+            return path.stat().st_size
+
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+            return sum(pool.map(one, files))
+
+    def download(self, uri: str, local_dir: Path) -> Path:
+        """Fetch an object (to `local_dir/<name>`) or every object under a prefix (keeping the relative
+        layout) in parallel. Returns the local file or directory. Local URIs are returned as they are."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            if not path.exists():
+                raise InvalidInput("ObjectNotFound", f"{uri} does not exist")
+            return path
+        if loc.scheme == "hf":
+            return self._download_hf(loc, local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        if loc.key and not loc.key.endswith("/"):
+            objects = self._s3_keys(loc)
+            if any(key == loc.key for key, _ in objects):
+                target = local_dir / Path(loc.key).name
+                self._get(loc.bucket, loc.key, target)
+                return target
+            loc = Location("s3", bucket=loc.bucket, key=loc.key + "/")
+        objects = [(k, s) for k, s in self._s3_keys(loc) if not k.endswith("/")]
+        if not objects:
+            raise InvalidInput("ObjectNotFound", f"no object at {uri} (nor under {loc.uri})")
+
+        def one(item: tuple[str, int]) -> None:
+            self._get(loc.bucket, item[0], local_dir / item[0][len(loc.key) :])
+
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+            list(pool.map(one, objects))
+        return local_dir
+
+    def _get(self, bucket: str, key: str, target: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(bucket, key, str(target), Config=self._transfer_config)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, f"s3://{bucket}/{key}", "read") from exc
+
+    def _download_hf(self, loc: Location, local_dir: Path) -> Path:
+        """hf://org/name[@revision] via the Hub client; HF_TOKEN from the environment for gated models."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            return Path(
+                snapshot_download(
+                    loc.path, revision=loc.revision, token=os.environ.get("HF_TOKEN") or None, local_dir=local_dir
+                )
+            )
+        except GatedRepoError as exc:
+            raise InvalidInput("AccessDenied", f"{loc.uri} is gated: set model.tokenSecretRef ({exc})") from exc
+        except RevisionNotFoundError as exc:
+            raise InvalidInput("ModelNotFound", f"{loc.uri}: no such revision") from exc
+        except RepositoryNotFoundError as exc:
+            raise InvalidInput("ModelNotFound", f"{loc.uri}: no such repository (or no access)") from exc
+        except Exception as exc:
+            raise TrainerFailure("StorageError", f"cannot download {loc.uri}: {exc}") from exc
+
+    def delete_prefix(self, uri: str) -> None:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            shutil.rmtree(loc.path, ignore_errors=True)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = Location("s3", bucket=loc.bucket, key=loc.key.rstrip("/") + "/")
+        keys = [key for key, _ in self._s3_keys(prefix)]
+        try:
+            for start in range(0, len(keys), 1000):
+                chunk = [{"Key": k} for k in keys[start : start + 1000]]
+                self.client.delete_objects(Bucket=loc.bucket, Delete={"Objects": chunk, "Quiet": True})
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "delete") from exc
