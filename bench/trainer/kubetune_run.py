@@ -37,24 +37,43 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def config(model: str, train_file: str, destination: str, variant: str) -> dict[str, Any]:
-    """The config.json a FineTuneJob would hand the trainer for this variant."""
+def config(
+    model: str,
+    train_file: str,
+    destination: str,
+    variant: str,
+    *,
+    max_length: int = MAX_LENGTH,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """The config.json a FineTuneJob would hand the trainer for this variant (one epoch unless max_steps)."""
     chosen = VARIANTS[variant]
+    length: dict[str, Any] = {"maxSteps": max_steps} if max_steps else {"epochs": 1.0}
     return {
         "model": {"source": str(Path(model).resolve())},
-        "dataset": {"train": str(Path(train_file).resolve()), "evalSplit": 0.0, "maxLength": MAX_LENGTH},
+        "dataset": {"train": str(Path(train_file).resolve()), "evalSplit": 0.0, "maxLength": max_length},
         "method": chosen["method"],
-        "training": {"epochs": 1.0, "checkpointEverySteps": 100000, "logEverySteps": 10, **chosen["training"]},
+        "training": {**length, "checkpointEverySteps": 100000, "logEverySteps": 10, **chosen["training"]},
         "output": {"destination": str(Path(destination).resolve())},
     }
 
 
-def train(model: str, train_file: str, output_dir: str, *, variant: str) -> dict[str, Any]:
+def train(
+    model: str,
+    train_file: str,
+    output_dir: str,
+    *,
+    variant: str,
+    max_length: int = MAX_LENGTH,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.train import run
 
     out = Path(output_dir)
-    cfg = TrainerConfig.model_validate(config(model, train_file, str(out / "destination"), variant))
+    cfg = TrainerConfig.model_validate(
+        config(model, train_file, str(out / "destination"), variant, max_length=max_length, max_steps=max_steps)
+    )
     quant = cfg.method.effective_quantization()
     outcome = run(cfg, out / "work")
     metrics = outcome.metrics
@@ -67,6 +86,7 @@ def train(model: str, train_file: str, output_dir: str, *, variant: str) -> dict
         "train_seconds": metrics["train_seconds"],
         "optimizer_steps": metrics["steps"],
         "train_loss": metrics["train_loss"],
+        "peak_gpu_memory_bytes": max(metrics["peak_gpu_memory_bytes"].values(), default=None),
         "config": cfg.trainer_json(),
     }
 

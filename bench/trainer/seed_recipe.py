@@ -31,7 +31,9 @@ except ModuleNotFoundError:  # run as a script
     from bench.trainer.workload import MAX_LENGTH, write_result
 
 
-def train(model_name: str, train_file: str, output_dir: str, *, epochs: float = 1) -> dict[str, Any]:
+def train(
+    model_name: str, train_file: str, output_dir: str, *, epochs: float = 1, use_cpu: bool = True
+) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, TaskType, get_peft_model
@@ -90,7 +92,7 @@ def train(model_name: str, train_file: str, output_dir: str, *, epochs: float = 
         report_to="none",  # DEVIATION: was "wandb"
         save_total_limit=2,
         eval_strategy="no",  # DEVIATION: was evaluation_strategy
-        use_cpu=True,  # DEVIATION: the bench machine has no GPU
+        use_cpu=use_cpu,  # DEVIATION: the CPU bench machine has no GPU
         disable_tqdm=True,
     )
     trainer = Trainer(

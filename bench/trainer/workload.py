@@ -9,6 +9,7 @@ log-normal distribution. `prepare()` writes them once under the work directory a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -87,13 +88,13 @@ class _Language:
 
     def __init__(self, rng: random.Random, size: int):
         self.words = _lexicon(rng, size)
-        self.weights = [1.0 / (rank + 1) for rank in range(size)]
+        self.cum_weights = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(size)))  # Zipf
         self.successors = [rng.sample(range(size), 6) for _ in range(size)]
         self.rng = rng
 
     def text(self, n_words: int, start: int | None = None) -> str:
         rng = self.rng
-        current = start if start is not None else rng.choices(range(len(self.words)), self.weights)[0]
+        current = start if start is not None else rng.choices(range(len(self.words)), cum_weights=self.cum_weights)[0]
         out = []
         for i in range(n_words):
             out.append(self.words[current])
@@ -102,7 +103,7 @@ class _Language:
             if rng.random() < 0.8:
                 current = rng.choice(self.successors[current])
             else:
-                current = rng.choices(range(len(self.words)), self.weights)[0]
+                current = rng.choices(range(len(self.words)), cum_weights=self.cum_weights)[0]
         return " ".join(out)
 
 
@@ -232,6 +233,9 @@ def peak_rss_bytes() -> int:
 def write_result(path: str | None, result: dict[str, Any]) -> None:
     """A contender's last act: its numbers as JSON (to `path`, or stdout)."""
     result = {**result, "peak_rss_bytes": peak_rss_bytes()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     text = json.dumps(result, indent=2)
     if path:
         Path(path).write_text(text)
