@@ -59,6 +59,12 @@ def response_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dic
 
     total, count = 0.0, 0
     model.eval()
+    for module in model.modules():
+        # bitsandbytes' CPU inference path for 4-bit layers (taken in eval mode without grad on AVX512-BF16
+        # CPUs) repacks weights and asserts out_features % 32 == 0, which intermediate 688 is not; in
+        # training mode a Linear4bit dequantizes as in training, and it has no dropout to switch off.
+        if type(module).__name__ == "Linear4bit":
+            module.training = True
     with torch.no_grad():
         for row in rows:
             ids, labels = encode(tokenizer, row)
