@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in rotated:
             out = runs_dir / f"{name}-{rep}"
             out.mkdir(parents=True, exist_ok=True)
-            argv = [*CONTENDERS[name], "--model", str(workload.model_dir), "--train", str(train_file)]
-            argv += ["--out", str(out), "--result", str(out / "result.json")]
-            process = run_contender(argv, out / "log.txt", args.timeout)
+            contender = [*CONTENDERS[name], "--model", str(workload.model_dir), "--train", str(train_file)]
+            contender += ["--out", str(out), "--result", str(out / "result.json")]
+            process = run_contender(contender, out / "log.txt", args.timeout)
             result = json.loads((out / "result.json").read_text())
             result.pop("config", None)
             run = {**result, **process, "contender": name, "repetition": rep}
@@ -237,12 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluated = json.loads((runs_dir / "eval.json").read_text())
     for run, scored in zip(runs, evaluated, strict=False):
         run["eval_loss"] = round(scored["eval_loss"], 5)
+        run["adapter"] = os.path.relpath(run["adapter"], REPO)  # no machine-specific paths in the results
     base_loss = {e["quantization"]: round(e["eval_loss"], 5) for e in evaluated[len(runs) :]}
 
     summary = summarize(runs, limit)
-    command = "python bench/trainer/run.py" + (" --smoke" if args.smoke else " --quick" if args.quick else "")
-    if argv := (argv if argv is not None else sys.argv[1:]):
-        command = "python bench/trainer/run.py " + " ".join(argv)
+    command = " ".join(["python bench/trainer/run.py", *(argv if argv is not None else sys.argv[1:])])
     report = {
         "command": command,
         "date": dt.date.today().isoformat(),
