@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from kubetune_trainer.config import DatasetSpec
 from kubetune_trainer.contract import TerminationMessage, TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, Example, Row, encode_row, pack
@@ -56,6 +57,7 @@ def test_packing_keeps_examples_apart(tokenizer) -> None:
     """Packed with per-example position_ids and no attention mask, each example's logits are exactly what
     it gets alone: no attention across examples."""
     import torch
+
     from kubetune_trainer.tiny import build_model
 
     model = build_model(tokenizer)
