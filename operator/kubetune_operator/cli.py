@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 EXIT_OK = 0
@@ -52,6 +53,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, max_steps=args.max_steps)
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_operator.api import SpecError
+    from kubetune_operator.builders import build_trainer_configmap, build_trainer_job
+    from kubetune_operator.manifests import load_finetunejob
+    from kubetune_operator.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+        job = load_finetunejob(args.file)
+        if args.image:
+            settings = replace(settings, trainer_image=args.image)
+        if job.metadata.namespace is None:
+            job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
+        objects = [build_trainer_configmap(job, settings), build_trainer_job(job, settings)]
+    except SpecError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    except (SettingsError, ValueError) as error:
+        print(f"{args.file}: {error}", file=sys.stderr)
+        return EXIT_INVALID
+
+    class BlockDumper(yaml.SafeDumper):
+        """Multi-line strings (config.json) as readable `|` blocks."""
+
+    def represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+    BlockDumper.add_representer(str, represent_str)
+    sys.stdout.write(yaml.dump_all(objects, Dumper=BlockDumper, sort_keys=False, explicit_start=True))
+    return EXIT_OK
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubetune_operator.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"kubetune operator: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import kopf
+
+    import kubetune_operator.main  # noqa: F401  (registers the handlers)
+
+    clusterwide = args.all_namespaces or not settings.namespaces
+    kopf.run(
+        standalone=True,
+        clusterwide=clusterwide,
+        namespaces=() if clusterwide else settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("kubetune-demo"), help="where it all goes")
     demo.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
     demo.set_defaults(handler=cmd_demo)
+
+    render = commands.add_parser(
+        "render",
+        help="print the ConfigMap and Job the operator would create for a FineTuneJob",
+        description="Render the objects the operator creates for a FineTuneJob file, as multi-document YAML "
+        "(like `helm template`). Invalid files are reported as in `kubetune validate`, with exit code 1.",
+    )
+    render.add_argument("file", type=Path, metavar="FILE")
+    render.add_argument("--image", help="trainer image (default: $KUBETUNE_TRAINER_IMAGE or the built-in one)")
+    render.add_argument("-n", "--namespace", default="default", help="namespace when the file names none")
+    render.set_defaults(handler=cmd_render)
+
+    operator = commands.add_parser(
+        "operator",
+        help="run the operator (watches FineTuneJobs)",
+        description="Run the kubetune operator in this process. Configured by KUBETUNE_* environment variables "
+        "(KUBETUNE_NAMESPACES: comma-separated namespaces to watch; empty: all).",
+    )
+    operator.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace, whatever KUBETUNE_NAMESPACES says"
+    )
+    operator.set_defaults(handler=cmd_operator)
     return parser
 
 

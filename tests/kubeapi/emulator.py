@@ -53,6 +53,7 @@ class ApiRequest:
     subresource: str | None
     namespace: str | None
     name: str | None
+    user_agent: str = ""  # tells the operator's requests (kopf/..., kubetune-operator/...) from the tests'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +276,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
         key: ResourceKey = (res.group or "", res.version or "", res.plural)
         verb = self._verb(request)
         self.api_requests.append(
-            ApiRequest(verb, key[0], key[1], key[2], request.subresource, request.namespace, request.name)
+            ApiRequest(
+                verb,
+                key[0],
+                key[1],
+                key[2],
+                request.subresource,
+                request.namespace,
+                request.name,
+                request.headers.get("User-Agent", ""),
+            )
         )
         try:
             self._info(key)

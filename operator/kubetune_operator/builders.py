@@ -1,0 +1,315 @@
+"""Pure builders: a FineTuneJob and the operator's settings in, the Kubernetes objects it runs as out.
+
+Everything a builder needs arrives as an argument (STYLE.md habit 2): no globals, no API calls, so a unit
+test checks every field without a cluster. Children have fixed names derived from the parent, which makes
+creating them idempotent (a 409 means "already there").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune_operator import API_GROUP, API_VERSION, KIND
+from kubetune_operator.api import FineTuneJob
+from kubetune_operator.settings import Settings
+from kubetune_trainer import contract
+
+TRAINER_CONTAINER = "trainer"
+CONFIG_FILE = "config.json"
+CONFIG_DIR = contract.CONFIG_PATH.rsplit("/", 1)[0]
+CONFIGMAP_SUFFIX = "-trainer"
+DNS_LABEL_MAX = 63
+RUN_AS = 65532  # the trainer image's non-root user and group
+# Room for the trainer to finish a checkpoint on SIGTERM (suspend, preemption) and exit with code 3.
+TERMINATION_GRACE_SECONDS = 300
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_FINETUNEJOB = f"{API_GROUP}/finetunejob"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "kubetune"
+
+CACHE_DIR = "/cache"
+CACHE_ENV = {"HF_HOME": f"{CACHE_DIR}/huggingface", "XDG_CACHE_HOME": CACHE_DIR, "TMPDIR": "/tmp"}
+
+
+def dns_name(base: str, suffix: str = "", limit: int = DNS_LABEL_MAX) -> str:
+    """`base + suffix`, cut to `limit` characters with a stable hash of the full name when too long.
+
+    Two different long names never collapse into one child name, and the same name always gives the same
+    child (so a restarted operator finds what it created).
+    """
+    full = base + suffix
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
+
+
+def configmap_name(job: FineTuneJob) -> str:
+    return dns_name(job.metadata.name, CONFIGMAP_SUFFIX)
+
+
+def job_name(job: FineTuneJob) -> str:
+    # The Job controller copies the Job name into a pod label, so it must fit a label value.
+    return dns_name(job.metadata.name)
+
+
+def labels(job: FineTuneJob) -> dict[str, str]:
+    """Labels of every child; `LABEL_MANAGED_BY` is what the operator's Job and Pod watches select on."""
+    name = job.metadata.name
+    return {
+        LABEL_NAME: "kubetune-trainer",
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PART_OF: "kubetune",
+        LABEL_FINETUNEJOB: name,
+    }
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    """The FineTuneJob as controller of a child: deleting it deletes the child (garbage collection)."""
+    if not job.metadata.uid:
+        raise ValueError(f"FineTuneJob {job.metadata.name} has no metadata.uid: children need it to be owned")
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "labels": {**labels(job), **(extra_labels or {})}}
+    if job.metadata.namespace:
+        metadata["namespace"] = job.metadata.namespace
+    if job.metadata.uid:
+        metadata["ownerReferences"] = [owner_reference(job)]
+    return metadata
+
+
+def trainer_config_json(job: FineTuneJob) -> str:
+    """config.json: the training part of the spec only; credentials stay Secret references."""
+    return json.dumps(job.spec.trainer_config().trainer_json(), indent=2, sort_keys=True) + "\n"
+
+
+def build_trainer_configmap(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """The ConfigMap `<name>-trainer` holding config.json."""
+    del settings  # same signature as the other builders; nothing in the ConfigMap is operator-wide
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, configmap_name(job)),
+        "data": {CONFIG_FILE: trainer_config_json(job)},
+    }
+
+
+def trainer_command(job: FineTuneJob) -> list[str]:
+    """One process per GPU through torchrun when there are several GPUs; the trainer alone otherwise."""
+    program = ["-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    gpus = job.spec.resources.gpus
+    if gpus > 1:
+        return ["torchrun", "--standalone", "--nproc-per-node", str(gpus), *program]
+    return ["python", *program]
+
+
+def gpu_resource_name(job: FineTuneJob, settings: Settings) -> str:
+    """The spec's resource name when given; the operator's default when the field was left out."""
+    resources = job.spec.resources
+    return (
+        resources.gpu_resource_name
+        if "gpu_resource_name" in resources.model_fields_set
+        else settings.default_gpu_resource
+    )
+
+
+def _resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    spec = job.spec.resources
+    amounts: dict[str, str] = {}
+    if spec.cpu is not None:
+        amounts["cpu"] = spec.cpu
+    if spec.memory is not None:
+        amounts["memory"] = spec.memory
+    if spec.gpus:
+        amounts[gpu_resource_name(job, settings)] = str(spec.gpus)  # extended resources: requests == limits
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _env(job: FineTuneJob) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": contract.RUN_NAME_ENV, "value": job.metadata.name},
+        {"name": contract.RUN_NAMESPACE_ENV, "value": job.metadata.namespace or "default"},
+        {"name": contract.METRICS_PORT_ENV, "value": str(contract.METRICS_PORT)},
+        *({"name": name, "value": value} for name, value in CACHE_ENV.items()),
+    ]
+    credentials = job.spec.storage.credentials_secret_ref
+    if credentials is not None:
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", credentials.name, credentials.secret_access_key_key))
+        if credentials.session_token_key:
+            env.append(_secret_env("AWS_SESSION_TOKEN", credentials.name, credentials.session_token_key))
+    token = job.spec.model.token_secret_ref
+    if token is not None:
+        env.append(_secret_env("HF_TOKEN", token.name, token.key))
+    return env
+
+
+def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": job.spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.trainer_image_pull_policy,
+        "command": trainer_command(job),
+        "env": _env(job),
+        "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        # The trainer writes one JSON object here on every exit; a crash before that leaves the log tail.
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = _resources(job, settings)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    spec = job.spec
+    scheduling = spec.scheduling
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",  # retries are new pods counted by the Job (podFailurePolicy needs Never)
+        "automountServiceAccountToken": False,  # the trainer never talks to the API
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(job, settings)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(job)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    if scheduling.node_selector:
+        pod["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod["tolerations"] = [
+            toleration.model_dump(by_alias=True, exclude_none=True) for toleration in scheduling.tolerations
+        ]
+    if scheduling.affinity:
+        pod["affinity"] = scheduling.affinity
+    if scheduling.priority_class_name:
+        pod["priorityClassName"] = scheduling.priority_class_name
+    return pod
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """The exit-code contract: invalid input fails at once; a checkpointed stop and disruptions are retried
+    without counting against backoffLimit."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_INVALID_INPUT],
+                },
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_PREEMPTED],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def job_suspended(job: FineTuneJob) -> bool:
+    """Whether the Job is created suspended: asked by the user, or queued (Kueue unsuspends on admission)."""
+    return job.spec.run_policy.suspend or bool(job.spec.scheduling.queue_name)
+
+
+def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """The batch/v1 Job `<name>` running the trainer in one pod."""
+    if job.spec.resources.nodes > 1:
+        raise UnsupportedSpec("resources.nodes > 1 (multi-node training) is not supported yet; use nodes: 1")
+    spec = job.spec
+    queue = spec.scheduling.queue_name
+    pod_labels = labels(job)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "suspend": job_suspended(job),
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, settings)},
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, job_name(job), {LABEL_KUEUE_QUEUE: queue} if queue else None),
+        "spec": job_spec,
+    }
+
+
+def scheduling_patch(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """A merge patch bringing a suspended Job's pod template to the spec's scheduling fields.
+
+    Kubernetes lets exactly these template fields change, and only while the Job is suspended and has never
+    started (priorityClassName is immutable). `None` removes a field that the spec no longer sets.
+    """
+    pod = _pod_spec(job, settings)
+    return {"spec": {"template": {"spec": {key: pod.get(key) for key in ("nodeSelector", "tolerations", "affinity")}}}}
+
+
+def suspend_patch(job: FineTuneJob, observed_job: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch making a Job's `suspend` follow spec.runPolicy.suspend, or None if it does.
+
+    With a Kueue queue the operator only ever suspends: resuming is Kueue's (it admits and unsuspends).
+    """
+    suspended = bool(observed_job.get("spec", {}).get("suspend"))
+    if job.spec.run_policy.suspend and not suspended:
+        return {"spec": {"suspend": True}}
+    if not job.spec.run_policy.suspend and suspended and not job.spec.scheduling.queue_name:
+        return {"spec": {"suspend": False}}
+    return None
+
+
+class UnsupportedSpec(ValueError):
+    """A valid spec this operator version cannot run yet."""

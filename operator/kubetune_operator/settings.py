@@ -1,0 +1,103 @@
+"""The operator's settings, read once from the environment (prefix KUBETUNE_), as the Helm chart sets them.
+
+A frozen value passed to builders and handlers as an argument: nothing below `main` reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "KUBETUNE_"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the operator cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide configuration. Field `x` is read from env `KUBETUNE_X`."""
+
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    trainer_image_pull_policy: str = "IfNotPresent"
+    default_gpu_resource: str = "nvidia.com/gpu"
+    metrics_port: int = 8080
+    health_port: int = 8081
+    progress_interval_seconds: float = 15.0
+    progress_timeout_seconds: float = 3.0
+    progress_concurrency: int = 16
+    progress_failure_threshold: int = 3  # consecutive failed polls before ProgressAvailable=False
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `env` (default: os.environ); unset or empty variables keep their defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = ENV_PREFIX + field.name.upper()
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[field.name] = _PARSERS[field.name](raw)
+            except ValueError as error:
+                raise SettingsError(f"{name}={raw!r}: {error}") from None
+        return cls(**values)
+
+
+def _namespaces(raw: str) -> tuple[str, ...]:
+    return tuple(sorted({part.strip() for part in raw.split(",") if part.strip()}))
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be a port number, 1-65535")
+    return port
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be an integer of at least 1")
+    return value
+
+
+def _one_of(choices: tuple[str, ...], normalize: Callable[[str], str] = str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = normalize(raw)
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "namespaces": _namespaces,
+    "trainer_image": str,
+    "trainer_image_pull_policy": _one_of(PULL_POLICIES),
+    "default_gpu_resource": str,
+    "metrics_port": _port,
+    "health_port": _port,
+    "progress_interval_seconds": _positive_float,
+    "progress_timeout_seconds": _positive_float,
+    "progress_concurrency": _positive_int,
+    "progress_failure_threshold": _positive_int,
+    "log_level": _one_of(LOG_LEVELS, str.upper),
+}

@@ -1,0 +1,382 @@
+"""Pure status computation: what runs (the Job, its pods, the trainer's termination message) in, the
+FineTuneJob status out.
+
+Status is computed, not accumulated (STYLE.md habit 5): `compute_status` derives phase, conditions and
+timestamps from the observed objects every time. The previous status is read only to keep what cannot be
+observed again: a condition's lastTransitionTime while its status holds, the start time, the progress the
+trainer reported, and a finished outcome whose Job is gone. Inputs are never mutated.
+
+Choices:
+- A pod stuck on its image (ImagePullBackOff, ErrImagePull, InvalidImageName) or on its configuration
+  (CreateContainerConfigError: a missing Secret) leaves the run Pending with the kubelet's reason and
+  message, not Failed: the Job itself has not failed, the cause is often fixed in place (a registry
+  credential, a Secret created late), and status must not claim an outcome that may still change. A
+  Warning event tells it; runPolicy.activeDeadlineSeconds bounds the wait for those who want a limit.
+- Ready is True while the trainer runs and after it succeeded: "the run is doing what was asked".
+- A failed Job with exit code 2 is InvalidInput (the trainer's own error, from its termination message);
+  one whose last pod was OOMKilled is OOMKilled; otherwise the Job's reason (BackoffLimitExceeded,
+  DeadlineExceeded, PodFailurePolicy) is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune_operator.api import FineTuneJob
+from kubetune_operator.builders import LABEL_KUEUE_QUEUE, TRAINER_CONTAINER, job_name
+from kubetune_trainer import contract
+from kubetune_trainer.contract import TerminationMessage
+
+FINISHED = ("Succeeded", "Failed")
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+PROGRESS_CONDITION = "ProgressAvailable"  # owned by the progress poller, kept here while Running
+# A waiting container with one of these reasons explains a pod that does not start.
+STUCK_REASONS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
+# (phase, reason) transitions that deserve a Warning event rather than a Normal one.
+WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying")
+MESSAGE_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The phase of a run and why, before it is dressed as conditions."""
+
+    phase: str
+    reason: str
+    message: str
+    terminal_pod: dict[str, Any] | None = None
+
+
+def timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC, second precision, as Kubernetes writes times."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_termination_message(text: str | None) -> TerminationMessage | None:
+    """The trainer's final JSON, or None for anything else (a log tail, truncated or garbled text)."""
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        return TerminationMessage.model_validate_json(text)
+    except (ValidationError, ValueError):
+        return None
+
+
+def trainer_terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer container's terminated state (current, else last), or None."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == TRAINER_CONTAINER:
+            state = status.get("state") or {}
+            last = status.get("lastState") or {}
+            return state.get("terminated") or last.get("terminated")
+    return None
+
+
+def _trainer_waiting(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == TRAINER_CONTAINER:
+            waiting = (status.get("state") or {}).get("waiting")
+            if waiting:
+                return dict(waiting)
+    return None
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in obj.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return dict(condition)
+    return None
+
+
+def _true(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    condition = _condition(obj, kind)
+    return condition if condition is not None and condition.get("status") == "True" else None
+
+
+def _pod_phase(pod: dict[str, Any]) -> str:
+    return str(pod.get("status", {}).get("phase") or "Pending")
+
+
+def _pod_order(pod: dict[str, Any]) -> tuple[str, str]:
+    terminated = trainer_terminated(pod) or {}
+    return (str(terminated.get("finishedAt") or ""), str(pod.get("metadata", {}).get("creationTimestamp") or ""))
+
+
+def _latest(pods: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
+    matching = [pod for pod in pods if _pod_phase(pod) == phase]
+    return max(matching, key=_pod_order) if matching else None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
+
+
+def _invalid_input_message(terminated: dict[str, Any]) -> str:
+    message = parse_termination_message(terminated.get("message"))
+    if message is not None and message.error is not None:
+        error = message.error
+        where = f" ({error.file}{f':{error.line}' if error.line else ''})" if error.file else ""
+        field = f"{error.field}: " if error.field else ""
+        return _short(f"{error.reason}: {field}{error.message}{where}")
+    tail = (terminated.get("message") or "").strip().splitlines()
+    detail = f": {tail[-1]}" if tail else ""
+    return _short(f"the trainer rejected its input (exit code {contract.EXIT_INVALID_INPUT}){detail}")
+
+
+def _failed(observed_job: dict[str, Any], pods: list[dict[str, Any]], failed: dict[str, Any]) -> Outcome:
+    pod = _latest(pods, "Failed")
+    terminated = trainer_terminated(pod) if pod is not None else None
+    job_reason = str(failed.get("reason") or "Failed")
+    job_message = str(failed.get("message") or "the Job failed")
+    if terminated is not None and terminated.get("exitCode") == contract.EXIT_INVALID_INPUT:
+        return Outcome("Failed", "InvalidInput", _invalid_input_message(terminated), pod)
+    if terminated is not None and terminated.get("reason") == "OOMKilled" and job_reason != "DeadlineExceeded":
+        return Outcome(
+            "Failed",
+            "OOMKilled",
+            "the trainer ran out of memory; raise resources.memory, or lower training.batchSize or "
+            f"dataset.maxLength ({job_reason}: {job_message})",
+            pod,
+        )
+    return Outcome("Failed", job_reason, _short(job_message), pod)
+
+
+def _waiting_outcome(pods: list[dict[str, Any]]) -> Outcome:
+    """Why no pod runs yet: the scheduler's or the kubelet's words, else the retry in progress."""
+    active = [pod for pod in pods if _pod_phase(pod) == "Pending" and not pod["metadata"].get("deletionTimestamp")]
+    for pod in active:
+        waiting = _trainer_waiting(pod)
+        if waiting and waiting.get("reason") in STUCK_REASONS:
+            return Outcome("Pending", str(waiting["reason"]), _short(str(waiting.get("message") or waiting["reason"])))
+    for pod in active:
+        scheduled = _condition(pod, "PodScheduled")
+        if scheduled is not None and scheduled.get("status") == "False":
+            reason = str(scheduled.get("reason") or "Unschedulable")
+            return Outcome("Pending", reason, _short(str(scheduled.get("message") or reason)))
+    if active:
+        return Outcome("Pending", "ContainerCreating", f"pod {active[0]['metadata']['name']} is starting")
+    failed = _latest(pods, "Failed")
+    if failed is not None:
+        terminated = trainer_terminated(failed) or {}
+        code = terminated.get("exitCode", "unknown")
+        why = f"{terminated['reason']}, exit code {code}" if terminated.get("reason") else f"exit code {code}"
+        return Outcome("Pending", "Retrying", f"pod {failed['metadata']['name']} failed ({why}); the Job retries")
+    return Outcome("Pending", "WaitingForPod", "the Job has not created a pod yet")
+
+
+def _outcome(
+    job: FineTuneJob, observed_job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: dict[str, Any]
+) -> Outcome:
+    if observed_job is None:
+        if previous.get("phase") in FINISHED:  # the outcome outlives a Job deleted after it finished
+            return Outcome(
+                previous["phase"], previous.get("reason") or previous["phase"], previous.get("message") or ""
+            )
+        if job.spec.run_policy.suspend:
+            return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
+        return Outcome("Pending", "CreatingJob", f"creating Job {job_name(job)}")
+    if _true(observed_job, "Complete") is not None:
+        return Outcome("Succeeded", "Succeeded", "the trainer finished", _latest(pods, "Succeeded"))
+    failed = _true(observed_job, "Failed")
+    if failed is not None:
+        return _failed(observed_job, pods, failed)
+    running = [pod for pod in pods if _pod_phase(pod) == "Running" and not pod["metadata"].get("deletionTimestamp")]
+    if job.spec.run_policy.suspend:
+        if running:
+            return Outcome("Suspended", "Suspending", "waiting for the trainer to save a checkpoint and stop")
+        return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
+    if observed_job.get("spec", {}).get("suspend"):
+        queue = observed_job.get("metadata", {}).get("labels", {}).get(LABEL_KUEUE_QUEUE)
+        if queue:
+            return Outcome("Queued", "WaitingForAdmission", f"waiting for Kueue LocalQueue {queue} to admit the Job")
+        return Outcome("Pending", "Resuming", "the Job is being resumed")
+    if running:
+        return Outcome("Running", "TrainerRunning", f"pod {running[0]['metadata']['name']} is training")
+    return _waiting_outcome(pods)
+
+
+def _conditions(
+    outcome: Outcome, previous: dict[str, Any], generation: int | None, now: datetime
+) -> list[dict[str, Any]]:
+    before = {condition.get("type"): condition for condition in previous.get("conditions") or []}
+    wanted = {
+        "Ready": outcome.phase in ("Running", "Succeeded"),
+        "Running": outcome.phase == "Running",
+        "Succeeded": outcome.phase == "Succeeded",
+        "Failed": outcome.phase == "Failed",
+        "Suspended": outcome.phase == "Suspended",
+    }
+    conditions = []
+    for kind in CONDITION_TYPES:
+        status = "True" if wanted[kind] else "False"
+        old = before.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == status else None
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": outcome.reason,
+                "message": outcome.message,
+                "lastTransitionTime": since or timestamp(now),
+                "observedGeneration": generation,
+            }
+        )
+    if outcome.phase == "Running" and PROGRESS_CONDITION in before:
+        conditions.append(copy.deepcopy(before[PROGRESS_CONDITION]))
+    return conditions
+
+
+def _start_time(pods: list[dict[str, Any]]) -> str | None:
+    """When a trainer container first started running."""
+    starts = []
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            state = status.get("state") or {}
+            for entry in (
+                state.get("running"),
+                state.get("terminated"),
+                (status.get("lastState") or {}).get("terminated"),
+            ):
+                if entry and entry.get("startedAt"):
+                    starts.append(str(entry["startedAt"]))
+    return min(starts) if starts else None
+
+
+def _attempts(observed_job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: dict[str, Any]) -> int:
+    counted = len(pods)
+    if observed_job is not None:
+        counts = observed_job.get("status") or {}
+        counted = max(counted, sum(int(counts.get(key) or 0) for key in ("active", "succeeded", "failed")))
+    return max(counted, int(previous.get("attempts") or 0))
+
+
+def _newest_checkpoint(pods: list[dict[str, Any]], previous: dict[str, Any]) -> dict[str, Any] | None:
+    checkpoints = [previous["checkpoint"]] if previous.get("checkpoint") else []
+    for pod in pods:
+        terminated = trainer_terminated(pod) or {}
+        message = parse_termination_message(terminated.get("message"))
+        if message is not None and message.checkpoint is not None:
+            checkpoints.append(message.checkpoint.wire())
+    return copy.deepcopy(max(checkpoints, key=lambda ref: int(ref.get("step", 0)))) if checkpoints else None
+
+
+def _own_pods(observed_job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods of the observed Job only: a Job recreated after an external delete leaves its old pods behind."""
+    uid = (observed_job or {}).get("metadata", {}).get("uid")
+    if not uid:
+        return list(pods)
+    own = []
+    for pod in pods:
+        owners = pod.get("metadata", {}).get("ownerReferences") or []
+        if not owners or any(owner.get("uid") == uid for owner in owners):
+            own.append(pod)
+    return own
+
+
+def compute_status(
+    job: FineTuneJob,
+    observed_job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    previous_status: dict[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The whole FineTuneJob status (wire names) for what runs now."""
+    previous = previous_status or {}
+    pods = _own_pods(observed_job, pods)
+    outcome = _outcome(job, observed_job, pods, previous)
+    status: dict[str, Any] = {
+        "phase": outcome.phase,
+        "reason": outcome.reason,
+        "message": outcome.message,
+        "observedGeneration": job.metadata.generation,
+        "jobName": job_name(job),
+        "conditions": _conditions(outcome, previous, job.metadata.generation, now),
+        "attempts": _attempts(observed_job, pods, previous),
+    }
+    started = previous.get("startTime") or _start_time(pods)
+    if started is None and outcome.phase == "Running":
+        started = timestamp(now)
+    if started:
+        status["startTime"] = started
+    if outcome.phase in FINISHED:
+        completed = previous.get("completionTime") if previous.get("phase") in FINISHED else None
+        if completed is None and observed_job is not None:
+            completed = observed_job.get("status", {}).get("completionTime")
+            if completed is None and outcome.phase == "Failed":
+                completed = (_true(observed_job, "Failed") or {}).get("lastTransitionTime")
+        status["completionTime"] = completed or timestamp(now)
+    if previous.get("progress"):
+        status["progress"] = copy.deepcopy(previous["progress"])
+    checkpoint = _newest_checkpoint(pods, previous)
+    if checkpoint:
+        status["checkpoint"] = checkpoint
+    if outcome.phase == "Succeeded":
+        terminated = trainer_terminated(outcome.terminal_pod) if outcome.terminal_pod is not None else None
+        message = parse_termination_message((terminated or {}).get("message"))
+        if message is not None and message.result is not None:
+            status["result"] = message.result.wire()
+        if message is not None and message.artifacts is not None:
+            status["artifacts"] = message.artifacts.wire()
+        for key in ("result", "artifacts"):  # a Job gone after success keeps what was reported
+            if key not in status and previous.get(key):
+                status[key] = copy.deepcopy(previous[key])
+    return status
+
+
+def failed_status(
+    name: str,
+    generation: int | None,
+    reason: str,
+    message: str,
+    previous_status: dict[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict, Unsupported)."""
+    previous = previous_status or {}
+    outcome = Outcome("Failed", reason, _short(message))
+    status = {
+        "phase": "Failed",
+        "reason": reason,
+        "message": outcome.message,
+        "observedGeneration": generation,
+        "jobName": name,
+        "conditions": _conditions(outcome, previous, generation, now),
+        "attempts": int(previous.get("attempts") or 0),
+        "completionTime": previous.get("completionTime") if previous.get("phase") == "Failed" else timestamp(now),
+    }
+    return status
+
+
+def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch of the top-level status fields that changed (None removes one), or None."""
+    previous = previous or {}
+    patch: dict[str, Any] = {key: value for key, value in new.items() if previous.get(key) != value}
+    patch.update({key: None for key in previous if key not in new and key != "progress"})
+    return patch or None
+
+
+def phase_event(previous: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event telling a transition of phase or reason; None if none happened."""
+    previous = previous or {}
+    if (previous.get("phase"), previous.get("reason")) == (new.get("phase"), new.get("reason")):
+        return None
+    phase, reason = str(new.get("phase")), str(new.get("reason"))
+    warning = phase == "Failed" or reason in WARNING_REASONS
+    text = f"{phase}: {new.get('message') or reason}"
+    return ("Warning" if warning else "Normal", reason if reason != phase else phase, text)
+
+
+def is_finished(status: dict[str, Any] | None) -> bool:
+    return (status or {}).get("phase") in FINISHED

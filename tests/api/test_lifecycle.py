@@ -1,0 +1,48 @@
+"""Clean-up after a run, and many FineTuneJobs at once."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from tests.api.conftest import REPORT_LINES, Cluster, Operator, wait_for
+from tests.kubeapi import cluster as kubelet
+
+
+def test_finished_finetunejob_is_deleted_after_its_ttl(operator: Operator, cluster: Cluster) -> None:
+    # completionTime has whole seconds: a TTL of 3 s leaves the test at least 2 s to see Succeeded.
+    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 3}})
+    job = cluster.wait_job()
+    kubelet.terminate_pod(kubelet.create_pod_for_job(job), 0, "")
+    kubelet.set_job_condition(job, "Complete", "CompletionsReached", "")
+    cluster.wait_phase("Succeeded")
+    assert cluster.ftj() is not None
+    wait_for(lambda: cluster.ftj() is None, timeout=10, what="FineTuneJob deleted after its TTL")
+    cluster.server.collect_garbage()
+    assert cluster.job() is None and cluster.configmap() is None
+
+
+@pytest.mark.slow
+def test_fifty_finetunejobs_at_once(operator: Operator, cluster: Cluster) -> None:
+    names = [f"run-{i:02d}" for i in range(50)]
+    created: dict[str, float] = {}
+    for name in names:
+        cluster.apply(name)
+        created[name] = time.monotonic()
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < len(names) and time.monotonic() < deadline:
+        now = time.monotonic()
+        for job in cluster.jobs():
+            seen.setdefault(job["metadata"]["name"], now)
+        time.sleep(0.02)
+    assert sorted(seen) == names, f"missing Jobs: {sorted(set(names) - set(seen))}"
+    latencies = sorted(seen[name] - created[name] for name in names)
+    p50, worst = statistics.median(latencies), latencies[-1]
+    REPORT_LINES.append(f"50 FineTuneJobs: create -> Job created p50 {p50:.2f} s, max {worst:.2f} s")
+    for name in names:
+        cluster.wait_phase("Pending", name, timeout=30)
+    assert len(cluster.jobs()) == 50  # one each, no duplicates
+    assert worst < 30

@@ -1,0 +1,294 @@
+"""The objects the operator creates, checked field by field and against the official Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from kubetune_operator.builders import (
+    LABEL_KUEUE_QUEUE,
+    UnsupportedSpec,
+    build_trainer_configmap,
+    build_trainer_job,
+    configmap_name,
+    dns_name,
+    job_name,
+    scheduling_patch,
+    suspend_patch,
+)
+from kubetune_operator.settings import Settings
+from kubetune_trainer import contract
+from tests.objects import finetunejob
+
+SETTINGS = Settings(trainer_image="registry.example/kubetune/trainer:test")
+KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
+
+CASES: dict[str, dict[str, Any]] = {
+    "minimal": {},
+    "cpu-only": {"resources": {"gpus": 0, "cpu": "2", "memory": "8Gi"}},
+    "multi-gpu": {"resources": {"gpus": 4, "cpu": "32", "memory": "400Gi", "sharedMemory": "32Gi"}},
+    "amd": {"resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}},
+    "scheduling": {
+        "scheduling": {
+            "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}
+                        ]
+                    }
+                }
+            },
+            "priorityClassName": "training-high",
+        }
+    },
+    "kueue": {"scheduling": {"queueName": "gpu-queue"}},
+    "suspended": {"runPolicy": {"suspend": True, "backoffLimit": 0, "activeDeadlineSeconds": 3600}},
+    "secrets": {
+        "model": {"source": "hf://org/gated", "tokenSecretRef": {"name": "hf-token", "key": "token"}},
+        "storage": {
+            "endpoint": "http://minio.storage:9000",
+            "credentialsSecretRef": {"name": "s3-credentials", "sessionTokenKey": "AWS_SESSION_TOKEN"},
+        },
+        "serviceAccountName": "s3-reader",
+        "image": "registry.example/custom-trainer:2",
+    },
+}
+
+
+def built(case: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    job = finetunejob(spec=CASES[case])
+    return build_trainer_configmap(job, SETTINGS), build_trainer_job(job, SETTINGS)
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]
+
+
+def trainer(obj: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod_spec(obj)["containers"]
+    return container
+
+
+def env(obj: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in trainer(obj)["env"]}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_built_object_is_valid_kubernetes(case: str, version: str) -> None:
+    for obj in built(case):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_children_are_named_after_the_finetunejob_and_owned_by_it() -> None:
+    configmap, job = built("minimal")
+    assert job["metadata"]["name"] == "support-bot"
+    assert configmap["metadata"]["name"] == "support-bot-trainer"
+    for obj in (configmap, job):
+        assert obj["metadata"]["namespace"] == "default"
+        assert obj["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "kubetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "support-bot",
+                "uid": "0e5f3c1a-0000-4000-8000-000000000001",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert obj["metadata"]["labels"] == {
+            "app.kubernetes.io/name": "kubetune-trainer",
+            "app.kubernetes.io/instance": "support-bot",
+            "app.kubernetes.io/managed-by": "kubetune",
+            "app.kubernetes.io/part-of": "kubetune",
+            "kubetune.dev/finetunejob": "support-bot",
+        }
+    assert job["spec"]["template"]["metadata"]["labels"] == configmap["metadata"]["labels"]
+
+
+def test_long_names_are_cut_with_a_stable_hash() -> None:
+    long = "a" * 60 + "-xy"
+    name = dns_name(long, "-trainer")
+    assert len(name) == 63 and name.endswith("-trainer")
+    assert name == dns_name(long, "-trainer")
+    assert name != dns_name("a" * 60 + "-xz", "-trainer")
+    assert configmap_name(finetunejob(long)) == name
+    assert job_name(finetunejob(long)) == long  # 63 characters fit a label value as they are
+    assert dns_name("short", "-trainer") == "short-trainer"
+
+
+def test_configmap_holds_the_trainer_config_and_no_secrets() -> None:
+    configmap, job = built("secrets")
+    config = json.loads(configmap["data"]["config.json"])
+    assert config == finetunejob(spec=CASES["secrets"]).spec.trainer_config().trainer_json()
+    assert set(config) >= {"model", "dataset", "training", "output", "storage"}
+    assert not {"resources", "scheduling", "runPolicy", "image", "serviceAccountName"} & set(config)
+    assert config["storage"]["credentialsSecretRef"]["name"] == "s3-credentials"  # the reference, not a value
+    text = configmap["data"]["config.json"]
+    for secret in ("aws_secret", "AKIA"):
+        assert secret not in text
+    # The Secret references reach the pod as env from the Secret, never as literal values.
+    values = env(job)
+    assert values["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}}
+    assert values["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
+    assert values["AWS_SESSION_TOKEN"] == {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_SESSION_TOKEN"}}
+    assert values["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    for item in trainer(job)["env"]:
+        if item["name"] in SECRET_KEYS:
+            assert "value" not in item
+
+
+def test_without_secret_references_no_credential_env() -> None:
+    _, job = built("minimal")
+    assert not set(SECRET_KEYS) & set(env(job))
+
+
+def test_run_identity_and_cache_env() -> None:
+    _, job = built("minimal")
+    values = env(job)
+    assert values[contract.RUN_NAME_ENV] == "support-bot"
+    assert values[contract.RUN_NAMESPACE_ENV] == "default"
+    assert values[contract.METRICS_PORT_ENV] == str(contract.METRICS_PORT)
+    assert values["HF_HOME"].startswith("/cache")
+
+
+def test_gpu_requests_equal_limits_and_cpu_memory_when_set() -> None:
+    _, job = built("multi-gpu")
+    resources = trainer(job)["resources"]
+    assert resources["requests"] == resources["limits"] == {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": "4"}
+    _, amd = built("amd")
+    assert trainer(amd)["resources"]["limits"] == {"amd.com/gpu": "2"}
+    _, cpu_only = built("cpu-only")
+    assert trainer(cpu_only)["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+
+
+def test_default_gpu_resource_comes_from_settings_when_the_spec_leaves_it_out() -> None:
+    job = build_trainer_job(finetunejob(), Settings(default_gpu_resource="amd.com/gpu"))
+    assert trainer(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+
+
+def test_one_gpu_runs_the_trainer_many_run_torchrun() -> None:
+    _, single = built("minimal")
+    assert trainer(single)["command"] == ["python", "-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    _, multi = built("multi-gpu")
+    command = trainer(multi)["command"]
+    assert command[0] == "torchrun"
+    assert command[command.index("--nproc-per-node") + 1] == "4"
+    assert command[command.index("-m") :] == ["-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+
+
+def test_multi_node_is_rejected_clearly() -> None:
+    with pytest.raises(UnsupportedSpec, match=r"resources.nodes > 1"):
+        build_trainer_job(finetunejob(spec={"resources": {"gpus": 8, "nodes": 2}}), SETTINGS)
+
+
+def test_scheduling_fields_reach_the_pod() -> None:
+    _, job = built("scheduling")
+    pod = pod_spec(job)
+    spec = CASES["scheduling"]["scheduling"]
+    assert pod["nodeSelector"] == spec["nodeSelector"]
+    assert pod["tolerations"] == spec["tolerations"]
+    assert pod["affinity"] == spec["affinity"]
+    assert pod["priorityClassName"] == "training-high"
+    _, plain = built("minimal")
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & set(pod_spec(plain))
+
+
+def test_scheduling_patch_changes_only_mutable_template_fields() -> None:
+    patch = scheduling_patch(finetunejob(spec=CASES["scheduling"]), SETTINGS)
+    template = patch["spec"]["template"]["spec"]
+    assert set(template) == {"nodeSelector", "tolerations", "affinity"}
+    cleared = scheduling_patch(finetunejob(), SETTINGS)["spec"]["template"]["spec"]
+    assert cleared == {"nodeSelector": None, "tolerations": None, "affinity": None}
+
+
+def test_kueue_queue_label_and_created_suspended() -> None:
+    _, job = built("kueue")
+    assert job["metadata"]["labels"][LABEL_KUEUE_QUEUE] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+    _, plain = built("minimal")
+    assert LABEL_KUEUE_QUEUE not in plain["metadata"]["labels"]
+    assert plain["spec"]["suspend"] is False
+
+
+def test_run_policy_reaches_the_job() -> None:
+    _, job = built("suspended")
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    _, plain = built("minimal")
+    assert plain["spec"]["backoffLimit"] == 3
+    assert "activeDeadlineSeconds" not in plain["spec"]
+    assert "ttlSecondsAfterFinished" not in plain["spec"]  # the operator deletes the FineTuneJob instead
+
+
+def test_pod_failure_policy_follows_the_exit_code_contract() -> None:
+    _, job = built("minimal")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [contract.EXIT_INVALID_INPUT]},
+    }
+    assert rules[1] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [contract.EXIT_PREEMPTED]},
+    }
+    assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert pod_spec(job)["restartPolicy"] == "Never"
+
+
+def test_restricted_security_profile() -> None:
+    _, job = built("secrets")
+    pod = pod_spec(job)
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "s3-reader"
+    security = trainer(job)["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+
+
+def test_image_config_volumes_port_and_termination_message() -> None:
+    _, plain = built("minimal")
+    assert trainer(plain)["image"] == SETTINGS.trainer_image
+    _, custom = built("secrets")
+    container = trainer(custom)
+    assert container["image"] == "registry.example/custom-trainer:2"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["config"] == {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True}
+    assert mounts["dshm"]["mountPath"] == "/dev/shm"
+    assert mounts["cache"]["mountPath"] == "/cache"
+    assert mounts["tmp"]["mountPath"] == "/tmp"
+    volumes = {volume["name"]: volume for volume in pod_spec(custom)["volumes"]}
+    assert volumes["config"]["configMap"] == {"name": "support-bot-trainer"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    _, big = built("multi-gpu")
+    assert {v["name"]: v for v in pod_spec(big)["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "32Gi"
+
+
+def test_suspend_patch_follows_the_spec_and_leaves_resuming_to_kueue() -> None:
+    running, suspended = {"spec": {"suspend": False}}, {"spec": {"suspend": True}}
+    assert suspend_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), running) == {"spec": {"suspend": True}}
+    assert suspend_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), suspended) is None
+    assert suspend_patch(finetunejob(), suspended) == {"spec": {"suspend": False}}
+    assert suspend_patch(finetunejob(), running) is None
+    assert suspend_patch(finetunejob(spec=CASES["kueue"]), suspended) is None  # Kueue admits and unsuspends
