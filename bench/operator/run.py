@@ -428,7 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with KubeApiServer(emulator) as server:
         kubeconfig = server.write_kubeconfig(workdir / "kubeconfig")
         client = Client(server.url)
-        operator = OperatorProcess(operator_env(kubeconfig), log_path, args.profile)
+        overrides = dict(item.split("=", 1) for item in args.operator_env)
+        operator = OperatorProcess(operator_env(kubeconfig, **overrides), log_path, args.profile)
         operator.start(server)
         cpu_at_start, rss_at_start = operator.cpu_seconds(), operator.rss()
         bench_cpu = bench_cpu_seconds()
@@ -471,7 +472,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Idle, polling effectively off: a restarted operator resumes all runs, settles, then sits.
         operator = OperatorProcess(
-            operator_env(kubeconfig, KUBETUNE_PROGRESS_INTERVAL_SECONDS=POLLING_OFF_SECONDS), log_path, None
+            operator_env(kubeconfig, **{**overrides, "KUBETUNE_PROGRESS_INTERVAL_SECONDS": POLLING_OFF_SECONDS}),
+            log_path,
+            None,
         )
         restarted, first_after_restart = time.monotonic(), len(emulator.api_requests)
         operator.start(server)
@@ -497,13 +500,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "operator",
         "date": datetime.date.today().isoformat(),
-        "command": "python bench/operator/run.py " + shlex.join(args.argv),
+        "command": " ".join(["python", "bench/operator/run.py", *map(shlex.quote, args.argv)]),
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": load_after},
         "operator": {
             "argv": ["python", "-m", "kubetune_operator.cli", "operator", "-A"],
-            "env": {k: v for k, v in operator_env(kubeconfig).items() if k.startswith("KUBETUNE_")},
+            "env": {k: v for k, v in operator_env(kubeconfig, **overrides).items() if k.startswith("KUBETUNE_")},
             "rss_at_start_mb": round(rss_at_start / 2**20, 1),
             "log_warnings": log.count(" WARNING "),
+            "log_pool_full_warnings": log.count("Connection pool is full"),
             "log_errors": log.count(" ERROR "),
             "log_tracebacks": log.count("Traceback"),
             "stop_seconds": round(stop_seconds, 2),
@@ -593,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="kubeconfig and operator.log (default bench/.work/operator)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=300, help="give up on any one phase after this")
     parser.add_argument("--profile", type=pathlib.Path, help="run the first operator under cProfile, stats here")
+    parser.add_argument("--operator-env", action="append", default=[], metavar="KUBETUNE_X=VALUE",
+                        help="override a chart setting in both operator runs (experiments; repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     result = run(args)
