@@ -31,6 +31,7 @@ from kubetune_operator.kube import (
     FINETUNEJOBS,
     JOBS,
     PODS,
+    ApiError,
     Kube,
     NameConflict,
     OwnedByPredecessor,
@@ -92,6 +93,12 @@ class Reconciler:
             started = time.monotonic()
             try:
                 await self._sync(namespace, name)
+            except ApiError as error:
+                if error.status == 404 and await self.kube.get(FINETUNEJOBS, namespace, name) is None:
+                    return  # deleted while being reconciled: nothing left to do
+                self.metrics.reconcile_total.labels("error").inc()
+                self.metrics.reconcile_errors.inc()
+                raise
             except kopf.PermanentError:
                 self.metrics.reconcile_total.labels("failed").inc()
                 raise

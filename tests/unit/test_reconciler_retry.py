@@ -27,7 +27,7 @@ class FlakyKube:
         pass
 
 
-async def test_failed_event_sync_is_retried() -> None:
+async def failed_event_sync_is_retried() -> None:
     kube = FlakyKube()
     reconciler = Reconciler(kube, Settings(), Metrics(), ProgressPoller(1, 1))  # type: ignore[arg-type]
     await reconciler.sync_from_event("default", "run", retry_seconds=0.01)
@@ -38,3 +38,13 @@ async def test_failed_event_sync_is_retried() -> None:
         await asyncio.sleep(0.01)
     assert kube.reads == 2
     await reconciler.close()
+
+
+def test_failed_event_sync_is_retried() -> None:
+    # A loop of its own, closed here: neither pytest-asyncio's nor asyncio.run's (both leave a loop behind
+    # in the main thread that a later test's garbage collection reports as an unclosed-loop ResourceWarning).
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(failed_event_sync_is_retried())
+    finally:
+        loop.close()
