@@ -112,6 +112,8 @@ class Kube:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config(client_configuration=configuration)
+        # The pool is sized when the ApiClient is made (later changes are ignored): one connection per thread.
+        configuration.connection_pool_maxsize = API_CONCURRENCY
         api_client = kubernetes.client.ApiClient(configuration)
         api_client.user_agent = USER_AGENT
         return cls(api_client)
