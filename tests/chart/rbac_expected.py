@@ -1,8 +1,10 @@
-"""The Kubernetes API permissions the operator needs, as (apiGroup, resource, verb) triples.
+"""The Kubernetes API permissions the operator needs, as (apiGroup, resource, verb) triples: the one list.
 
-The chart's RBAC (templates/_helpers.tpl, `kubetune.rbac.*`) must grant exactly these; the chart
-tests compare the rendered roles with them, and the operator tests compare them with the requests
-the operator actually made against the emulated API server. Change all three together.
+Least privilege: exactly the calls the operator makes (recorded from the emulated API server over the
+operator tests, tests/api), plus what admission needs that no API call shows. The chart's RBAC
+(templates/_helpers.tpl, `kubetune.rbac.*`) must grant exactly these; the chart tests compare the rendered
+roles with them, and the operator tests check every call is granted and every grant is used
+(tests/api/rbac.py, tests/api/test_rbac_is_used.py). Change all three together.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ def _grant(group: str, resource: str, *verbs: str) -> set[Permission]:
 
 # Granted in every namespace the operator watches (a Role each, or the ClusterRole).
 NAMESPACED: frozenset[Permission] = frozenset(
-    # delete: ttlSecondsAfterFinished removes the FineTuneJob itself.
+    # delete: ttlSecondsAfterFinished removes the FineTuneJob itself (its children go by ownerReferences).
     _grant("kubetune.dev", "finetunejobs", "get", "list", "watch", "patch", "delete")
-    | _grant("kubetune.dev", "finetunejobs/status", "get", "patch")
-    | _grant("batch", "jobs", "get", "list", "watch", "create", "patch", "delete")
-    | _grant("", "configmaps", "get", "list", "watch", "create", "patch", "delete")
-    | _grant("", "pods", "get", "list", "watch")
-    | _grant("", "events", "create", "patch")
-    | _grant("events.k8s.io", "events", "create", "patch")
+    | _grant("kubetune.dev", "finetunejobs/status", "patch")
+    # update on finalizers: the OwnerReferencesPermissionEnforcement admission plugin (on in many
+    # distributions) requires it to set blockOwnerDeletion on the children.
+    | _grant("kubetune.dev", "finetunejobs/finalizers", "update")
+    # get: a child that already exists (409 on create) is read and adopted.
+    | _grant("batch", "jobs", "get", "list", "watch", "create", "patch")
+    | _grant("", "configmaps", "get", "create")
+    | _grant("", "pods", "list", "watch")
+    | _grant("", "events", "create")
 )
 
-# Only when the operator watches every namespace: Kopf lists and watches namespaces.
-ALL_NAMESPACES_ONLY: frozenset[Permission] = frozenset(_grant("", "namespaces", "list", "watch"))
+# Only when the operator watches every namespace. Kopf lists namespaces only for namespace patterns, which
+# kubetune never uses (cluster-wide, or an explicit list), so this is empty.
+ALL_NAMESPACES_ONLY: frozenset[Permission] = frozenset()
 
 # Always cluster-wide, even in namespaced mode: Kopf scans CRDs, which are cluster-scoped.
 CLUSTER_SCOPED: frozenset[Permission] = frozenset(
@@ -36,3 +42,6 @@ CLUSTER_SCOPED: frozenset[Permission] = frozenset(
 
 # Everything the operator may do when it watches all namespaces.
 ALL_NAMESPACES: frozenset[Permission] = NAMESPACED | ALL_NAMESPACES_ONLY | CLUSTER_SCOPED
+
+# Granted for admission, never seen as an API call.
+ADMISSION_ONLY: frozenset[Permission] = frozenset(_grant("kubetune.dev", "finetunejobs/finalizers", "update"))

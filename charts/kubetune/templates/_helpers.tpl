@@ -102,29 +102,22 @@ Rules for the namespaces the operator watches (a Role in each, or part of the Cl
   verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-{{- end }}
-
-{{/* Only when watching every namespace: Kopf lists and watches namespaces. */}}
-{{- define "kubetune.rbac.allNamespacesRules" -}}
-- apiGroups: [""]
-  resources: ["namespaces"]
   verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* Always cluster-wide: Kopf scans CRDs at startup, and CRDs are cluster-scoped. */}}

@@ -1,0 +1,34 @@
+"""Least privilege, checked from both sides: every grant in the chart's RBAC is used by the operator over one
+FineTuneJob's whole life (the conftest checks that no call goes beyond the grants)."""
+
+from __future__ import annotations
+
+from tests.api.conftest import Cluster, Operator, operator_calls, wait_for
+from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION
+from tests.kubeapi import cluster as kubelet
+
+
+def test_every_grant_is_used_over_a_lifetime(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 1}})
+    job = cluster.wait_job()
+    pod = kubelet.create_pod_for_job(job)
+    cluster.wait_phase("Pending")
+    operator.stop()  # a restart: the children exist, so they are read and adopted
+    kubelet.set_pod_running(pod)
+    operator.start()
+    cluster.wait_phase("Running")
+    cluster.patch_spec({"runPolicy": {"suspend": True}})  # the Job is patched
+    wait_for(lambda: cluster.job()["spec"]["suspend"] is True, what="Job suspended")
+    cluster.patch_spec({"runPolicy": {"suspend": False}})
+    wait_for(lambda: cluster.job()["spec"]["suspend"] is False, what="Job resumed")
+    cluster.batch.delete_namespaced_job("support-bot", "default")  # someone deletes the Job mid-run
+    job = wait_for(
+        lambda: (j := cluster.job()) and j["metadata"]["uid"] != job["metadata"]["uid"] and j, what="new Job"
+    )  # recreated beside the ConfigMap that stayed, which is read and adopted
+    pod = kubelet.create_pod_for_job(job)
+    kubelet.terminate_pod(pod, 0, "")
+    kubelet.set_job_condition(job, "Complete", "CompletionsReached", "")
+    cluster.wait_phase("Succeeded")
+    wait_for(lambda: cluster.ftj() is None, timeout=10, what="FineTuneJob deleted after its TTL")
+    unused = GRANTED - NEEDED_BY_ADMISSION - operator_calls(cluster.server)
+    assert not unused, f"granted but never used: {sorted(unused, key=str)}"
