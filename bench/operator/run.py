@@ -34,7 +34,6 @@ import pathlib
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +50,7 @@ import attrs  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from kubetune_operator.local import free_port  # noqa: E402
 from tests.kubeapi.emulator import Body, KubeEmulator, ResourceKey  # noqa: E402
 from tests.kubeapi.server import KubeApiServer  # noqa: E402
 from tests.objects import finetunejob_body  # noqa: E402
@@ -85,12 +85,6 @@ class TimedEmulator(KubeEmulator):
 
 
 # -- the operator's process -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def operator_env(kubeconfig: pathlib.Path, **overrides: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ the operator made is checked against the chart's RBAC (`tests/api/rbac.py`).
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ import kopf.testing
 import kubernetes
 import pytest
 
+from kubetune_operator.local import free_port
 from tests.api.rbac import GRANTED
 from tests.kubeapi.fixtures import kube_api  # noqa: F401  (the fixture, used by the tests here)
 from tests.kubeapi.server import KubeApiServer
@@ -28,12 +28,6 @@ OPERATOR_AGENTS = ("kopf/", "kubetune-operator")
 OBSERVED_CALLS: set[tuple[str, str, str, str | None]] = set()  # over the whole run, for the summary
 # Measurements for the summary: KopfRunner redirects stdout while the operator runs, so print() is lost.
 REPORT_LINES: list[str] = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 15, what: str | Callable[[], str] = "condition") -> T:
@@ -158,7 +152,8 @@ class Operator:
         for key, value in self.env.items():
             self.monkeypatch.setenv(key, value)
         args = ["run", "--standalone", "--all-namespaces", "-m", "kubetune_operator.main"]
-        self.runner = kopf.testing.KopfRunner(args, timeout=60)
+        # The timeout bounds the whole operator run (the test included): generous for a loaded 2-core CI machine.
+        self.runner = kopf.testing.KopfRunner(args, timeout=300)
         self.runner.__enter__()
         return self
 

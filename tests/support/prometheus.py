@@ -8,7 +8,6 @@ second. `promtool check metrics` (the linter for an exposition) lives here too.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,13 +20,9 @@ import pytest
 import requests
 import yaml
 
+from kubetune_operator.local import free_port
+
 SCRAPE_INTERVAL_SECONDS = 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrometheusError(RuntimeError):

@@ -31,6 +31,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kubetune_operator.local import free_port
+
 HOST = "127.0.0.1"
 REGION = "us-east-1"
 
@@ -121,14 +123,6 @@ def bucket_name_for(text: str) -> str:
 
 
 _bucket_numbers = itertools.count(1)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def port_in_use(port: int) -> bool:
