@@ -176,16 +176,16 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 repetition, 8 examples")
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 32 examples")
     parser.add_argument("--smoke", action="store_true", help="tiny model and data: checks the code only")
-    parser.add_argument("--examples", type=int, help="training examples per run (default 16; quick 8; smoke 8)")
+    parser.add_argument("--examples", type=int, help="training examples per run (default 64; quick 32; smoke 8)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; quick/smoke 1)")
     parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), default=list(CONTENDERS))
     parser.add_argument("--work", type=Path, default=wl.WORK, help="work directory (default bench/.work)")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer-DATE.json)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     args = parser.parse_args(argv)
-    examples = args.examples or (8 if args.smoke or args.quick else 16)
+    examples = args.examples or (8 if args.smoke else 32 if args.quick else 64)
     reps = args.reps or (1 if args.smoke or args.quick else 3)
     started = time.monotonic()
 
