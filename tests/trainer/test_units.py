@@ -81,6 +81,17 @@ def test_pack_fills_bins_first_fit_decreasing() -> None:
     assert sorted(len(b["input_ids"]) for b in bins) == [10, 10]
 
 
+def test_gradient_checkpointing_follows_the_device_unless_set() -> None:
+    import torch
+
+    from kubetune_trainer.config import TrainingSpec
+    from kubetune_trainer.model import gradient_checkpointing
+
+    assert gradient_checkpointing(TrainingSpec()) is torch.cuda.is_available()
+    assert gradient_checkpointing(TrainingSpec(gradientCheckpointing=True)) is True  # never overridden
+    assert gradient_checkpointing(TrainingSpec(gradientCheckpointing=False)) is False
+
+
 def test_checkpoints_keep_the_newest_complete(tmp_path: Path) -> None:
     from kubetune_trainer import checkpoints as ckpt
 
