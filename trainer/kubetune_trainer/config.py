@@ -362,7 +362,8 @@ class TrainingSpec(ApiModel):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
-        description="auto: bf16 where the hardware supports it, else fp16 on GPU, fp32 on CPU.",
+        description="auto: bf16 where the hardware supports it (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or "
+        "AMX), else fp16 on GPU, fp32 on CPU.",
     )
     gradient_checkpointing: bool | None = Field(
         default=None,
