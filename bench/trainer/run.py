@@ -8,7 +8,7 @@ Each contender trains in its own subprocess on the same examples (one pass), con
 within each repetition. Measured per run: real tokens (no padding) per second of training, the
 subprocess's wall time, CPU time and peak RSS (`wait4` rusage, and the sampled RSS of its process
 tree), and - afterwards, by one evaluator for all - the response-token loss on held-out rows.
-The machine's fp32 GEMM rate gives a compute-bound limit: tokens/s <= GEMM FLOP/s / (6 x parameters).
+The machine's GEMM rate (fp32 and bf16) gives a compute-bound limit: tokens/s <= GEMM FLOP/s / (6 x parameters).
 """
 
 from __future__ import annotations
