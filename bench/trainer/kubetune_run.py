@@ -2,7 +2,7 @@
 
 - `seed-method`: the seed recipe's method settings (8-bit base, LoRA r 8 / alpha 32 / dropout 0.05 on
   q_proj and v_proj, learning rate 2e-5), everything else kubetune's default: this isolates the pipeline
-  (completion-only labels, packing, no padding, gradient checkpointing).
+  (completion-only labels, packing, no padding, gradient checkpointing only with a GPU).
 - `defaults`: kubetune's defaults as a FineTuneJob gets them (QLoRA nf4 with double quant, LoRA r 16 on
   all linear layers, packing, learning rate 2e-4, cosine with warm-up, clipping 0.3).
 Both: batch 4 x 2 accumulation (kubetune's default, the seed's too), maxLength 512 as the seed

@@ -81,6 +81,26 @@ def test_pack_fills_bins_first_fit_decreasing() -> None:
     assert sorted(len(b["input_ids"]) for b in bins) == [10, 10]
 
 
+def test_gradient_checkpointing_follows_the_device_unless_set() -> None:
+    import torch
+
+    from kubetune_trainer.config import TrainingSpec
+    from kubetune_trainer.model import gradient_checkpointing
+
+    assert gradient_checkpointing(TrainingSpec()) is torch.cuda.is_available()
+    assert gradient_checkpointing(TrainingSpec(gradientCheckpointing=True)) is True  # never overridden
+    assert gradient_checkpointing(TrainingSpec(gradientCheckpointing=False)) is False
+
+
+def test_precision_auto_picks_bf16_only_on_cpus_that_multiply_it_natively() -> None:
+    from kubetune_trainer.model import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 fma\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512bw fma\n")  # emulated: fp32 is as fast
+    assert not cpu_has_native_bf16("")
+
+
 def test_checkpoints_keep_the_newest_complete(tmp_path: Path) -> None:
     from kubetune_trainer import checkpoints as ckpt
 

@@ -362,11 +362,14 @@ class TrainingSpec(ApiModel):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
-        description="auto: bf16 where the hardware supports it, else fp16 on GPU, fp32 on CPU.",
+        description="auto: bf16 where the hardware supports it (CUDA GPUs since Ampere; CPUs with AVX512-BF16 or "
+        "AMX), else fp16 on GPU, fp32 on CPU.",
     )
-    gradient_checkpointing: bool = Field(
-        default=True,
-        description="Recompute activations in backward: much less memory for ~20-30% more compute.",
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in backward: much less activation memory for ~1/3 more compute. "
+        "Unset: on with a GPU, where memory bounds batch and sequence length; off on a CPU, where memory "
+        "is plentiful and the recomputed forward pass is pure cost.",
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order, splits and init.")
     log_every_steps: int = Field(default=10, ge=1, description="Steps between log lines and progress updates.")

@@ -32,13 +32,33 @@ def _quiet_peft() -> Iterator[None]:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates bf16
+    and fp32 is as fast; here bf16 matmuls measured 2.5-4x fp32's rate."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def precision(spec: TrainingSpec) -> str:
-    """auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    """auto: bf16 on GPUs that support it, fp16 on other GPUs; bf16 on CPUs with native bf16, else fp32."""
     if spec.precision != "auto":
         return spec.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def gradient_checkpointing(spec: TrainingSpec) -> bool:
+    """Unset: on with CUDA (it trades ~1/3 more compute for much less GPU memory), off on CPU (RAM is
+    rarely the limit there, and the recomputed forward pass measured ~25-50% of a step's time)."""
+    if spec.gradient_checkpointing is not None:
+        return spec.gradient_checkpointing
+    return torch.cuda.is_available()
 
 
 def bitsandbytes_problem() -> str | None:
@@ -163,7 +183,7 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
     except (OSError, ValueError) as exc:
         raise InvalidInput("InvalidModel", f"cannot load {cfg.model.source}: {exc}", field="model.source") from exc
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    gc = cfg.training.gradient_checkpointing
+    gc = gradient_checkpointing(cfg.training)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

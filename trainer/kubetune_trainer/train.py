@@ -95,15 +95,16 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
     from transformers import TrainingArguments
 
     t = cfg.training
+    recompute = model_mod.gradient_checkpointing(t)
     # transformers 5 renamed gradient checkpointing to activation checkpointing (old names warn).
     checkpointing = (
         {
-            "activation_checkpointing": t.gradient_checkpointing,
+            "activation_checkpointing": recompute,
             "activation_checkpointing_kwargs": {"use_reentrant": False},
         }
         if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
         else {
-            "gradient_checkpointing": t.gradient_checkpointing,
+            "gradient_checkpointing": recompute,
             "gradient_checkpointing_kwargs": {"use_reentrant": False},
         }
     )
@@ -375,13 +376,15 @@ def run(
         data_mod.as_features(eval_data.examples, cfg.dataset.max_length, cfg.dataset.packing) if eval_data else None
     )
     log.info(
-        "data: %d train examples (%d tokens) in %d sequences%s; %d eval examples; precision %s",
+        "data: %d train examples (%d tokens) in %d sequences%s; %d eval examples; precision %s; "
+        "gradient checkpointing %s",
         len(train_data.examples),
         train_data.tokens,
         len(train_features),
         " (packed)" if cfg.dataset.packing else "",
         len(eval_data.examples) if eval_data else 0,
         precision,
+        "on" if model_mod.gradient_checkpointing(cfg.training) else "off",
     )
     resume = ckpt.latest_checkpoint(storage, destination)
     resume_dir: Path | None = None
