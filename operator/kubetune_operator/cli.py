@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on the support dataset in examples/data. No cluster, GPU, network or credentials needed.",
     )
     demo.add_argument("--workdir", type=Path, default=Path("kubetune-demo"), help="where it all goes")
-    demo.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
+    demo.add_argument("--max-steps", type=int, default=200, help="training steps (default 200)")
     demo.set_defaults(handler=cmd_demo)
 
     render = commands.add_parser(

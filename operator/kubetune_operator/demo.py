@@ -52,7 +52,7 @@ def demo_job(endpoint: str, max_steps: int) -> dict[str, Any]:
             "method": {"type": "qlora", "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True}},
             "training": {
                 "maxSteps": max_steps,
-                "learningRate": 3.0e-3,  # a ~200k-parameter model from random init needs more than 2e-4
+                "learningRate": 5.0e-3,  # a ~200k-parameter model from random init needs more than 2e-4
                 "batchSize": 4,
                 "gradientAccumulationSteps": 1,
                 "evalEverySteps": max(10, max_steps // 4),
@@ -82,7 +82,7 @@ def cluster_job(job: dict[str, Any]) -> dict[str, Any]:
     return cluster
 
 
-def run_demo(workdir: Path, *, max_steps: int = 60, out: IO[str] = sys.stdout) -> int:
+def run_demo(workdir: Path, *, max_steps: int = 200, out: IO[str] = sys.stdout) -> int:
     from moto.server import ThreadedMotoServer
     from transformers.utils import logging as transformers_logging
 
