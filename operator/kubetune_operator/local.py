@@ -40,6 +40,7 @@ from kubetune_trainer.contract import (
     Progress,
     TerminationMessage,
 )
+from kubetune_trainer.storage import parse_uri
 
 STOP_GRACE_SECONDS = 120  # after Ctrl-C, how long the trainer gets to checkpoint before it is killed
 LOCAL_NAMESPACE = "local"
@@ -83,22 +84,16 @@ def local_config(job: FineTuneJob, *, max_steps: int | None = None, s3_endpoint:
     return TrainerConfig.model_validate(config.trainer_json())  # re-validated: overrides obey the rules too
 
 
-def _local_path(uri: str) -> Path | None:
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    return Path(uri) if uri.startswith("/") else None
-
-
 def preflight(config: TrainerConfig, *, connect_timeout: float = 3.0) -> None:
     """Fail in seconds, naming the path or URL, on what would otherwise fail minutes into a run."""
     inputs = {"spec.model.source": config.model.source, "spec.dataset.train": config.dataset.train}
     if config.dataset.eval:
         inputs["spec.dataset.eval"] = config.dataset.eval
-    for field, uri in inputs.items():
-        path = _local_path(uri)
-        if path is not None and not path.exists():
-            raise LocalRunError(f"{field}: {path} does not exist")
-    uses_s3 = any(uri.startswith("s3://") for uri in (*inputs.values(), config.output.destination))
+    locations = {field: parse_uri(uri) for field, uri in inputs.items()}
+    for field, location in locations.items():
+        if location.scheme == "file" and not Path(location.path).exists():
+            raise LocalRunError(f"{field}: {location.path} does not exist")
+    uses_s3 = any(loc.scheme == "s3" for loc in (*locations.values(), parse_uri(config.output.destination)))
     if uses_s3 and config.storage.endpoint:
         endpoint = urlparse(config.storage.endpoint)
         port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
@@ -306,15 +301,12 @@ def run_file(
     except (LocalRunError, SpecError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return error.exit_code if isinstance(error, LocalRunError) else 1
-    ignored = [name for name in ("resources", "scheduling", "runPolicy") if name in job.spec.model_fields_set]
-    if ignored or job.spec.storage.credentials_secret_ref:
-        print(
-            "note: running locally: "
-            + ", ".join(f"spec.{name}" for name in ignored)
-            + (" " if ignored else "")
-            + "ignored; S3 credentials come from the standard AWS environment",
-            file=out,
-        )
+    ignored = [f"spec.{name}" for name in ("resources", "scheduling", "runPolicy") if name in job.spec.model_fields_set]
+    notes = [f"{', '.join(ignored)} ignored"] if ignored else []
+    if job.spec.storage.credentials_secret_ref:
+        notes.append("S3 credentials come from the standard AWS environment, not the Secret")
+    if notes:
+        print(f"note: running locally: {'; '.join(notes)}", file=out)
     code, status = execute(run, out)
     print_status(status, out)
     if code == EXIT_PREEMPTED:
