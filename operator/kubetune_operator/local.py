@@ -233,7 +233,7 @@ def execute(
     out: IO[str] = sys.stdout,
     *,
     port: int | None = None,
-    poll_seconds: float = 1.0,
+    poll_seconds: float = 0.25,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status)."""

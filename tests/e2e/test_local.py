@@ -64,17 +64,19 @@ def status_of(stdout: str) -> dict[str, Any]:
 def test_run_with_local_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "out"
     path = write_job(
-        tmp_path / "job.yaml", local_job(str(tiny_model_dir), f"file://{DATA}/support-instructions.jsonl", str(out))
+        tmp_path / "job.yaml",
+        # long enough (a second or more) for the CLI's progress polls to see training
+        local_job(str(tiny_model_dir), f"file://{DATA}/support-instructions.jsonl", str(out), maxSteps=60),
     )
     result = kubetune("run", str(path), "--workdir", str(tmp_path / "work"))
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     status = status_of(result.stdout)
     assert status["phase"] == "Succeeded"
-    assert status["result"]["steps"] == 8
+    assert status["result"]["steps"] == 60
     assert status["artifacts"]["adapter"] == f"{out}/adapter/"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "COMPLETE").exists()
-    assert "stage: train" in result.stdout and re.search(r"step \d+/8", result.stdout)
+    assert "stage: train" in result.stdout and re.search(r"step \d+/60", result.stdout)
 
 
 def test_run_from_s3_to_s3_with_endpoint_override(tmp_path: Path, s3_moto: S3Endpoint, tiny_model_dir: Path) -> None:
