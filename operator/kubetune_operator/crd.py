@@ -104,7 +104,8 @@ def openapi_schema() -> dict[str, Any]:
     properties = schema["properties"]
     properties["apiVersion"] = {"type": "string", "description": "kubetune.dev/v1alpha1"}
     properties["kind"] = {"type": "string", "description": "FineTuneJob"}
-    properties["metadata"] = {"type": "object", "description": "Standard object metadata."}
+    # The apiserver refuses anything but `type` here (kubectl explain shows ObjectMeta's own description).
+    properties["metadata"] = {"type": "object"}
     schema["required"] = ["spec"]
     schema["x-kubernetes-validations"] = [_name_rule()]
 

@@ -259,7 +259,9 @@ def _walk(schema: dict[str, Any], path: str) -> list[str]:
 
 
 def test_every_field_has_a_description_for_kubectl_explain() -> None:
-    assert _walk(crd_schema(), "finetunejob") == []
+    # metadata is the one exception: a CRD may give it nothing but its type (the real apiserver refuses a
+    # description there; tests/cluster installs the CRD into one).
+    assert _walk(crd_schema(), "finetunejob") == ["finetunejob.metadata"]
 
 
 def test_crd_is_structural() -> None:

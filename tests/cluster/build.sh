@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds the real Kubernetes control plane that tests/cluster runs, from the Go module proxy, once per version.
+# Output: .testbins/<component>-<version>/bin/ (git-ignored). A component whose folder holds a .done marker is
+# not built again, so a second run takes seconds. Versions: tests/cluster/versions.env (one place).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+TESTBINS=${KUBETUNE_TESTBINS:-$root/.testbins}
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+command -v go >/dev/null 2>&1 || { echo "build.sh: the Go toolchain (go >= 1.26) is needed to build the control plane" >&2; exit 2; }
+jobs=$(nproc)
+
+log() { printf '[build-testbins %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# done_or_build NAME VERSION FUNCTION: runs FUNCTION with $out set unless $out/.done exists.
+done_or_build() {
+  local name=$1 version=$2 fn=$3
+  out="$TESTBINS/$name-$version"
+  if [ -f "$out/.done" ]; then return 0; fi
+  rm -rf "$out"; mkdir -p "$out/bin" "$out/src"
+  local start=$SECONDS
+  log "building $name $version"
+  "$fn"
+  echo "built in $((SECONDS - start)) s" > "$out/.done"
+  log "$name $version built in $((SECONDS - start)) s"
+}
+
+build_kubernetes() {
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 with "=> ./staging/src/..." replaces, which the module
+  # proxy cannot follow: a wrapper module requires it and replaces each staging module with the matching v0.MINOR.PATCH.
+  local minor=${K8S_VERSION#*.}; minor=${minor%%.*}
+  local patch=${K8S_VERSION##*.}
+  local staging="v0.${minor}.${patch}" src="$out/src"
+  local gomod
+  gomod=$(cd "$src" && go mod download -json "k8s.io/kubernetes@v${K8S_VERSION}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  local goline godebug
+  goline=$(sed -n 's/^go \([0-9.]*\).*/\1/p' "$gomod" | head -1)
+  godebug=$(sed -n 's/^godebug \(.*\)/\1/p' "$gomod" | head -1)
+  {
+    printf 'module example.invalid/k8s-testbins\n\ngo %s\n\n' "$goline"
+    [ -z "$godebug" ] || printf 'godebug %s\n\n' "$godebug"
+    printf 'tool (\n'
+    for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do printf '\tk8s.io/kubernetes/cmd/%s\n' "$c"; done
+    printf ')\n\nrequire k8s.io/kubernetes v%s\n\nreplace (\n' "$K8S_VERSION"
+    sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\)[[:space:]]*=>[[:space:]]*\./staging/src/.*#\1#p' "$gomod" | sort -u |
+      while read -r m; do printf '\t%s => %s %s\n' "$m" "$m" "$staging"; done
+    printf ')\n'
+  } > "$src/go.mod"
+  (cd "$src" && go mod tidy)
+  # Kueue parses the server version at start-up, so stamp it as a release build does.
+  local v="v${K8S_VERSION}" ldf="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldf+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=${minor} -X $p.gitTreeState=clean"
+    ldf+=" -X $p.gitCommit=0000000000000000000000000000000000000000 -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$src" && go build -p "$jobs" -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ldf" -o "$out/bin/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+}
+
+build_etcd() {
+  # server/v3's go.mod has relative replaces, so `go install` refuses it; a wrapper module does not.
+  local src="$out/src"
+  printf 'module example.invalid/etcd-testbin\n\ngo 1.26.0\n\ntool go.etcd.io/etcd/server/v3\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' \
+    "$ETCD_VERSION" > "$src/go.mod"
+  (cd "$src" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$out/bin/etcd" go.etcd.io/etcd/server/v3)
+}
+
+build_kwok() {
+  GOBIN="$out/bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@v${KWOK_VERSION}"
+  # kwok's own stages (node-initialize, pod-ready, ...) travel with the binary's version.
+  cp -r "$(go env GOMODCACHE)/sigs.k8s.io/kwok@v${KWOK_VERSION}/kustomize/stage" "$out/stage"
+  chmod -R u+w "$out/stage"
+}
+
+build_kueue() {
+  GOBIN="$out/bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kueue/cmd/kueue@v${KUEUE_VERSION}"
+  cp -r "$(go env GOMODCACHE)/sigs.k8s.io/kueue@v${KUEUE_VERSION}/config/components/crd/bases" "$out/crds"
+  chmod -R u+w "$out/crds"
+}
+
+mkdir -p "$TESTBINS"
+done_or_build etcd "$ETCD_VERSION" build_etcd
+done_or_build kwok "$KWOK_VERSION" build_kwok
+done_or_build kueue "$KUEUE_VERSION" build_kueue
+done_or_build kubernetes "$K8S_VERSION" build_kubernetes
+log "ready in $TESTBINS"

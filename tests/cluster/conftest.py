@@ -1,0 +1,389 @@
+"""Fixtures for the tests on the real control plane.
+
+One control plane per test session (`control_plane`), kubetune installed into it with the real helm
+(`installed`), and the operator run as a local process of `kubetune operator`, authenticated as the chart's
+ServiceAccount with a token from the TokenRequest API, so the chart's RBAC is what the apiserver enforces.
+Each test works in a namespace of its own (`ns`). A test decides a trainer pod's fate through the pod's
+annotations (`tests/cluster/stages.yaml`), so the real Job controller sees real exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+import pytest
+import yaml
+
+from kubetune_operator.local import free_port
+from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMessage
+from tests.api.rbac import GRANTED, Grant
+from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, kubeconfig, local_queue
+from tests.objects import finetunejob_body
+
+T = TypeVar("T")
+GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "kubetune"
+RELEASE, RELEASE_NAMESPACE = "kubetune", "kubetune-system"
+TRAINER_IMAGE = "registry.example/kubetune/trainer:test"
+FATE = "sim.kubetune.dev/"  # annotation prefix read by the KWOK stages
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str | Callable[[], str] = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except kubernetes.client.ApiException as error:
+            last = error
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    described = what() if callable(what) else what
+    pytest.fail(f"timed out after {timeout} s waiting for {described}; last: {last!r}")
+
+
+def succeeded_message(steps: int = 10) -> str:
+    return TerminationMessage(
+        outcome="succeeded", exit_code=EXIT_OK,
+        result=Result(train_loss=1.25, eval_loss=1.5, perplexity=4.48, train_seconds=12.0, trained_tokens=4096,
+                      steps=steps),
+        artifacts=Artifacts(adapter="s3://artifacts/run/adapter/", metrics="s3://artifacts/run/metrics.json",
+                            model_card="s3://artifacts/run/README.md"),
+    ).encode()  # fmt: skip
+
+
+class Kube:
+    """What a user does with kubectl and the client, as the cluster admin."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.api = kubernetes.config.new_client_from_config(config_file=str(plane.admin_kubeconfig))
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.batch = kubernetes.client.BatchV1Api(self.api)
+        self.core = kubernetes.client.CoreV1Api(self.api)
+
+    def plain(self, obj: Any) -> dict[str, Any]:
+        return self.api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
+
+    def kubectl(self, *args: str, check: bool = True, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.plane.kubectl(*args, check=check, input_text=input_text)
+
+    # ---- FineTuneJobs ----------------------------------------------------------------------------------
+    def apply(self, ns: str, name: str = "run", spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = finetunejob_body(name, ns, spec=spec)
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)  # type: ignore[no-any-return]
+
+    def ftj(self, ns: str, name: str = "run") -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)  # type: ignore[no-any-return]
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def status(self, ns: str, name: str = "run") -> dict[str, Any]:
+        return (self.ftj(ns, name) or {}).get("status") or {}
+
+    def patch_spec(self, ns: str, spec: dict[str, Any], name: str = "run") -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": spec})  # type: ignore[no-any-return]
+
+    def delete_ftj(self, ns: str, name: str = "run") -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+    def wait_phase(self, ns: str, phase: str, name: str = "run", reason: str | None = None,
+                   timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+        def reached() -> dict[str, Any] | None:
+            status = self.status(ns, name)
+            if status.get("phase") == phase and (reason is None or status.get("reason") == reason):
+                return status
+            return None
+
+        return wait_for(reached, timeout, lambda: f"{ns}/{name} {phase} {reason or ''}; status: {self.status(ns, name)}")
+
+    # ---- children --------------------------------------------------------------------------------------
+    def job(self, ns: str, name: str = "run") -> dict[str, Any] | None:
+        try:
+            return self.plain(self.batch.read_namespaced_job(name, ns))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def wait_job(self, ns: str, name: str = "run", timeout: float = 30) -> dict[str, Any]:
+        return wait_for(lambda: self.job(ns, name), timeout, f"Job {ns}/{name}")
+
+    def configmap(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(self.core.read_namespaced_config_map(name, ns))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pods(self, ns: str, name: str = "run") -> list[dict[str, Any]]:
+        listed = self.core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={name}")
+        return sorted((self.plain(p) for p in listed.items), key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def running_pods(self, ns: str, name: str = "run") -> list[dict[str, Any]]:
+        return [p for p in self.pods(ns, name)
+                if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+
+    def wait_running_pod(self, ns: str, name: str = "run", exclude: set[str] | None = None,
+                         timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+        """A Running trainer pod of the run (not one of `exclude`, the earlier attempts)."""
+
+        def found() -> dict[str, Any] | None:
+            fresh = [p for p in self.running_pods(ns, name) if p["metadata"]["name"] not in (exclude or set())]
+            return fresh[-1] if fresh else None
+
+        return wait_for(found, timeout, lambda: f"a Running pod of {ns}/{name}; pods: {self._pod_phases(ns, name)}")
+
+    def _pod_phases(self, ns: str, name: str) -> list[tuple[str, str]]:
+        return [(p["metadata"]["name"], p.get("status", {}).get("phase", "")) for p in self.pods(ns, name)]
+
+    def set_fate(self, ns: str, pod: str, exit_code: int, message: str = "", run_for: str = "0s") -> None:
+        """The container in `pod` exits with `exit_code` after `run_for`, leaving `message` as its termination
+        message (what the trainer writes to /dev/termination-log)."""
+        annotations = {f"{FATE}exit-code": str(exit_code), f"{FATE}run-for": run_for,
+                       f"{FATE}termination-message": message}  # fmt: skip
+        self.core.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": annotations}})
+
+    def on_sigterm(self, ns: str, pod: str, exit_code: int, message: str = "") -> None:
+        """What the container does when the pod is deleted: the trainer checkpoints and exits 3, say."""
+        annotations = {f"{FATE}exit-code-on-sigterm": str(exit_code), f"{FATE}termination-message-on-sigterm": message}
+        self.core.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": annotations}})
+
+    def run_pod_to(self, ns: str, exit_code: int, message: str = "", name: str = "run",
+                   exclude: set[str] | None = None) -> str:  # fmt: skip
+        pod = self.wait_running_pod(ns, name, exclude)["metadata"]["name"]
+        self.set_fate(ns, pod, exit_code, message)
+        return pod
+
+    def events(self, ns: str, name: str = "run") -> list[dict[str, Any]]:
+        listed = self.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}")
+        return [self.plain(e) for e in listed.items]
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("cluster"))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: ControlPlane) -> Kube:
+    return Kube(control_plane)
+
+
+@dataclass(frozen=True)
+class Installation:
+    """kubetune installed by helm; `kubeconfig` authenticates as the operator's ServiceAccount."""
+
+    namespace: str
+    service_account: str
+    kubeconfig: Path
+    env: dict[str, str]  # what the chart's Deployment sets for the operator container
+
+    @property
+    def username(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+def helm(plane: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests.support.tools import ensure_helm
+
+    return subprocess.run([str(ensure_helm()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
+                          capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
+
+
+def install(plane: ControlPlane, release: str, namespace: str, *values: str, skip_crds: bool = False) -> Installation:
+    """`helm install` of charts/kubetune, then a token for its ServiceAccount from the TokenRequest API."""
+    repository, _, tag = TRAINER_IMAGE.rpartition(":")
+    args = ["install", release, str(CHART), "--namespace", namespace, "--create-namespace",
+            "--set", f"trainer.image.repository={repository}", "--set", f"trainer.image.tag={tag}"]  # fmt: skip
+    for value in values:
+        args += ["--set", value]
+    if skip_crds:
+        args.append("--skip-crds")
+    result = helm(plane, *args)
+    assert result.returncode == 0, f"helm install failed:\n{result.stderr}"
+    account = release  # the chart names the ServiceAccount after the release
+    token = plane.kubectl("create", "token", account, "-n", namespace, "--duration=6h").stdout.strip()
+    path = plane.directory / f"{release}-operator.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig(plane.server, plane.ca, user=account, token=token)))
+    path.chmod(0o600)
+    deployment = json.loads(plane.kubectl("get", "deployment", release, "-n", namespace, "-o", "json").stdout)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return Installation(namespace, account, path, env)
+
+
+@pytest.fixture(scope="session")
+def installed(control_plane: ControlPlane) -> Installation:
+    return install(control_plane, RELEASE, RELEASE_NAMESPACE)
+
+
+class OperatorProcess:
+    """`kubetune operator` as a process on this machine, with the chart's ServiceAccount's credentials."""
+
+    def __init__(self, installation: Installation, log_dir: Path, **env: str) -> None:
+        self.installation = installation
+        self.log = log_dir / f"operator-{installation.namespace}.log"
+        # The chart's settings, with free ports and short intervals (the process shares this machine's network).
+        self.env = {
+            **installation.env,
+            "KUBECONFIG": str(installation.kubeconfig),
+            "KUBETUNE_METRICS_PORT": str(free_port()),
+            "KUBETUNE_HEALTH_PORT": str(free_port()),
+            "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",
+            "KUBETUNE_PROGRESS_TIMEOUT_SECONDS": "0.5",
+            "KUBETUNE_PROGRESS_FAILURE_THRESHOLD": "2",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        kubetune = shutil.which("kubetune", path=str(Path(sys.executable).parent))
+        assert kubetune, "the kubetune console script is not installed next to this interpreter"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [kubetune, "operator"], env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        wait_for(self._healthy, 60, lambda: f"the operator to be healthy; log:\n{self.log_tail()}")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"the operator exited with {self.process.returncode}:\n{self.log_tail()}")
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.env['KUBETUNE_HEALTH_PORT']}/healthz", timeout=1):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies under the operator."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the operator did not stop within 30 s of SIGTERM:\n{self.log_tail()}")
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['KUBETUNE_METRICS_PORT']}/metrics"
+
+
+@pytest.fixture(scope="session")
+def operator(installed: Installation, control_plane: ControlPlane) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(installed, control_plane.directory / "logs").start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        assert "Traceback" not in running.log_text(), running.log_tail(80)
+
+
+@pytest.fixture
+def ns(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, with a Kueue LocalQueue; deleted (with all it holds) afterwards."""
+    name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(c for c in name if c.isalnum() or c == "-")[:63].strip("-")
+    kube.core.create_namespace({"metadata": {"name": name}})
+    kube.plane.kubectl_apply([local_queue(name)])
+    wait_for(lambda: _has_default_service_account(kube, name), 30, f"ServiceAccount default in {name}")
+    yield name
+    kube.core.delete_namespace(name)
+
+
+def _has_default_service_account(kube: Kube, namespace: str) -> bool:
+    try:
+        kube.core.read_namespaced_service_account("default", namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+# ---- the apiserver's audit log -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditedCall:
+    verb: str
+    group: str
+    resource: str
+    subresource: str | None
+    namespace: str | None
+    code: int
+
+    @property
+    def grant(self) -> Grant:
+        return (self.verb, self.group, self.resource, self.subresource)
+
+
+def audited_calls(plane: ControlPlane, username: str) -> list[AuditedCall]:
+    """Every resource request `username` made, as the real apiserver recorded it."""
+    calls = []
+    for line in plane.audit_log.read_text().splitlines():
+        event = json.loads(line)
+        ref = event.get("objectRef")
+        if event.get("user", {}).get("username") != username or not ref or event.get("stage") != "ResponseComplete":
+            continue
+        calls.append(AuditedCall(
+            verb=event["verb"], group=ref.get("apiGroup", ""), resource=ref["resource"],
+            subresource=ref.get("subresource") or None, namespace=ref.get("namespace"),
+            code=event.get("responseStatus", {}).get("code", 0),
+        ))  # fmt: skip
+    return calls
+
+
+def assert_granted(calls: list[AuditedCall], granted: frozenset[Grant] = GRANTED) -> None:
+    forbidden = sorted({(c.grant, c.namespace) for c in calls if c.code == 403}, key=str)
+    assert not forbidden, f"the apiserver refused these operator calls (403): {forbidden}"
+    outside = sorted({c.grant for c in calls} - granted, key=str)
+    assert not outside, f"calls outside the chart's RBAC: {outside}"
+
+
+__all__ = ["LOCAL_QUEUE", "Kube", "OperatorProcess", "audited_calls", "succeeded_message", "wait_for"]

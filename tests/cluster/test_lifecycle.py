@@ -1,0 +1,164 @@
+"""A FineTuneJob's life with the real Job controller, garbage collector, TTL controller and scheduler.
+
+The trainer container is simulated by KWOK (its exit code and termination message set per test); everything
+that decides what happens to the Job, its pods and the FineTuneJob is the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED, TerminationMessage, TrainerError
+from tests.cluster.conftest import Kube, OperatorProcess, succeeded_message, wait_for
+
+pytestmark = pytest.mark.usefixtures("operator")
+
+
+def invalid_input_message() -> str:
+    return TerminationMessage(
+        outcome="invalid", exit_code=EXIT_INVALID_INPUT,
+        error=TrainerError(reason="InvalidDataset", message="row has no 'response'", field="dataset.fields.response",
+                           file="s3://datasets/support/train.jsonl", line=7),
+    ).encode()  # fmt: skip
+
+
+def test_success_reports_result_and_artifacts(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    job = kube.wait_job(ns)
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    assert kube.configmap(ns, "run-trainer") is not None
+    kube.wait_phase(ns, "Running", reason="TrainerRunning")
+    kube.run_pod_to(ns, 0, succeeded_message(steps=10))
+    status = kube.wait_phase(ns, "Succeeded", reason="Succeeded")
+    assert status["result"]["trainLoss"] == 1.25 and status["result"]["trainedTokens"] == 4096
+    assert status["artifacts"]["adapter"] == "s3://artifacts/run/adapter/"
+    assert status["completionTime"] and status["startTime"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert kube.job(ns)["status"]["succeeded"] == 1
+
+
+def test_invalid_input_fails_at_once_without_retry(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"backoffLimit": 3}})
+    kube.run_pod_to(ns, EXIT_INVALID_INPUT, invalid_input_message())
+    status = kube.wait_phase(ns, "Failed", reason="InvalidInput")
+    assert "dataset.fields.response" in status["message"] and "train.jsonl:7" in status["message"], status
+    job = kube.job(ns)
+    assert any(c["type"] == "Failed" and c["reason"] == "PodFailurePolicy" for c in job["status"]["conditions"])
+    assert len(kube.pods(ns)) == 1, "exit 2 must not be retried"
+
+
+def test_preempted_run_is_retried_without_using_the_backoff_limit(kube: Kube, ns: str) -> None:
+    # backoffLimit 0: a single counted failure would end the run, so only Ignore lets it go on.
+    kube.apply(ns, spec={"runPolicy": {"backoffLimit": 0}})
+    first = kube.run_pod_to(ns, EXIT_PREEMPTED)
+    second = kube.run_pod_to(ns, 0, succeeded_message(), exclude={first})
+    assert second != first
+    status = kube.wait_phase(ns, "Succeeded")
+    assert status["attempts"] == 2
+    assert kube.job(ns)["status"].get("failed", 0) == 0
+
+
+def test_evicted_pod_is_retried_without_using_the_backoff_limit(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"backoffLimit": 0}})
+    pod = kube.wait_running_pod(ns)["metadata"]["name"]
+    kube.on_sigterm(ns, pod, 143)  # killed before it could checkpoint: only DisruptionTarget says why
+    kube.core.create_namespaced_pod_eviction(pod, ns, {"metadata": {"name": pod, "namespace": ns}})
+    kube.run_pod_to(ns, 0, succeeded_message(), exclude={pod})
+    kube.wait_phase(ns, "Succeeded")
+    assert kube.job(ns)["status"].get("failed", 0) == 0
+
+
+def test_crashes_use_up_the_backoff_limit(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"backoffLimit": 1}})
+    first = kube.run_pod_to(ns, EXIT_FAILED)
+    kube.run_pod_to(ns, EXIT_FAILED, exclude={first})
+    status = kube.wait_phase(ns, "Failed", reason="BackoffLimitExceeded", timeout=90)
+    assert status["attempts"] == 2
+    assert len(kube.pods(ns)) == 2
+
+
+def test_active_deadline_fails_the_run(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"activeDeadlineSeconds": 3}})
+    kube.wait_running_pod(ns)
+    status = kube.wait_phase(ns, "Failed", reason="DeadlineExceeded", timeout=60)
+    assert "deadline" in status["message"].lower()
+
+
+def test_more_gpus_than_any_node_has_stays_pending_with_the_schedulers_reason(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"resources": {"gpus": 16}})
+    status = kube.wait_phase(ns, "Pending", reason="Unschedulable")
+    assert "nvidia.com/gpu" in status["message"], status
+
+
+def test_suspend_and_resume(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    kube.wait_running_pod(ns)
+    kube.patch_spec(ns, {"runPolicy": {"suspend": True}})
+    kube.wait_phase(ns, "Suspended", reason="Suspended")
+    assert kube.job(ns)["spec"]["suspend"] is True
+    wait_for(lambda: not kube.running_pods(ns), 30, "the Job controller to stop the pod")
+    kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
+    kube.run_pod_to(ns, 0, succeeded_message())
+    kube.wait_phase(ns, "Succeeded")
+
+
+def test_deleting_a_finetunejob_removes_its_children(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    kube.wait_running_pod(ns)
+    kube.delete_ftj(ns)
+    wait_for(lambda: kube.ftj(ns) is None, 30, "the FineTuneJob to go (deletion must not wait for the operator)")
+    wait_for(lambda: kube.job(ns) is None and kube.configmap(ns, "run-trainer") is None and not kube.pods(ns),
+             60, lambda: f"the garbage collector; pods {[p['metadata']['name'] for p in kube.pods(ns)]}")  # fmt: skip
+
+
+def test_ttl_after_finished_deletes_the_finetunejob_and_its_job(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"ttlSecondsAfterFinished": 2}})
+    kube.run_pod_to(ns, 0, succeeded_message())
+    kube.wait_phase(ns, "Succeeded")
+    wait_for(lambda: kube.ftj(ns) is None, 30, "the TTL to delete the FineTuneJob")
+    wait_for(lambda: kube.job(ns) is None, 60, "the garbage collector to delete the Job")
+
+
+def test_a_job_deleted_by_someone_else_is_recreated_only_while_unfinished(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    first_uid = kube.wait_job(ns)["metadata"]["uid"]
+    kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")
+    recreated = wait_for(lambda: (j := kube.job(ns)) and j["metadata"]["uid"] != first_uid and j, 30, "a new Job")
+    kube.run_pod_to(ns, 0, succeeded_message())
+    kube.wait_phase(ns, "Succeeded")
+    kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")
+    wait_for(lambda: kube.job(ns) is None, 30, "the Job to go")
+    deadline = time.monotonic() + 3  # long enough for a recreation to show: the operator reacts in < 1 s
+    while time.monotonic() < deadline:
+        assert kube.job(ns) is None, "a finished run's Job was recreated"
+        time.sleep(0.2)
+    assert kube.status(ns)["phase"] == "Succeeded"
+    assert recreated["metadata"]["uid"] != first_uid
+
+
+def test_termination_message_travels_through_the_real_pod_status(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    pod = kube.run_pod_to(ns, 0, succeeded_message(steps=7))
+    assert kube.wait_phase(ns, "Succeeded")["result"]["steps"] == 7
+    recorded = kube.plain(kube.core.read_namespaced_pod(pod, ns))["status"]["containerStatuses"][0]
+    assert json.loads(recorded["state"]["terminated"]["message"])["result"]["steps"] == 7
+
+
+def test_operator_killed_mid_burst_leaves_one_job_per_run(kube: Kube, ns: str, operator: OperatorProcess) -> None:
+    names = [f"burst-{i:02d}" for i in range(50)]
+    for index, name in enumerate(names):
+        kube.apply(ns, name, spec={"resources": {"gpus": 0}})  # CPU runs: the GPUs of the nodes do not bound it
+        if index == 20:
+            operator.kill()
+    operator.start()
+    for name in names:
+        kube.wait_phase(ns, "Running", name=name, timeout=120)
+    jobs = kube.batch.list_namespaced_job(ns).items
+    assert sorted(j.metadata.name for j in jobs) == sorted(names)
+    assert all(len(j.metadata.owner_references) == 1 for j in jobs)
+    configmaps = [c.metadata.name for c in kube.core.list_namespaced_config_map(ns).items]
+    assert sorted(c for c in configmaps if c != "kube-root-ca.crt") == sorted(f"{n}-trainer" for n in names)
