@@ -176,14 +176,28 @@ def test_default_gpu_resource_comes_from_settings_when_the_spec_leaves_it_out() 
     assert trainer(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
 
 
-def test_one_gpu_runs_the_trainer_many_run_torchrun() -> None:
+def test_one_gpu_runs_the_trainer_many_go_through_its_launcher() -> None:
     _, single = built("minimal")
-    assert trainer(single)["command"] == ["python", "-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    assert trainer(single)["command"] == [
+        "python", "-m", "kubetune_trainer", "--config", contract.CONFIG_PATH,
+        "--termination-log", contract.TERMINATION_LOG,
+    ]  # fmt: skip
     _, multi = built("multi-gpu")
     command = trainer(multi)["command"]
-    assert command[0] == "torchrun"
+    # Not torchrun itself: it would turn exit codes 2 and 3 into 1, which the podFailurePolicy cannot tell apart.
+    assert "torchrun" not in command[0]
     assert command[command.index("--nproc-per-node") + 1] == "4"
-    assert command[command.index("-m") :] == ["-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    assert command[:3] == ["python", "-m", "kubetune_trainer"]
+    assert command[command.index("--config") + 1] == contract.CONFIG_PATH
+
+
+def test_the_trainers_stop_grace_is_the_pods_minus_a_margin() -> None:
+    _, job = built("minimal")
+    grace = pod_spec(job)["terminationGracePeriodSeconds"]
+    assert grace == contract.TERMINATION_GRACE_SECONDS
+    watchdog = int(env(job)[contract.STOP_GRACE_ENV])
+    assert watchdog == grace - contract.STOP_GRACE_MARGIN_SECONDS
+    assert 0 < watchdog < grace  # the watchdog writes its termination message before the kubelet's SIGKILL
 
 
 def test_multi_node_is_rejected_clearly() -> None:
