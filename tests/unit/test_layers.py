@@ -20,7 +20,7 @@ def test_import_contracts_hold() -> None:
     lint_imports = shutil.which("lint-imports") or str(pathlib.Path(sys.executable).parent / "lint-imports")
     if not pathlib.Path(lint_imports).exists():
         pytest.fail("lint-imports (import-linter, a dev dependency) is not installed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("operator", "trainer"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("operator", "trainer", "cli"))}
     result = subprocess.run([lint_imports], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "BROKEN" not in result.stdout
