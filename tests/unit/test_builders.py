@@ -130,7 +130,8 @@ def test_configmap_holds_the_trainer_config_and_no_secrets() -> None:
     assert config == finetunejob(spec=CASES["secrets"]).spec.trainer_config().trainer_json()
     assert set(config) >= {"model", "dataset", "training", "output", "storage"}
     assert not {"resources", "scheduling", "runPolicy", "image", "serviceAccountName"} & set(config)
-    assert config["storage"]["credentialsSecretRef"]["name"] == "s3-credentials"  # the reference, not a value
+    # Not even the references: the trainer never reads them (the Secrets reach it as env, below).
+    assert "credentialsSecretRef" not in config["storage"] and "tokenSecretRef" not in config["model"]
     text = configmap["data"]["config.json"]
     for secret in ("aws_secret", "AKIA"):
         assert secret not in text
@@ -145,6 +146,24 @@ def test_configmap_holds_the_trainer_config_and_no_secrets() -> None:
     for item in trainer(job)["env"]:
         if item["name"] in SECRET_KEYS:
             assert "value" not in item
+
+
+def keys_of(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {key for value in node.values() for key in keys_of(value)}
+    if isinstance(node, list):
+        return {key for item in node for key in keys_of(item)}
+    return set()
+
+
+def test_rendered_config_json_holds_no_secret_reference() -> None:
+    configmap, _ = built("secrets")
+    text = configmap["data"]["config.json"]
+    assert not [key for key in keys_of(json.loads(text)) if key.endswith("SecretRef")]
+    assert "s3-credentials" not in text and "hf-token" not in text
+    # The spec still accepts and keeps them: the CRD shape users write is unchanged.
+    spec = finetunejob(spec=CASES["secrets"]).spec
+    assert spec.storage.credentials_secret_ref is not None and spec.model.token_secret_ref is not None
 
 
 def test_without_secret_references_no_credential_env() -> None:
