@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
             "operator/kubetune_operator/crd.py",
             "cli/kubetune_cli/manifests.py",
         ],
-        # api, builders, status import neither kopf nor kubernetes; the operator never imports torch
+        # the layers of pyproject's [tool.importlinter] (who imports whom)
         ["lint-imports"],
     ],
     ids=["ruff", "ruff-format", "mypy", "import-layers"],

@@ -1,4 +1,6 @@
-"""The pure layers import neither kopf nor the Kubernetes client (STYLE.md habit 10).
+"""The layers hold (STYLE.md habit 10): the pure layers import neither kopf nor the Kubernetes client, the
+operator never reaches torch or the trainer's training code, the contract, config and API sit at the bottom,
+and only the CLI and local mode (kubetune_cli) import both sides.
 
 The contracts live in pyproject ([tool.importlinter]); this runs them, so breaking a layer fails the suite.
 """
