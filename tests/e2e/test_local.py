@@ -19,6 +19,7 @@ import yaml
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK, EXIT_PREEMPTED
 from tests.support.s3 import S3Endpoint
+from tests.support.wheel import PACKAGES, install_wheel
 from tests.unit.test_status_schema import STATUS_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,8 +197,19 @@ def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
 
 # peft 0.21 reads transformers' `is_gradient_checkpointing`, deprecated in transformers 5: not ours to fix.
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = kubetune("demo", "--workdir", str(tmp_path / "demo"), "--max-steps", "20", timeout=600)
+def test_demo_end_to_end_from_a_wheel(tmp_path: Path) -> None:
+    """`pip install kubetune[local,trainer]` + `kubetune demo`, run outside the checkout."""
+    installed = install_wheel(tmp_path / "install")
+    show = f"import {', '.join(PACKAGES)}; print({', '.join(f'{name}.__file__' for name in PACKAGES)})"
+    where = subprocess.run(
+        [str(installed.python), "-c", show],
+        capture_output=True, text=True, timeout=120, env=installed.env(), cwd=tmp_path, check=True,
+    ).stdout.split()  # fmt: skip
+    assert len(where) == len(PACKAGES) and all(path.startswith(str(installed.venv)) for path in where), where
+    result = subprocess.run(
+        [str(installed.kubetune), "demo", "--workdir", str(tmp_path / "demo"), "--max-steps", "20"],
+        capture_output=True, text=True, timeout=600, env=installed.env(), cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     artifacts = tmp_path / "demo" / "artifacts"
     assert f"artifacts: {artifacts}" in result.stdout
