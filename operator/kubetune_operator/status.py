@@ -76,12 +76,9 @@ def parse_termination_message(text: str | None) -> TerminationMessage | None:
 
 
 @dataclass(frozen=True)
-class Ending:
-    """What a trainer's exit code and termination message say about the run (status wire names)."""
+class Ending(Outcome):
+    """The outcome a trainer's exit code and termination message tell, with what it reported (wire names)."""
 
-    phase: str
-    reason: str
-    message: str
     result: dict[str, Any] | None = None
     artifacts: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None

@@ -30,6 +30,20 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class EvalLossCallback(TrainerCallback):  # type: ignore[misc]
+    """A callback that reacts to the eval loss of each evaluation (`on_eval_loss`)."""
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None:
+            self.on_eval_loss(float(loss), state, control)
+
+    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
+        raise NotImplementedError
+
+
 class StopOnSignal(TrainerCallback):  # type: ignore[misc]
     """SIGTERM: finish the current step, save a checkpoint, stop (the run then exits 3)."""
 
@@ -59,7 +73,7 @@ class StopOnSignal(TrainerCallback):  # type: ignore[misc]
             log.warning("stopping after step %d: saving a checkpoint", state.global_step)
 
 
-class CheckpointUpload(TrainerCallback):  # type: ignore[misc]
+class CheckpointUpload(EvalLossCallback):
     """Each checkpoint the loop saves goes to the destination (rank 0), then old ones are pruned."""
 
     def __init__(self, cfg: TrainerConfig, storage: Storage, telemetry: Telemetry, dist: Any) -> None:
@@ -74,11 +88,9 @@ class CheckpointUpload(TrainerCallback):  # type: ignore[misc]
         if control.should_save:
             self.save_started = time.monotonic()
 
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if (metrics or {}).get("eval_loss") is not None and self.save_started is not None:
-            self.save_started = time.monotonic()  # a save at this step comes after the evaluation
+    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
+        if self.save_started is not None:  # a save at this step comes after the evaluation
+            self.save_started = time.monotonic()
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         telemetry = self.telemetry
@@ -108,7 +120,7 @@ class CheckpointUpload(TrainerCallback):  # type: ignore[misc]
         telemetry.set_stage("train")
 
 
-class ProgressReport(TrainerCallback):  # type: ignore[misc]
+class ProgressReport(EvalLossCallback):
     """/progress, the metrics, and one log line per logging interval and per evaluation."""
 
     def __init__(self, telemetry: Telemetry, dist: Any) -> None:
@@ -172,12 +184,7 @@ class ProgressReport(TrainerCallback):  # type: ignore[misc]
                 state.epoch or 0.0,
             )
 
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None:
-            return
+    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
         self.telemetry.update(eval_loss=loss)
         self.telemetry.set_stage("checkpointing" if control.should_save else "train")
         if self.dist.is_main:
@@ -190,7 +197,7 @@ class ProgressReport(TrainerCallback):  # type: ignore[misc]
             )
 
 
-class EarlyStopping(TrainerCallback):  # type: ignore[misc]
+class EarlyStopping(EvalLossCallback):
     """training.earlyStopping: stop when the eval loss has not improved for `patience` evaluations."""
 
     def __init__(self, rule: EarlyStoppingSpec) -> None:
@@ -199,12 +206,7 @@ class EarlyStopping(TrainerCallback):  # type: ignore[misc]
         self.bad_evals = 0
         self.early_stopped = False
 
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None:
-            return
+    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
         if self.best_eval is None or loss < self.best_eval - self.rule.threshold:
             self.best_eval, self.bad_evals = loss, 0
             return
