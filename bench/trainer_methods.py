@@ -48,7 +48,7 @@ def main() -> None:
         config = {
             "model": {"source": str(model)},
             "dataset": {
-                "train": str(REPO / "examples/data/support-instructions.jsonl"),
+                "train": str(REPO / "cli/kubetune_cli/data/support-instructions.jsonl"),
                 "maxLength": 256,
                 "evalSplit": 0,
             },

@@ -6,7 +6,7 @@ What it does, in order:
 
 1. Serves the emulated Kubernetes API (tests/kubeapi) from a thread of this process, registers the CRD from
    crds/, and writes a kubeconfig.
-2. Starts the real operator (`python -m kubetune_operator.cli operator -A`) as a separate process, with the
+2. Starts the real operator (`python -m kubetune_cli.main operator -A`) as a separate process, with the
    KUBETUNE_* environment the Helm chart sets (chart defaults; metrics and health on free ports), so that its
    CPU and RSS can be measured alone (psutil; RSS sampled every 0.2 s throughout).
 3. Creates `--count` FineTuneJobs at once (raw HTTP, 32 in flight) and times, at the server, each
@@ -42,7 +42,7 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # This checkout's code, whatever an installed kubetune points at (the operator's process gets the same).
-SOURCE_PATHS = [str(ROOT / "operator"), str(ROOT / "trainer"), str(ROOT)]
+SOURCE_PATHS = [str(ROOT / "operator"), str(ROOT / "trainer"), str(ROOT / "cli"), str(ROOT)]
 sys.path[:0] = SOURCE_PATHS
 
 import aiohttp  # noqa: E402
@@ -50,7 +50,7 @@ import attrs  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from kubetune_operator.local import free_port  # noqa: E402
+from kubetune_cli.local import free_port  # noqa: E402
 from tests.kubeapi.emulator import Body, KubeEmulator, ResourceKey  # noqa: E402
 from tests.kubeapi.server import KubeApiServer  # noqa: E402
 from tests.objects import finetunejob_body  # noqa: E402
@@ -115,7 +115,7 @@ class OperatorProcess:
         python = [sys.executable]
         if profile is not None:
             python += ["-m", "cProfile", "-o", str(profile)]
-        self.argv = [*python, "-m", "kubetune_operator.cli", "operator", "-A"]
+        self.argv = [*python, "-m", "kubetune_cli.main", "operator", "-A"]
         self.popen: subprocess.Popen[bytes] | None = None
         self.process: psutil.Process | None = None
         self.peak_rss = 0
@@ -497,7 +497,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python", "bench/operator/run.py", *map(shlex.quote, args.argv)]),
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": load_after},
         "operator": {
-            "argv": ["python", "-m", "kubetune_operator.cli", "operator", "-A"],
+            "argv": ["python", "-m", "kubetune_cli.main", "operator", "-A"],
             "env": {k: v for k, v in operator_env(kubeconfig, **overrides).items() if k.startswith("KUBETUNE_")},
             "rss_at_start_mb": round(rss_at_start / 2**20, 1),
             "log_warnings": log.count(" WARNING "),

@@ -1,17 +1,19 @@
 """The FineTuneJob API (`kubetune.dev/v1alpha1`): spec and status models, and parsing at the edge.
 
-The spec embeds the trainer's config models (what a run is) and adds how it runs on Kubernetes. These
-models are the one source of truth: `kubetune_operator.crd` generates the CRD schema from them.
+The spec embeds the trainer's config models (what a run is) and adds how it runs on Kubernetes: resources,
+scheduling, the run policy, and the Secret references (model.tokenSecretRef, storage.credentialsSecretRef),
+which the trainer never reads and so never receives in config.json. These models are the one source of
+truth: `kubetune_operator.crd` generates the CRD schema from them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
-from kubetune_trainer.config import DNS_SUBDOMAIN, QUANTITY, ApiModel, Rule, TrainerConfig
+from kubetune_trainer.config import DNS_SUBDOMAIN, QUANTITY, ApiModel, ModelSpec, Rule, StorageSpec, TrainerConfig
 from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result
 
 MAX_NAME_LENGTH = 63  # the Job is named after the FineTuneJob, and Job names end up in pod labels
@@ -20,6 +22,67 @@ QUALIFIED_NAME = (
 )
 # The trainer-facing sections are immutable: a running trainer resumes only into the same run.
 IMMUTABLE_SECTIONS = ("model", "dataset", "method", "training", "evaluation", "output", "storage", "resources", "image")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+    key: str = Field(
+        default="token", min_length=1, max_length=253, description="Key in the Secret that holds the value."
+    )
+
+
+class S3CredentialsRef(ApiModel):
+    """A Secret holding S3 credentials; they reach the trainer as environment variables, never in config."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID",
+        min_length=1,
+        max_length=253,
+        description="Key holding the access key id.",
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY",
+        min_length=1,
+        max_length=253,
+        description="Key holding the secret access key.",
+    )
+    session_token_key: str | None = Field(
+        default=None, min_length=1, max_length=253, description="Optional key holding a session token."
+    )
+
+
+class FineTuneModelSpec(ModelSpec):
+    """The base model to fine-tune."""
+
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token for gated hf:// models."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        *ModelSpec.rules,
+        Rule(
+            "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
+            "model.tokenSecretRef is only valid with an hf:// source",
+            lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
+            ".tokenSecretRef",
+        ),
+    )
+
+
+class FineTuneStorageSpec(StorageSpec):
+    """How s3:// URIs are reached."""
+
+    credentials_secret_ref: S3CredentialsRef | None = Field(
+        default=None,
+        description="Secret with the S3 credentials. Absent: the pod's own identity (IRSA, instance role).",
+    )
+
+
+# What the FineTuneJob adds inside the trainer's own sections: Kubernetes-only, never in config.json.
+KUBERNETES_ONLY_FIELDS: dict[str, set[str]] = {"model": {"token_secret_ref"}, "storage": {"credentials_secret_ref"}}
 
 
 class Resources(ApiModel):
@@ -106,6 +169,10 @@ class RunPolicy(ApiModel):
 class FineTuneJobSpec(TrainerConfig):
     """The desired fine-tuning run: the trainer's config plus how it runs on Kubernetes."""
 
+    model: FineTuneModelSpec = Field(description="The base model.")
+    storage: FineTuneStorageSpec = Field(
+        default_factory=FineTuneStorageSpec, description="S3 endpoint, region and credentials."
+    )
     resources: Resources = Field(default_factory=Resources, description="GPUs, CPU, memory and nodes.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, Kueue.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadlines, clean-up.")
@@ -130,8 +197,9 @@ class FineTuneJobSpec(TrainerConfig):
     )
 
     def trainer_config(self) -> TrainerConfig:
-        """The training part alone: what goes into config.json."""
-        return TrainerConfig.model_validate(self.model_dump(include=set(TrainerConfig.model_fields)))
+        """The training part alone, without the Secret references: what goes into config.json."""
+        sections = self.model_dump(include=set(TrainerConfig.model_fields), exclude=KUBERNETES_ONLY_FIELDS)
+        return TrainerConfig.model_validate(sections)
 
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]

@@ -22,8 +22,6 @@ CONFIG_DIR = contract.CONFIG_PATH.rsplit("/", 1)[0]
 CONFIGMAP_SUFFIX = "-trainer"
 DNS_LABEL_MAX = 63
 RUN_AS = 65532  # the trainer image's non-root user and group
-# Room for the trainer to finish a checkpoint on SIGTERM (suspend, preemption) and exit with code 3.
-TERMINATION_GRACE_SECONDS = 300
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -111,15 +109,6 @@ def build_trainer_configmap(job: FineTuneJob, settings: Settings) -> dict[str, A
     }
 
 
-def trainer_command(job: FineTuneJob) -> list[str]:
-    """One process per GPU through torchrun when there are several GPUs; the trainer alone otherwise."""
-    program = ["-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
-    gpus = job.spec.resources.gpus
-    if gpus > 1:
-        return ["torchrun", "--standalone", "--nproc-per-node", str(gpus), *program]
-    return ["python", *program]
-
-
 def gpu_resource_name(job: FineTuneJob, settings: Settings) -> str:
     """The spec's resource name when given; the operator's default when the field was left out."""
     resources = job.spec.resources
@@ -147,10 +136,13 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 
 def _env(job: FineTuneJob) -> list[dict[str, Any]]:
+    launch = contract.launch_env(
+        job.metadata.name,
+        job.metadata.namespace or "default",
+        termination_grace_seconds=contract.TERMINATION_GRACE_SECONDS,
+    )
     env: list[dict[str, Any]] = [
-        {"name": contract.RUN_NAME_ENV, "value": job.metadata.name},
-        {"name": contract.RUN_NAMESPACE_ENV, "value": job.metadata.namespace or "default"},
-        {"name": contract.METRICS_PORT_ENV, "value": str(contract.METRICS_PORT)},
+        *({"name": name, "value": value} for name, value in launch.items()),
         *({"name": name, "value": value} for name, value in CACHE_ENV.items()),
     ]
     credentials = job.spec.storage.credentials_secret_ref
@@ -170,9 +162,9 @@ def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "name": TRAINER_CONTAINER,
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
-        "command": trainer_command(job),
+        "command": contract.launch_command(job.spec.resources.gpus),
         "env": _env(job),
-        "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": contract.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -201,7 +193,7 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are new pods counted by the Job (podFailurePolicy needs Never)
         "automountServiceAccountToken": False,  # the trainer never talks to the API
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": contract.TERMINATION_GRACE_SECONDS,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,

@@ -33,7 +33,7 @@ def trainer_endpoint(pod: dict[str, Any]) -> tuple[str, str, int] | None:
     port = contract.METRICS_PORT
     for container in pod.get("spec", {}).get("containers") or []:
         for declared in container.get("ports") or []:
-            if declared.get("name") == "metrics":
+            if declared.get("name") == contract.METRICS_PORT_NAME:
                 port = int(declared["containerPort"])
     return owner, str(ip), port
 

@@ -16,6 +16,8 @@ Choices:
 - A failed Job with exit code 2 is InvalidInput (the trainer's own error, from its termination message);
   one whose last pod was OOMKilled is OOMKilled; otherwise the Job's reason (BackoffLimitExceeded,
   DeadlineExceeded, PodFailurePolicy) is kept.
+- What the trainer's own ending says (exit code + termination message) is `trainer_ending`, the one reading
+  of the contract: the operator uses it for a pod's end, `kubetune run` for the status it prints.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from kubetune_operator.api import FineTuneJob
 from kubetune_operator.builders import LABEL_KUEUE_QUEUE, TRAINER_CONTAINER, job_name
 from kubetune_trainer import contract
-from kubetune_trainer.contract import TerminationMessage
+from kubetune_trainer.contract import TerminationMessage, TrainerError
 
 FINISHED = ("Succeeded", "Failed")
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
@@ -71,6 +73,78 @@ def parse_termination_message(text: str | None) -> TerminationMessage | None:
         return TerminationMessage.model_validate_json(text)
     except (ValidationError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Ending(Outcome):
+    """The outcome a trainer's exit code and termination message tell, with what it reported (wire names)."""
+
+    result: dict[str, Any] | None = None
+    artifacts: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The status fields this ending sets."""
+        fields = {"phase": self.phase, "reason": self.reason, "message": self.message}
+        extra = {"result": self.result, "artifacts": self.artifacts, "checkpoint": self.checkpoint}
+        return {**fields, **{key: copy.deepcopy(value) for key, value in extra.items() if value is not None}}
+
+
+SUCCEEDED_MESSAGE = "the trainer finished"
+
+
+def _error_text(error: TrainerError) -> str:
+    where = f" ({error.file}{f':{error.line}' if error.line else ''})" if error.file else ""
+    field = f"{error.field}: " if error.field else ""
+    return _short(f"{error.reason}: {field}{error.message}{where}")
+
+
+def trainer_ending(message: TerminationMessage | None, exit_code: int | None, log_tail: str = "") -> Ending:
+    """The phase, reason and message of a trainer that exited with `exit_code`, and what it reported.
+
+    The exit code decides (it is what the Job's podFailurePolicy acts on); the termination message adds the
+    numbers and the error. `log_tail` is what Kubernetes keeps when the trainer wrote no message.
+    """
+    code = exit_code if exit_code is not None else (message.exit_code if message is not None else None)
+    reported = {
+        "result": message.result.wire() if message is not None and message.result is not None else None,
+        "artifacts": message.artifacts.wire() if message is not None and message.artifacts is not None else None,
+        "checkpoint": message.checkpoint.wire() if message is not None and message.checkpoint is not None else None,
+    }
+    error = message.error if message is not None else None
+    tail = log_tail.strip().splitlines()
+    detail = f": {tail[-1]}" if tail else ""
+    if code == contract.EXIT_OK:
+        return Ending("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, **reported)
+    if code == contract.EXIT_INVALID_INPUT:
+        text = (
+            _error_text(error)
+            if error is not None
+            else _short(f"the trainer rejected its input (exit code {contract.EXIT_INVALID_INPUT}){detail}")
+        )
+        return Ending("Failed", "InvalidInput", text, **reported)
+    if code == contract.EXIT_PREEMPTED:
+        checkpoint = message.checkpoint if message is not None else None
+        where = f"a checkpoint at step {checkpoint.step}" if checkpoint is not None else "no new checkpoint"
+        return Ending(
+            "Suspended", "Suspended", f"the trainer stopped with {where}; resuming continues from it", **reported
+        )
+    if error is not None:
+        return Ending("Failed", error.reason, _error_text(error), **reported)
+    if message is None:
+        text = f"the trainer exited with {code} and wrote no termination message{detail}"
+        return Ending("Failed", "NoTerminationMessage", _short(text), **reported)
+    return Ending("Failed", "Failed", f"the trainer exited with {code}", **reported)
+
+
+def pod_ending(pod: dict[str, Any]) -> Ending | None:
+    """`trainer_ending` of a pod whose trainer container terminated, else None."""
+    terminated = trainer_terminated(pod)
+    if terminated is None:
+        return None
+    text = terminated.get("message")
+    message = parse_termination_message(text)
+    return trainer_ending(message, terminated.get("exitCode"), "" if message is not None else (text or ""))
 
 
 def trainer_terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,25 +197,14 @@ def _short(text: str) -> str:
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
 
 
-def _invalid_input_message(terminated: dict[str, Any]) -> str:
-    message = parse_termination_message(terminated.get("message"))
-    if message is not None and message.error is not None:
-        error = message.error
-        where = f" ({error.file}{f':{error.line}' if error.line else ''})" if error.file else ""
-        field = f"{error.field}: " if error.field else ""
-        return _short(f"{error.reason}: {field}{error.message}{where}")
-    tail = (terminated.get("message") or "").strip().splitlines()
-    detail = f": {tail[-1]}" if tail else ""
-    return _short(f"the trainer rejected its input (exit code {contract.EXIT_INVALID_INPUT}){detail}")
-
-
 def _failed(observed_job: dict[str, Any], pods: list[dict[str, Any]], failed: dict[str, Any]) -> Outcome:
     pod = _latest(pods, "Failed")
     terminated = trainer_terminated(pod) if pod is not None else None
     job_reason = str(failed.get("reason") or "Failed")
     job_message = str(failed.get("message") or "the Job failed")
-    if terminated is not None and terminated.get("exitCode") == contract.EXIT_INVALID_INPUT:
-        return Outcome("Failed", "InvalidInput", _invalid_input_message(terminated), pod)
+    ending = pod_ending(pod) if pod is not None else None
+    if ending is not None and ending.reason == "InvalidInput":
+        return Outcome("Failed", ending.reason, ending.message, pod)
     if terminated is not None and terminated.get("reason") == "OOMKilled" and job_reason != "DeadlineExceeded":
         return Outcome(
             "Failed",
@@ -188,7 +251,7 @@ def _outcome(
             return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
         return Outcome("Pending", "CreatingJob", f"creating Job {job_name(job)}")
     if _true(observed_job, "Complete") is not None:
-        return Outcome("Succeeded", "Succeeded", "the trainer finished", _latest(pods, "Succeeded"))
+        return Outcome("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, _latest(pods, "Succeeded"))
     failed = _true(observed_job, "Failed")
     if failed is not None:
         return _failed(observed_job, pods, failed)
@@ -265,10 +328,9 @@ def _attempts(observed_job: dict[str, Any] | None, pods: list[dict[str, Any]], p
 def _newest_checkpoint(pods: list[dict[str, Any]], previous: dict[str, Any]) -> dict[str, Any] | None:
     checkpoints = [previous["checkpoint"]] if previous.get("checkpoint") else []
     for pod in pods:
-        terminated = trainer_terminated(pod) or {}
-        message = parse_termination_message(terminated.get("message"))
-        if message is not None and message.checkpoint is not None:
-            checkpoints.append(message.checkpoint.wire())
+        ending = pod_ending(pod)
+        if ending is not None and ending.checkpoint is not None:
+            checkpoints.append(ending.checkpoint)
     return copy.deepcopy(max(checkpoints, key=lambda ref: int(ref.get("step", 0)))) if checkpoints else None
 
 
@@ -323,12 +385,11 @@ def compute_status(
     if checkpoint:
         status["checkpoint"] = checkpoint
     if outcome.phase == "Succeeded":
-        terminated = trainer_terminated(outcome.terminal_pod) if outcome.terminal_pod is not None else None
-        message = parse_termination_message((terminated or {}).get("message"))
-        if message is not None and message.result is not None:
-            status["result"] = message.result.wire()
-        if message is not None and message.artifacts is not None:
-            status["artifacts"] = message.artifacts.wire()
+        ending = pod_ending(outcome.terminal_pod) if outcome.terminal_pod is not None else None
+        if ending is not None and ending.result is not None:
+            status["result"] = ending.result
+        if ending is not None and ending.artifacts is not None:
+            status["artifacts"] = ending.artifacts
         for key in ("result", "artifacts"):  # a Job gone after success keeps what was reported
             if key not in status and previous.get(key):
                 status[key] = copy.deepcopy(previous[key])

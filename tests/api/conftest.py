@@ -16,7 +16,7 @@ import kopf.testing
 import kubernetes
 import pytest
 
-from kubetune_operator.local import free_port
+from kubetune_cli.local import free_port
 from tests.api.rbac import GRANTED
 from tests.kubeapi.fixtures import kube_api  # noqa: F401  (the fixture, used by the tests here)
 from tests.kubeapi.server import KubeApiServer

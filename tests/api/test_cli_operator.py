@@ -32,10 +32,10 @@ def test_kubetune_operator_runs_the_operator(cluster: Cluster) -> None:
         **os.environ,
         **operator_env(KUBETUNE_HEALTH_PORT=str(health), KUBETUNE_NAMESPACES="default"),
         "KUBECONFIG": str(KUBECONFIG_PATH),
-        "PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("operator", "trainer")),
+        "PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("operator", "trainer", "cli")),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_operator.cli", "operator"],
+        [sys.executable, "-m", "kubetune_cli.main", "operator"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

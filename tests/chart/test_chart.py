@@ -754,7 +754,7 @@ def test_image_installs_the_project_extra_like_ci(dockerfile: str, extra: str, p
         if keyword == "COPY" and not arguments.startswith("--from")
         for source in arguments.split()[:-1]
     }
-    assert {"pyproject.toml", "constraints.txt", "README.md", "operator", "trainer"} <= copied
+    assert {"pyproject.toml", "constraints.txt", "README.md", "operator", "trainer", "cli"} <= copied
     workdir = [arguments for keyword, arguments in instructions[:run_index] if keyword == "WORKDIR"]
     assert workdir, f"{dockerfile}: the install must run in the copied source tree"
 
@@ -850,4 +850,4 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
     ]
     assert lines[0] == "*"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert {"pyproject.toml", "constraints.txt", "README.md", "operator", "trainer"} <= included
+    assert {"pyproject.toml", "constraints.txt", "README.md", "operator", "trainer", "cli"} <= included

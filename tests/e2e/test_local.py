@@ -13,19 +13,22 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK, EXIT_PREEMPTED
 from tests.support.s3 import S3Endpoint
+from tests.support.wheel import PACKAGES, install_wheel
+from tests.unit.test_status_schema import STATUS_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "examples" / "data"
+DATA = ROOT / "cli" / "kubetune_cli" / "data"
 
 
 def kubetune(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kubetune_operator.cli", *args],
+        [sys.executable, "-m", "kubetune_cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -72,6 +75,8 @@ def test_run_with_local_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     status = status_of(result.stdout)
     assert status["phase"] == "Succeeded"
+    assert status["reason"] == "Succeeded"  # as the operator writes it
+    jsonschema.validate(status, STATUS_SCHEMA)  # every field is one the CRD declares
     assert status["result"]["steps"] == 60
     assert status["artifacts"]["adapter"] == f"{out}/adapter/"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -131,7 +136,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path, tiny_mo
         str(tiny_model_dir), str(DATA / "support-instructions.jsonl"), str(out), maxSteps=400, checkpointEverySteps=1000
     )
     path = write_job(tmp_path / "job.yaml", job)
-    command = [sys.executable, "-m", "kubetune_operator.cli", "run", str(path), "--workdir", str(tmp_path / "work")]
+    command = [sys.executable, "-m", "kubetune_cli.main", "run", str(path), "--workdir", str(tmp_path / "work")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines: list[str] = []
     try:
@@ -145,6 +150,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path, tiny_mo
     status = status_of(output)
     stopped_at = status["checkpoint"]["step"]
     assert status["phase"] == "Suspended" and stopped_at >= 5, status
+    jsonschema.validate(status, STATUS_SCHEMA)
     assert "run the same command again to resume" in output
     assert (out / "checkpoints" / f"step-{stopped_at}" / "COMPLETE").exists()
 
@@ -178,7 +184,7 @@ def test_missing_local_path_is_named(tmp_path: Path, tiny_model_dir: Path) -> No
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
-    from kubetune_operator.local import free_port
+    from kubetune_cli.local import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     path = write_job(tmp_path / "job.yaml", local_job("s3://models/tiny/", "s3://data/train.jsonl", "s3://out/run/"))
@@ -191,8 +197,19 @@ def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
 
 # peft 0.21 reads transformers' `is_gradient_checkpointing`, deprecated in transformers 5: not ours to fix.
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = kubetune("demo", "--workdir", str(tmp_path / "demo"), "--max-steps", "20", timeout=600)
+def test_demo_end_to_end_from_a_wheel(tmp_path: Path) -> None:
+    """`pip install kubetune[local,trainer]` + `kubetune demo`, run outside the checkout."""
+    installed = install_wheel(tmp_path / "install")
+    show = f"import {', '.join(PACKAGES)}; print({', '.join(f'{name}.__file__' for name in PACKAGES)})"
+    where = subprocess.run(
+        [str(installed.python), "-c", show],
+        capture_output=True, text=True, timeout=120, env=installed.env(), cwd=tmp_path, check=True,
+    ).stdout.split()  # fmt: skip
+    assert len(where) == len(PACKAGES) and all(path.startswith(str(installed.venv)) for path in where), where
+    result = subprocess.run(
+        [str(installed.kubetune), "demo", "--workdir", str(tmp_path / "demo"), "--max-steps", "20"],
+        capture_output=True, text=True, timeout=600, env=installed.env(), cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     artifacts = tmp_path / "demo" / "artifacts"
     assert f"artifacts: {artifacts}" in result.stdout

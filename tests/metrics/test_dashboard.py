@@ -223,7 +223,7 @@ def scrape_configs(monitors: dict[str, dict[str, Any]], trainer: tuple[int, str]
 
 
 def write_data(tmp_path: Path) -> tuple[Path, Path]:
-    examples = REPO_ROOT / "examples" / "data"
+    examples = REPO_ROOT / "cli" / "kubetune_cli" / "data"
     train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text((examples / "support-instructions.jsonl").read_text())
     evaluation.write_text("".join((examples / "support-eval.jsonl").read_text().splitlines(True)[:6]))

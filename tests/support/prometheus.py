@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from kubetune_operator.local import free_port
+from kubetune_cli.local import free_port
 
 SCRAPE_INTERVAL_SECONDS = 1
 

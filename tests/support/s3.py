@@ -31,7 +31,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kubetune_operator.local import free_port
+from kubetune_cli.local import free_port
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"

@@ -271,7 +271,7 @@ def test_tiny_model_s3_holds_a_loadable_model(tiny_model_s3: str, s3_moto: S3End
 
 # --- Example data -------------------------------------------------------------------------------
 
-DATA = REPO / "examples" / "data"
+DATA = REPO / "cli" / "kubetune_cli" / "data"
 
 
 def read_jsonl(path: Path) -> list[dict]:

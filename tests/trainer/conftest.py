@@ -21,7 +21,7 @@ import pytest
 from tests.support.s3 import S3Endpoint
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "examples" / "data"
+DATA = REPO / "cli" / "kubetune_cli" / "data"
 
 # Warnings raised inside the libraries, not by our use of them; everything else stays an error.
 LIBRARY_WARNINGS = [

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_launch_command() -> None:
-    from kubetune_trainer.__main__ import launch_command
+    from kubetune_trainer.contract import launch_command
 
     assert launch_command(1) == [
         "python", "-m", "kubetune_trainer", "--config", "/etc/kubetune/config.json",

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_cli.main import main
 from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
-from kubetune_operator.cli import main
 from kubetune_operator.crd import finetunejob_crd, render_crd_yaml
 from tests.support.admission import CRD_PATH, admit, apply_defaults, crd_schema
 

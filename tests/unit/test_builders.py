@@ -130,7 +130,8 @@ def test_configmap_holds_the_trainer_config_and_no_secrets() -> None:
     assert config == finetunejob(spec=CASES["secrets"]).spec.trainer_config().trainer_json()
     assert set(config) >= {"model", "dataset", "training", "output", "storage"}
     assert not {"resources", "scheduling", "runPolicy", "image", "serviceAccountName"} & set(config)
-    assert config["storage"]["credentialsSecretRef"]["name"] == "s3-credentials"  # the reference, not a value
+    # Not even the references: the trainer never reads them (the Secrets reach it as env, below).
+    assert "credentialsSecretRef" not in config["storage"] and "tokenSecretRef" not in config["model"]
     text = configmap["data"]["config.json"]
     for secret in ("aws_secret", "AKIA"):
         assert secret not in text
@@ -145,6 +146,24 @@ def test_configmap_holds_the_trainer_config_and_no_secrets() -> None:
     for item in trainer(job)["env"]:
         if item["name"] in SECRET_KEYS:
             assert "value" not in item
+
+
+def keys_of(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {key for value in node.values() for key in keys_of(value)}
+    if isinstance(node, list):
+        return {key for item in node for key in keys_of(item)}
+    return set()
+
+
+def test_rendered_config_json_holds_no_secret_reference() -> None:
+    configmap, _ = built("secrets")
+    text = configmap["data"]["config.json"]
+    assert not [key for key in keys_of(json.loads(text)) if key.endswith("SecretRef")]
+    assert "s3-credentials" not in text and "hf-token" not in text
+    # The spec still accepts and keeps them: the CRD shape users write is unchanged.
+    spec = finetunejob(spec=CASES["secrets"]).spec
+    assert spec.storage.credentials_secret_ref is not None and spec.model.token_secret_ref is not None
 
 
 def test_without_secret_references_no_credential_env() -> None:
@@ -176,14 +195,28 @@ def test_default_gpu_resource_comes_from_settings_when_the_spec_leaves_it_out() 
     assert trainer(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
 
 
-def test_one_gpu_runs_the_trainer_many_run_torchrun() -> None:
+def test_one_gpu_runs_the_trainer_many_go_through_its_launcher() -> None:
     _, single = built("minimal")
-    assert trainer(single)["command"] == ["python", "-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    assert trainer(single)["command"] == [
+        "python", "-m", "kubetune_trainer", "--config", contract.CONFIG_PATH,
+        "--termination-log", contract.TERMINATION_LOG,
+    ]  # fmt: skip
     _, multi = built("multi-gpu")
     command = trainer(multi)["command"]
-    assert command[0] == "torchrun"
+    # Not torchrun itself: it would turn exit codes 2 and 3 into 1, which the podFailurePolicy cannot tell apart.
+    assert "torchrun" not in command[0]
     assert command[command.index("--nproc-per-node") + 1] == "4"
-    assert command[command.index("-m") :] == ["-m", "kubetune_trainer", "--config", contract.CONFIG_PATH]
+    assert command[:3] == ["python", "-m", "kubetune_trainer"]
+    assert command[command.index("--config") + 1] == contract.CONFIG_PATH
+
+
+def test_the_trainers_stop_grace_is_the_pods_minus_a_margin() -> None:
+    _, job = built("minimal")
+    grace = pod_spec(job)["terminationGracePeriodSeconds"]
+    assert grace == contract.TERMINATION_GRACE_SECONDS
+    watchdog = int(env(job)[contract.STOP_GRACE_ENV])
+    assert watchdog == grace - contract.STOP_GRACE_MARGIN_SECONDS
+    assert 0 < watchdog < grace  # the watchdog writes its termination message before the kubelet's SIGKILL
 
 
 def test_multi_node_is_rejected_clearly() -> None:

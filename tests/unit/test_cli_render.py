@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune_operator.cli import main
+from kubetune_cli.main import main
 
 EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
 

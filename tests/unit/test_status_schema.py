@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from kubetune_operator.progress import progress_condition
-from kubetune_operator.status import compute_status, failed_status
-from kubetune_trainer.contract import Progress
+from kubetune_operator.status import compute_status, failed_status, trainer_ending
+from kubetune_trainer.contract import CheckpointRef, Progress, TerminationMessage, TrainerError
 from tests.objects import finetunejob
-from tests.unit.test_status import NOW, SITUATIONS, SUCCEEDED_MESSAGE, job, terminated_pod
+from tests.unit.test_status import INVALID_MESSAGE, NOW, SITUATIONS, SUCCEEDED_MESSAGE, job, terminated_pod
 
 CRD = pathlib.Path(__file__).parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 
@@ -50,7 +50,23 @@ def statuses() -> list[dict[str, Any]]:
     live = {**found[7], "progress": progress.wire()}
     live["conditions"] = progress_condition(live["conditions"], False, "PollFailed", "timeout", 1, NOW)
     refused = failed_status("x", 1, "InvalidSpec", "spec.model: field required", None, NOW)
-    return [*found, done, live, refused]
+    return [*found, done, live, refused, *local_statuses()]
+
+
+def local_statuses() -> list[dict[str, Any]]:
+    """What `kubetune run` prints for each way the trainer can end."""
+    preempted = TerminationMessage(outcome="preempted", exit_code=3, checkpoint=CheckpointRef(step=4, uri="s3://b/c/"))
+    failed = TerminationMessage(
+        outcome="failed", exit_code=1, error=TrainerError(reason="StorageError", message="bucket gone")
+    )
+    endings = [
+        (TerminationMessage.model_validate_json(SUCCEEDED_MESSAGE), 0),
+        (TerminationMessage.model_validate_json(INVALID_MESSAGE), 2),
+        (preempted, 3),
+        (failed, 1),
+        (None, 137),
+    ]
+    return [trainer_ending(message, code).status() for message, code in endings]
 
 
 @pytest.mark.parametrize("status", statuses())

@@ -3,8 +3,9 @@
 Exit codes (contract): 0 done (or already done), 2 invalid input, 3 stopped by SIGTERM after a checkpoint,
 1 anything else. A TerminationMessage is written to the termination log on every exit path.
 
-With `--nproc-per-node N` (N > 1) this process is a launcher: it runs torchrun with N workers of itself
-and exits with the code rank 0 recorded in the termination message (torchrun itself only knows 0 or 1).
+With `--nproc-per-node N` (N > 1; `contract.launch_command` adds it) this process is a launcher: it runs
+torchrun with N workers of itself and exits with the code rank 0 recorded in the termination message
+(torchrun itself only knows 0 or 1).
 """
 
 from __future__ import annotations
@@ -24,26 +25,19 @@ from pydantic import ValidationError
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
     CONFIG_PATH,
+    DEFAULT_WORKDIR,
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_PREEMPTED,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
+    WORKDIR_ENV,
     TerminationMessage,
     TrainerError,
 )
 
 log = logging.getLogger("kubetune_trainer")
-WORKDIR_ENV = "KUBETUNE_WORKDIR"
-
-
-def launch_command(gpus: int, config: str = CONFIG_PATH, termination_log: str = TERMINATION_LOG) -> list[str]:
-    """The container command for a pod with `gpus` GPUs (the operator's single source for it)."""
-    command = ["python", "-m", "kubetune_trainer", "--config", config, "--termination-log", termination_log]
-    if gpus > 1:
-        command += ["--nproc-per-node", str(gpus)]
-    return command
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -69,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workdir",
-        default=os.environ.get(WORKDIR_ENV, "/tmp/kubetune"),
+        default=os.environ.get(WORKDIR_ENV, DEFAULT_WORKDIR),
         help="local scratch for the model, checkpoints and artifacts before upload",
     )
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); > 1 runs torchrun")

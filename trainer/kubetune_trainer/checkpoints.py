@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.contract import CHECKPOINTS_DIR, COMPLETE_MARKER
+from kubetune_trainer.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, STOP_GRACE_ENV, stop_grace_seconds
 from kubetune_trainer.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_ENV = "KUBETUNE_STOP_GRACE_SECONDS"
-DEFAULT_STOP_GRACE_SECONDS = 20.0  # Kubernetes sends SIGKILL 30 s after SIGTERM by default
+# Without the env var (the image run by hand) the pod has Kubernetes' default grace.
+DEFAULT_STOP_GRACE_SECONDS = float(stop_grace_seconds())
 _STEP = re.compile(r"/step-(\d+)/")
 
 

@@ -114,36 +114,6 @@ class ApiModel(BaseModel):
         return schema
 
 
-class SecretKeyRef(ApiModel):
-    """A key in a Secret in the FineTuneJob's namespace."""
-
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
-    key: str = Field(
-        default="token", min_length=1, max_length=253, description="Key in the Secret that holds the value."
-    )
-
-
-class S3CredentialsRef(ApiModel):
-    """A Secret holding S3 credentials; they reach the trainer as environment variables, never in config."""
-
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
-    access_key_id_key: str = Field(
-        default="AWS_ACCESS_KEY_ID",
-        min_length=1,
-        max_length=253,
-        description="Key holding the access key id.",
-    )
-    secret_access_key_key: str = Field(
-        default="AWS_SECRET_ACCESS_KEY",
-        min_length=1,
-        max_length=253,
-        description="Key holding the secret access key.",
-    )
-    session_token_key: str | None = Field(
-        default=None, min_length=1, max_length=253, description="Optional key holding a session token."
-    )
-
-
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
@@ -158,22 +128,13 @@ class ModelSpec(ApiModel):
         default=False,
         description="Run Python code shipped with the model. Off by default: it executes arbitrary code.",
     )
-    token_secret_ref: SecretKeyRef | None = Field(
-        default=None, description="Secret key holding a Hugging Face token for gated hf:// models."
-    )
 
-    rules = (
+    rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             "!has(self.revision) || self.source.startsWith('hf://')",
             "model.revision is only valid with an hf:// source",
             lambda m: m.revision is None or m.source.startswith("hf://"),
             ".revision",
-        ),
-        Rule(
-            "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
-            "model.tokenSecretRef is only valid with an hf:// source",
-            lambda m: m.token_secret_ref is None or m.source.startswith("hf://"),
-            ".tokenSecretRef",
         ),
     )
 
@@ -432,14 +393,13 @@ class StorageSpec(ApiModel):
         "Empty: AWS S3.",
     )
     region: str = Field(default="us-east-1", min_length=1, max_length=64, description="S3 region.")
-    credentials_secret_ref: S3CredentialsRef | None = Field(
-        default=None,
-        description="Secret with the S3 credentials. Absent: the pod's own identity (IRSA, instance role).",
-    )
 
 
 class TrainerConfig(ApiModel):
-    """The training part of a FineTuneJob: everything the trainer needs, and nothing secret."""
+    """The training part of a FineTuneJob: everything the trainer reads, and nothing secret.
+
+    Secret references (model.tokenSecretRef, storage.credentialsSecretRef) are the FineTuneJob's: the
+    operator turns them into env from Secrets, and the trainer reads the standard variables."""
 
     model: ModelSpec = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training and evaluation data.")

@@ -1,10 +1,12 @@
-"""The operator-trainer contract (DESIGN.md, "Contracts"): exit codes, paths, the port, and the JSON the
-trainer reports.
+"""The operator-trainer contract (DESIGN.md, "Contracts"): how the trainer is launched, how long it has to
+stop, exit codes, paths, the port, and the JSON the trainer reports.
 
-Pure pydantic (no torch): the operator imports these models to read `/progress` and the termination
-message, and embeds Progress, Result and Artifacts in the FineTuneJob status (so every field has help
-text, which becomes the CRD description). Field names are camelCase on the wire. Unknown fields are
-ignored when reading, so an older operator can read a newer trainer.
+Both sides import this one module: the operator's Job builder and `kubetune run` launch the trainer with
+`launch_command` and `launch_env`, the trainer reads the same names. Pure pydantic (no torch): the operator
+imports these models to read `/progress` and the termination message, and embeds Progress, Result and
+Artifacts in the FineTuneJob status (so every field has help text, which becomes the CRD description).
+Field names are camelCase on the wire. Unknown fields are ignored when reading, so an older operator can
+read a newer trainer.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ CONFIG_PATH = "/etc/kubetune/config.json"
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # Kubernetes truncates termination messages beyond this
+WORKDIR_ENV = "KUBETUNE_WORKDIR"
+DEFAULT_WORKDIR = "/tmp/kubetune"  # local scratch before upload; an emptyDir in the pod
 METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"  # the container port's name, which the chart's PodMonitor selects
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
 RUN_NAMESPACE_ENV = "KUBETUNE_RUN_NAMESPACE"
 RUN_NAME_ENV = "KUBETUNE_RUN_NAME"
 PROGRESS_PATH = "/progress"
 METRICS_PATH = "/metrics"
+
+# Stopping. One value, the pod's terminationGracePeriodSeconds, from which the rest is derived: the trainer's
+# watchdog (STOP_GRACE_ENV) gives up STOP_GRACE_MARGIN_SECONDS before the kubelet's SIGKILL, so it still
+# writes its termination message, and `kubetune run` waits the pod's grace before it kills.
+TERMINATION_GRACE_SECONDS = 300  # room to finish a checkpoint upload on SIGTERM (suspend, preemption)
+KUBERNETES_DEFAULT_GRACE_SECONDS = 30  # a pod that does not say: the trainer image run by hand
+STOP_GRACE_MARGIN_SECONDS = 10  # exit, flush logs, write the termination message
+STOP_GRACE_ENV = "KUBETUNE_STOP_GRACE_SECONDS"
 
 # Objects under output.destination.
 CHECKPOINTS_DIR = "checkpoints"
@@ -40,6 +53,42 @@ Stage = Literal[
     "done", "failed",
 ]  # fmt: skip
 STAGES: tuple[str, ...] = Stage.__args__  # type: ignore[attr-defined]
+
+
+def stop_grace_seconds(termination_grace_seconds: int = KUBERNETES_DEFAULT_GRACE_SECONDS) -> int:
+    """How long the trainer's watchdog lets a stop take, for a pod allowed `termination_grace_seconds`."""
+    return max(1, termination_grace_seconds - STOP_GRACE_MARGIN_SECONDS)
+
+
+def launch_command(
+    gpus: int, config: str = CONFIG_PATH, termination_log: str = TERMINATION_LOG, *, python: str = "python"
+) -> list[str]:
+    """The trainer's command line for a pod (or a local run) with `gpus` GPUs.
+
+    Several GPUs go through the trainer's own launcher (`--nproc-per-node`), not torchrun directly:
+    torchrun turns every worker failure into exit code 1, and the launcher exits with the code rank 0
+    recorded, so 2 (invalid input) and 3 (preempted) reach the Job's podFailurePolicy.
+    """
+    command = [python, "-m", "kubetune_trainer", "--config", config, "--termination-log", termination_log]
+    if gpus > 1:
+        command += ["--nproc-per-node", str(gpus)]
+    return command
+
+
+def launch_env(
+    run_name: str,
+    run_namespace: str,
+    *,
+    metrics_port: int = METRICS_PORT,
+    termination_grace_seconds: int = TERMINATION_GRACE_SECONDS,
+) -> dict[str, str]:
+    """The environment the trainer is launched with, besides credentials and caches."""
+    return {
+        RUN_NAME_ENV: run_name,
+        RUN_NAMESPACE_ENV: run_namespace,
+        METRICS_PORT_ENV: str(metrics_port),
+        STOP_GRACE_ENV: str(stop_grace_seconds(termination_grace_seconds)),
+    }
 
 
 class ContractModel(BaseModel):

@@ -2,8 +2,9 @@
 
 The loop is transformers' `Trainer` (TRL's SFTTrainer is a subclass of it; we tokenize, mask and pack
 ourselves in `data` so that bad rows fail with file:line and truncation is counted, which leaves
-SFTTrainer nothing to add). Callbacks connect it to the run: progress/metrics and one log line per
-interval, checkpoint upload after each save, stopping on SIGTERM, early stopping on eval loss.
+SFTTrainer nothing to add). The callbacks in `callbacks` connect it to the run: progress/metrics and one
+log line per interval, checkpoint upload after each save, stopping on SIGTERM, early stopping on eval loss.
+`run` is the recipe: `finished_outcome` (nothing to do?), `setup`, `train`, `save`, `cleanup`.
 """
 
 from __future__ import annotations
@@ -63,13 +64,6 @@ class Distributed:
 
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    if seconds is None or math.isinf(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def peak_rss_bytes() -> int:
@@ -144,164 +138,51 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
     )
 
 
-# -- callbacks -------------------------------------------------------------------------------------
+# -- the stages ------------------------------------------------------------------------------------
 
 
-def _make_callback(
-    cfg: TrainerConfig, telemetry: Telemetry, stop: ckpt.StopRequest, storage: Storage, dist: Distributed
-) -> Any:
-    from transformers import TrainerCallback
+@dataclass
+class Context:
+    """What every stage reads: the config and the run's surroundings."""
 
-    class RunCallback(TrainerCallback):
-        """Progress, log lines, checkpoint uploads, SIGTERM and early stopping."""
-
-        def __init__(self) -> None:
-            self.preempted = False
-            self.last_checkpoint: ckpt.Checkpoint | None = None
-            self.start_time = time.monotonic()
-            self.start_step = 0
-            self.last_log = (time.monotonic(), 0)
-            self.save_started: float | None = None
-            self.best_eval: float | None = None
-            self.bad_evals = 0
-            self.early_stopped = False
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.start_time = time.monotonic()
-            self.start_step = state.global_step
-            self.last_log = (self.start_time, state.num_input_tokens_seen)
-            telemetry.update(step=state.global_step, total_steps=state.max_steps)
-
-        def _stop_requested(self) -> bool:
-            wanted = stop.requested
-            if dist.world_size > 1:
-                # Every rank must stop at the same step, or the next collective hangs.
-                import torch
-                import torch.distributed as torch_dist
-
-                flag = torch.tensor([1.0 if wanted else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
-                torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-                wanted = bool(flag.item())
-            return wanted
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            telemetry.update(step=state.global_step, epoch=state.epoch)
-            if dist.is_main:  # sequences consumed by all ranks in this optimizer step
-                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * dist.world_size
-                telemetry.child(telemetry.examples_total).inc(per_step)
-            if self._stop_requested():
-                self.preempted = True
-                control.should_save = True
-                control.should_training_stop = True
-                control.should_evaluate = False  # the grace period is for the checkpoint
-                log.warning("stopping after step %d: saving a checkpoint", state.global_step)
-            if control.should_save:
-                self.save_started = time.monotonic()
-            if control.should_evaluate:
-                telemetry.set_stage("evaluating")
-            elif control.should_save:
-                telemetry.set_stage("checkpointing")
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            logs = logs or {}
-            if "loss" not in logs:
-                return
-            now = time.monotonic()
-            tokens = state.num_input_tokens_seen
-            tok_rate = (tokens - self.last_log[1]) / max(now - self.last_log[0], 1e-9)
-            if dist.is_main:
-                telemetry.child(telemetry.tokens_total).inc(max(tokens - self.last_log[1], 0))
-            self.last_log = (now, tokens)
-            done = state.global_step - self.start_step
-            eta = (state.max_steps - state.global_step) * (now - self.start_time) / done if done > 0 else None
-            telemetry.update(
-                train_loss=logs["loss"],
-                learning_rate=logs.get("learning_rate"),
-                grad_norm=float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
-                eta=_fmt_seconds(eta) if eta is not None else None,
-                tokens_per_second=round(tok_rate, 1),
-                eta_seconds=round(eta, 1) if eta is not None else None,
-            )
-            if logs.get("grad_norm") is not None:
-                telemetry.child(telemetry.grad_norm).set(float(logs["grad_norm"]))
-            if dist.is_main:
-                log.info(
-                    "train step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %s epoch %.2f",
-                    state.global_step,
-                    state.max_steps,
-                    logs["loss"],
-                    logs.get("learning_rate", 0.0),
-                    f"{logs['grad_norm']:.3f}" if logs.get("grad_norm") is not None else "-",
-                    tok_rate,
-                    _fmt_seconds(eta),
-                    state.epoch or 0.0,
-                )
-
-        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None:
-                return
-            telemetry.update(eval_loss=loss)
-            if self.save_started is not None:  # a save at this step comes after the evaluation
-                self.save_started = time.monotonic()
-            telemetry.set_stage("checkpointing" if control.should_save else "train")
-            if dist.is_main:
-                log.info(
-                    "eval step %d/%d eval_loss %.4f perplexity %.2f",
-                    state.global_step,
-                    state.max_steps,
-                    loss,
-                    math.exp(min(loss, 50)),
-                )
-            rule = cfg.training.early_stopping
-            if rule is None:
-                return
-            if self.best_eval is None or loss < self.best_eval - rule.threshold:
-                self.best_eval, self.bad_evals = loss, 0
-            else:
-                self.bad_evals += 1
-                if self.bad_evals >= rule.patience:
-                    log.info("early stopping: eval loss has not improved in %d evaluations", self.bad_evals)
-                    self.early_stopped = True
-                    control.should_training_stop = True
-
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.save_started is not None:
-                telemetry.child(telemetry.checkpoint_save_seconds).observe(time.monotonic() - self.save_started)
-            dist.barrier()  # every rank has written its files (rng states are per rank)
-            if not dist.is_main:
-                telemetry.set_stage("train")
-                return
-            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            started = time.monotonic()
-            checkpoint, size = ckpt.upload_checkpoint(storage, local, cfg.output.destination, state.global_step)
-            seconds = time.monotonic() - started
-            telemetry.child(telemetry.checkpoint_upload_seconds).observe(seconds)
-            telemetry.child(telemetry.checkpoint_bytes).set(size)
-            self.last_checkpoint = checkpoint
-            deleted = ckpt.prune_checkpoints(storage, cfg.output.destination, cfg.training.checkpoints_to_keep)
-            log.info(
-                "checkpoint step %d: %.1f MB uploaded to %s in %.1f s%s",
-                state.global_step,
-                size / 1e6,
-                checkpoint.uri,
-                seconds,
-                f"; deleted steps {deleted}" if deleted else "",
-            )
-            telemetry.set_stage("train")
-
-    return RunCallback()
+    cfg: TrainerConfig
+    workdir: Path
+    storage: Storage
+    telemetry: Telemetry
+    stop: ckpt.StopRequest
+    dist: Distributed
 
 
-# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What setup builds, for train and save."""
+
+    precision: str
+    model_dir: Path
+    tokenizer: Any
+    train_data: data_mod.TokenizedData
+    eval_data: data_mod.TokenizedData | None
+    has_eval: bool
+    resume: ckpt.Checkpoint | None
+    resume_dir: Path | None
+    trainer: Any
+    callbacks: Any  # callbacks.RunCallbacks (that module imports transformers)
 
 
-def _local_model(
-    storage: Storage, cfg: TrainerConfig, workdir: Path, dist: Distributed, args: Any, telemetry: Telemetry
-) -> Path:
+@dataclass
+class Trained:
+    """What the train stage leaves: the loop's state and the final eval loss."""
+
+    state: Any
+    train_seconds: float
+    eval_loss: float | None
+
+
+def _local_model(ctx: Context, args: Any) -> Path:
+    cfg, dist, telemetry = ctx.cfg, ctx.dist, ctx.telemetry
     source = cfg.model.source
     loc = parse_uri(source)
-    target = workdir / "model"
+    target = ctx.workdir / "model"
     with args.main_process_first(local=True, desc="model download"):
         if loc.scheme == "file":
             path = Path(loc.path)
@@ -312,7 +193,7 @@ def _local_model(
         elif dist.local_rank == 0 and not (target / "config.json").exists():
             log.info("downloading model %s", source)
             telemetry.set_stage("downloading")
-            path = storage.download(source if source.endswith("/") or loc.scheme == "hf" else source + "/", target)
+            path = ctx.storage.download(source if source.endswith("/") or loc.scheme == "hf" else source + "/", target)
         else:
             path = target
     telemetry.set_stage("setup")
@@ -320,41 +201,34 @@ def _local_model(
     return path
 
 
-def _rows(storage: Storage, cfg: TrainerConfig, workdir: Path) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
+def _rows(ctx: Context) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
+    cfg = ctx.cfg
     spec = cfg.dataset
-    train_rows = data_mod.load_rows(storage, spec.train, workdir)
+    train_rows = data_mod.load_rows(ctx.storage, spec.train, ctx.workdir)
     if spec.eval:
-        return train_rows, data_mod.load_rows(storage, spec.eval, workdir)
+        return train_rows, data_mod.load_rows(ctx.storage, spec.eval, ctx.workdir)
     if not train_rows:
         return train_rows, []
     return data_mod.split_eval(train_rows, spec.eval_split, cfg.training.seed)
 
 
-def run(
-    cfg: TrainerConfig,
-    workdir: Path,
-    *,
-    telemetry: Telemetry | None = None,
-    stop: ckpt.StopRequest | None = None,
-) -> Outcome:
-    """Train as configured, resuming from the newest complete checkpoint at the destination."""
-    telemetry = telemetry or Telemetry()
-    stop = stop or ckpt.StopRequest()
-    dist = Distributed.from_env()
-    storage = Storage(cfg.storage)
-    destination = cfg.output.destination
-    workdir.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
+def finished_outcome(ctx: Context) -> Outcome | None:
+    """The outcome of a run already finished at this destination, or None. Cheapest checks first, so a bad
+    destination fails before any download."""
+    ctx.telemetry.set_stage("setup")
+    destination = ctx.cfg.output.destination
+    ctx.storage.check_bucket(destination)
+    finished = art.finished_run(ctx.storage, destination)
+    if finished is None:
+        return None
+    log.info("%s already holds a finished run (%s); nothing to do", destination, COMPLETE_MARKER)
+    return Outcome("succeeded", finished[0], finished[1], already_done=True)
 
-    hf_logging.disable_progress_bar()  # weight-loading bars are noise in a pod log
 
-    # setup: cheapest checks first, so a bad input fails before any download.
-    telemetry.set_stage("setup")
-    storage.check_bucket(destination)
-    finished = art.finished_run(storage, destination)
-    if finished is not None:
-        log.info("%s already holds a finished run (%s); nothing to do", destination, COMPLETE_MARKER)
-        return Outcome("succeeded", finished[0], finished[1], already_done=True)
+def setup(ctx: Context) -> Prepared:
+    """Everything the loop needs, in the order it depends: data (fails fast on bad rows), the model (its
+    tokenizer comes with it, and the data needs the tokenizer), the checkpoint to resume, the loop."""
+    cfg, dist = ctx.cfg, ctx.dist
     precision = model_mod.precision(cfg.training)
     if cfg.method.type == "qlora" and (problem := model_mod.bitsandbytes_problem()):
         from kubetune_trainer.errors import InvalidInput
@@ -364,10 +238,9 @@ def run(
             f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
             field="method.type",
         )
-    # The tokenizer comes with the model, and the data needs the tokenizer.
-    rows_train, rows_eval = _rows(storage, cfg, workdir)
-    args = training_arguments(cfg, workdir / "trainer", precision, has_eval=bool(rows_eval))
-    model_dir = _local_model(storage, cfg, workdir, dist, args, telemetry)
+    rows_train, rows_eval = _rows(ctx)
+    args = training_arguments(cfg, ctx.workdir / "trainer", precision, has_eval=bool(rows_eval))
+    model_dir = _local_model(ctx, args)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
     train_data = data_mod.tokenize(rows_train, cfg.dataset, tokenizer, name="train")
     eval_data = data_mod.tokenize(rows_eval, cfg.dataset, tokenizer, name="eval") if rows_eval else None
@@ -386,26 +259,28 @@ def run(
         precision,
         "on" if model_mod.gradient_checkpointing(cfg.training) else "off",
     )
-    resume = ckpt.latest_checkpoint(storage, destination)
+    resume = ckpt.latest_checkpoint(ctx.storage, cfg.output.destination)
     resume_dir: Path | None = None
     if resume is not None:
-        resume_dir = workdir / "resume" / f"checkpoint-{resume.step}"
+        resume_dir = ctx.workdir / "resume" / f"checkpoint-{resume.step}"
         with args.main_process_first(local=True, desc="checkpoint download"):
             if dist.local_rank == 0:
-                ckpt.download_checkpoint(storage, resume, resume_dir)
+                ckpt.download_checkpoint(ctx.storage, resume, resume_dir)
         log.info("resuming from step %d (%s)", resume.step, resume.uri)
-        telemetry.update(resumed_from_step=resume.step)
+        ctx.telemetry.update(resumed_from_step=resume.step)
     model = model_mod.load_model(model_dir, cfg, precision, device_index=dist.local_rank)
     trainable, total = model_mod.trainable_parameters(model)
     log.info("model: %s, %d of %d parameters trainable", cfg.method.type, trainable, total)
-    if stop.requested:
+    if ctx.stop.requested:
         raise ckpt.Preempted("SIGTERM before training started")
     if cfg.training.early_stopping and not eval_features:
         log.warning("training.earlyStopping needs eval data (dataset.eval or evalSplit > 0); it is off")
 
     from transformers import PrinterCallback, Trainer
 
-    callback = _make_callback(cfg, telemetry, stop, storage, dist)
+    from kubetune_trainer.callbacks import run_callbacks
+
+    callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
     trainer = Trainer(
         model=model,
         args=args,
@@ -413,71 +288,107 @@ def run(
         eval_dataset=eval_features,
         data_collator=data_mod.Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=callbacks.in_order(),
     )
-    trainer.remove_callback(PrinterCallback)  # our callback writes one readable line per interval
+    trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
+    return Prepared(
+        precision,
+        model_dir,
+        tokenizer,
+        train_data,
+        eval_data,
+        bool(eval_features),
+        resume,
+        resume_dir,
+        trainer,
+        callbacks,
+    )
 
-    # train
-    telemetry.set_stage("train")
-    stop.interruptible = False  # from here a SIGTERM means: finish the step, checkpoint, exit 3
-    if stop.requested:
+
+def train(ctx: Context, prepared: Prepared) -> Trained:
+    """The loop, from the resumed step to the end (or to the checkpoint a SIGTERM asks for)."""
+    ctx.telemetry.set_stage("train")
+    ctx.stop.interruptible = False  # from here a SIGTERM means: finish the step, checkpoint, exit 3
+    if ctx.stop.requested:
         raise ckpt.Preempted("SIGTERM before training started")
+    trainer = prepared.trainer
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    trainer.train(resume_from_checkpoint=str(prepared.resume_dir) if prepared.resume_dir else None)
     train_seconds = time.monotonic() - started
     state = trainer.state
-    if callback.preempted:
-        checkpoint = callback.last_checkpoint
-        return Outcome(
-            "preempted",
-            checkpoint=CheckpointRef(step=checkpoint.step, uri=checkpoint.uri) if checkpoint else None,
-        )
     eval_loss = None
-    if eval_features:
+    if prepared.has_eval and not prepared.callbacks.stop.preempted:
         evals = [h for h in state.log_history if "eval_loss" in h]
         if evals and evals[-1].get("step") == state.global_step:
             eval_loss = evals[-1]["eval_loss"]
         else:
             eval_loss = trainer.evaluate()["eval_loss"]
+    return Trained(state, train_seconds, eval_loss)
 
-    # save
-    telemetry.set_stage("save")
-    metrics = _metrics(cfg, state, train_data, eval_data, eval_loss, train_seconds, precision, dist, resume, callback)
+
+def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
+    """The numbers, and (rank 0) the artifacts at the destination with the final marker last."""
+    ctx.telemetry.set_stage("save")
+    state, eval_loss = trained.state, trained.eval_loss
+    metrics = _metrics(ctx, prepared, trained)
     outcome = Outcome(
         "succeeded",
         result=Result(
             train_loss=metrics["train_loss"],
             eval_loss=eval_loss,
             perplexity=metrics["perplexity"],
-            train_seconds=round(train_seconds, 2),
+            train_seconds=round(trained.train_seconds, 2),
             trained_tokens=metrics["trained_tokens"],
             steps=state.global_step,
         ),
         metrics=metrics,
     )
-    if dist.is_main:
-        outcome.artifacts = _save(
-            cfg, storage, trainer.model, tokenizer, model_dir, workdir, metrics, outcome, precision, telemetry
-        )
-    dist.barrier()
-
-    # cleanup
-    telemetry.set_stage("cleanup")
+    if ctx.dist.is_main:
+        outcome.artifacts = _write_artifacts(ctx, prepared, metrics, outcome)
+    ctx.dist.barrier()
     return outcome
 
 
-def _metrics(
+def cleanup(ctx: Context) -> None:
+    """Nothing is left to release: the loop, the model and the servers' state go with the process."""
+    ctx.telemetry.set_stage("cleanup")
+
+
+def run(
     cfg: TrainerConfig,
-    state: Any,
-    train_data: data_mod.TokenizedData,
-    eval_data: data_mod.TokenizedData | None,
-    eval_loss: float | None,
-    train_seconds: float,
-    precision: str,
-    dist: Distributed,
-    resume: ckpt.Checkpoint | None,
-    callback: Any,
-) -> dict[str, Any]:
+    workdir: Path,
+    *,
+    telemetry: Telemetry | None = None,
+    stop: ckpt.StopRequest | None = None,
+) -> Outcome:
+    """Train as configured, resuming from the newest complete checkpoint at the destination."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise in a pod log
+    ctx = Context(
+        cfg, workdir, Storage(cfg.storage), telemetry or Telemetry(), stop or ckpt.StopRequest(), Distributed.from_env()
+    )
+    finished = finished_outcome(ctx)
+    if finished is not None:
+        return finished
+    prepared = setup(ctx)
+    trained = train(ctx, prepared)
+    if prepared.callbacks.stop.preempted:
+        checkpoint = prepared.callbacks.checkpoints.last_checkpoint
+        return Outcome(
+            "preempted",
+            checkpoint=CheckpointRef(step=checkpoint.step, uri=checkpoint.uri) if checkpoint else None,
+        )
+    outcome = save(ctx, prepared, trained)
+    cleanup(ctx)
+    return outcome
+
+
+def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, Any]:
+    cfg, dist, resume = ctx.cfg, ctx.dist, prepared.resume
+    state, eval_loss, train_seconds = trained.state, trained.eval_loss, trained.train_seconds
+    train_data, eval_data, precision = prepared.train_data, prepared.eval_data, prepared.precision
     import torch
 
     losses = [
@@ -502,7 +413,7 @@ def _metrics(
         "max_steps": state.max_steps,
         "epochs": state.epoch,
         "resumed_from_step": resume.step if resume else None,
-        "early_stopped": callback.early_stopped,
+        "early_stopped": prepared.callbacks.early_stopped,
         "train_loss": losses[-1]["loss"] if losses else None,
         "first_train_loss": losses[0]["loss"] if losses else None,
         "eval_loss": eval_loss,
@@ -521,21 +432,12 @@ def _metrics(
     }
 
 
-def _save(
-    cfg: TrainerConfig,
-    storage: Storage,
-    model: Any,
-    tokenizer: Any,
-    model_dir: Path,
-    workdir: Path,
-    metrics: dict[str, Any],
-    outcome: Outcome,
-    precision: str,
-    telemetry: Telemetry,
-) -> Artifacts:
+def _write_artifacts(ctx: Context, prepared: Prepared, metrics: dict[str, Any], outcome: Outcome) -> Artifacts:
     """Write every artifact locally, upload them, then the final marker (last)."""
+    cfg, storage, telemetry = ctx.cfg, ctx.storage, ctx.telemetry
+    model, tokenizer, precision = prepared.trainer.model, prepared.tokenizer, prepared.precision
     destination = cfg.output.destination
-    out = workdir / "output"
+    out = ctx.workdir / "output"
     full = cfg.method.type == "full"
     weights_dir = out / ("model" if full else "adapter")
     art.save_weights(model, tokenizer, weights_dir, full=full)
@@ -553,7 +455,7 @@ def _save(
         artifacts.samples = join(destination, "samples.jsonl")
     if cfg.output.merge_adapter and not full:
         dtype = model_mod.DTYPES["fp32" if precision == "fp32" else precision]
-        art.merge_adapter(model_dir, weights_dir, out / "merged", cfg, dtype)
+        art.merge_adapter(prepared.model_dir, weights_dir, out / "merged", cfg, dtype)
         tokenizer.save_pretrained(out / "merged")
         artifacts.merged = join(destination, "merged") + "/"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

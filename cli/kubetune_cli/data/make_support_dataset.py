@@ -5,7 +5,7 @@ Rows are composed from per-topic templates and small vocabularies, so the facts 
 something learnable. The output is deterministic: running this script again rewrites the same
 bytes. Run from anywhere:
 
-    python examples/data/make_support_dataset.py [OUT_DIR]
+    python cli/kubetune_cli/data/make_support_dataset.py [OUT_DIR]
 
 It writes, next to itself unless OUT_DIR is given:
   support-instructions.jsonl  {"prompt", "response"} rows for training

@@ -1,10 +1,11 @@
 """`kubetune demo`: kubetune working end to end in minutes, with nothing but Python.
 
 It makes a tiny Llama-architecture model and tokenizer (deterministic, from a config), starts an S3 server
-on loopback so the S3 path is the one exercised, uploads the model and the support dataset shipped in
-examples/data/, and runs a real QLoRA FineTuneJob (4-bit NF4 on CPU) from S3 to S3 through `kubetune run`'s
-code. It ends with the artifacts (copied out of the short-lived S3 server), the loss curve's ends, a sample
-generation, and the YAML that runs the same job on a cluster.
+on loopback so the S3 path is the one exercised, uploads the model and the support dataset shipped with this
+package (`kubetune_cli/data/`, so a wheel install runs it too), and runs a real QLoRA FineTuneJob (4-bit NF4
+on CPU) from S3 to S3 through `kubetune run`'s code. It ends with the artifacts (copied out of the
+short-lived S3 server), the loss curve's ends, a sample generation, and the YAML that runs the same job on
+a cluster.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ import logging
 import os
 import sys
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
+from kubetune_cli.local import execute, free_port, prepare, print_status
 from kubetune_operator import API_GROUP, API_VERSION, KIND
 from kubetune_operator.api import parse_finetunejob
-from kubetune_operator.local import execute, free_port, prepare, print_status
 from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.contract import EXIT_OK
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_DATA = REPO_ROOT / "examples" / "data"
+# Package data, not a path into a checkout: `pip install kubetune[local,trainer]` + `kubetune demo` works.
+DEMO_DATA = files("kubetune_cli").joinpath("data")
 DEMO_NAME = "support-bot-demo"
 BUCKETS = ("models", "datasets", "artifacts")
 SAMPLE_PROMPTS = [
@@ -107,13 +109,14 @@ def run_demo(workdir: Path, *, max_steps: int = 200, out: IO[str] = sys.stdout) 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
     try:
-        print(f"[2/4] uploading the model and examples/data to an S3 server at {endpoint}", file=out, flush=True)
+        print(f"[2/4] uploading the model and the support dataset to an S3 server at {endpoint}", file=out, flush=True)
         storage = Storage(StorageSpec(endpoint=endpoint))
         for bucket in BUCKETS:
             storage.client.create_bucket(Bucket=bucket)
         storage.upload_dir(model_dir, "s3://models/tiny-llama/")
-        storage.upload_file(DEMO_DATA / "support-instructions.jsonl", "s3://datasets/support/train.jsonl")
-        storage.upload_file(DEMO_DATA / "support-eval.jsonl", "s3://datasets/support/eval.jsonl")
+        with as_file(DEMO_DATA) as data:
+            storage.upload_file(data / "support-instructions.jsonl", "s3://datasets/support/train.jsonl")
+            storage.upload_file(data / "support-eval.jsonl", "s3://datasets/support/eval.jsonl")
 
         job_body = demo_job(endpoint, max_steps)
         job_path = workdir / "finetunejob.yaml"

@@ -15,7 +15,7 @@ EXIT_INVALID = 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kubetune_operator.manifests import check_files
+    from kubetune_cli.manifests import check_files
 
     failed = 0
     for checked in check_files(args.files):
@@ -42,13 +42,13 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kubetune_operator.local import run_file
+    from kubetune_cli.local import run_file
 
     return run_file(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kubetune_operator.demo import run_demo
+    from kubetune_cli.demo import run_demo
 
     return run_demo(args.workdir, max_steps=args.max_steps)
 
@@ -56,9 +56,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
+    from kubetune_cli.manifests import load_finetunejob
     from kubetune_operator.api import SpecError
     from kubetune_operator.builders import build_trainer_configmap, build_trainer_job
-    from kubetune_operator.manifests import load_finetunejob
     from kubetune_operator.settings import Settings, SettingsError
 
     try:
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="fine-tune a tiny model with QLoRA from S3 to S3, all on this machine",
         description="Build a tiny Llama model, start an S3 server on loopback, and run a real QLoRA FineTuneJob "
-        "on the support dataset in examples/data. No cluster, GPU, network or credentials needed.",
+        "on the support dataset shipped with kubetune. No cluster, GPU, network or credentials needed.",
     )
     demo.add_argument("--workdir", type=Path, default=Path("kubetune-demo"), help="where it all goes")
     demo.add_argument("--max-steps", type=int, default=200, help="training steps (default 200)")

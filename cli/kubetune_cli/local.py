@@ -1,10 +1,11 @@
 """`kubetune run`: the FineTuneJob a cluster would run, run on this machine instead.
 
-The trainer runs as a child process exactly as in a pod (`python -m kubetune_trainer --config ...`, its
-/metrics and /progress served, a termination message at the end), so what works here works there. This
-module is the pod's surroundings: it validates like the API server, renders config.json like the operator,
-follows /progress like the operator's poll, and ends with the status block the operator would write.
-It never imports torch.
+The trainer runs as a child process exactly as in a pod: the same command and environment from the contract
+(`launch_command`, `launch_env`), its /metrics and /progress served, a termination message at the end, so
+what works here works there. This module is the pod's surroundings: it validates like the API server,
+renders config.json like the operator, follows /progress like the operator's poll, stops the trainer as the
+kubelet does (SIGTERM, then SIGKILL after the pod's grace), and ends with the status the operator's own
+`trainer_ending` computes. It never imports torch.
 """
 
 from __future__ import annotations
@@ -27,22 +28,23 @@ from urllib.parse import urlparse
 import yaml
 
 from kubetune_operator.api import FineTuneJob, SpecError
+from kubetune_operator.status import trainer_ending
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_PREEMPTED,
-    METRICS_PORT_ENV,
     PROGRESS_PATH,
-    RUN_NAME_ENV,
-    RUN_NAMESPACE_ENV,
+    TERMINATION_GRACE_SECONDS,
+    WORKDIR_ENV,
     Progress,
     TerminationMessage,
+    launch_command,
+    launch_env,
 )
 from kubetune_trainer.storage import parse_uri
 
-STOP_GRACE_SECONDS = 120  # after Ctrl-C, how long the trainer gets to checkpoint before it is killed
 LOCAL_NAMESPACE = "local"
 
 
@@ -113,17 +115,17 @@ def free_port() -> int:
 
 
 def trainer_command(run: LocalRun) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kubetune_trainer",
-        "--config",
-        str(run.config_path),
-        "--termination-log",
-        str(run.termination_log),
-        "--workdir",
-        str(run.workdir / "scratch"),
-    ]
+    """The pod's command with this run's paths; one process, whatever spec.resources says (it is ignored here)."""
+    return launch_command(1, str(run.config_path), str(run.termination_log), python=sys.executable)
+
+
+def trainer_env(run: LocalRun, port: int) -> dict[str, str]:
+    """The pod's trainer environment (the contract's), plus where this run's scratch space is."""
+    namespace = run.job.metadata.namespace or LOCAL_NAMESPACE
+    return {
+        **launch_env(run.job.metadata.name, namespace, metrics_port=port),
+        WORKDIR_ENV: str(run.workdir / "scratch"),
+    }
 
 
 def read_progress(port: int, timeout: float = 1.0) -> Progress | None:
@@ -184,40 +186,6 @@ class ProgressPrinter:
             self.last_line = ""
 
 
-def status_block(job: FineTuneJob, message: TerminationMessage | None, exit_code: int) -> dict[str, Any]:
-    """The FineTuneJob status the operator would write for this ending."""
-    if message is None:
-        return {
-            "phase": "Failed",
-            "reason": "NoTerminationMessage",
-            "message": f"the trainer exited with {exit_code} and wrote no termination message",
-        }
-    status: dict[str, Any] = {}
-    if message.outcome == "succeeded":
-        status.update(phase="Succeeded", reason="Completed", message="training finished")
-    elif message.outcome == "preempted":
-        checkpoint = message.checkpoint
-        where = f"checkpoint at step {checkpoint.step}" if checkpoint else "no checkpoint"
-        status.update(phase="Suspended", reason="Stopped", message=f"stopped with {where}; run again to resume")
-    else:
-        error = message.error
-        status.update(
-            phase="Failed",
-            reason="InvalidInput" if message.outcome == "invalid" else (error.reason if error else "Failed"),
-            message=error.message if error else f"the trainer exited with {exit_code}",
-        )
-    for key, value in (
-        ("result", message.result),
-        ("artifacts", message.artifacts),
-        ("checkpoint", message.checkpoint),
-    ):
-        if value is not None:
-            status[key] = value.wire()
-    if message.error is not None:
-        status["error"] = message.error.wire()
-    return status
-
-
 def prepare(job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoint: str | None) -> LocalRun:
     config = local_config(job, max_steps=max_steps, s3_endpoint=s3_endpoint)
     preflight(config)
@@ -238,12 +206,7 @@ def execute(
 ) -> tuple[int, dict[str, Any]]:
     """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status)."""
     port = port or free_port()
-    env = {
-        **os.environ,
-        METRICS_PORT_ENV: str(port),
-        RUN_NAME_ENV: run.job.metadata.name,
-        RUN_NAMESPACE_ENV: run.job.metadata.namespace or LOCAL_NAMESPACE,
-    }
+    env = {**os.environ, **trainer_env(run, port)}
     printer = ProgressPrinter(out)
     print(f"trainer log: {run.trainer_log}", file=out)
     print(f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}{PROGRESS_PATH}", file=out)
@@ -263,7 +226,7 @@ def execute(
             print("stopping: the trainer saves a checkpoint first (Ctrl-C again to wait less patiently)", file=out)
             child.send_signal(signal.SIGTERM)
             try:
-                child.wait(timeout=STOP_GRACE_SECONDS)
+                child.wait(timeout=TERMINATION_GRACE_SECONDS)  # the pod's grace, then SIGKILL as the kubelet
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
@@ -275,7 +238,7 @@ def execute(
         message = None
     if message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
         code = message.exit_code or code
-    return code, status_block(run.job, message, code)
+    return code, trainer_ending(message, code).status()
 
 
 def print_status(status: dict[str, Any], out: IO[str]) -> None:
@@ -287,7 +250,7 @@ def run_file(
     path: Path, workdir: Path | None, *, max_steps: int | None, s3_endpoint: str | None, out: IO[str] = sys.stdout
 ) -> int:
     """`kubetune run`: 1 for an invalid file (nothing loaded), else the trainer's exit code."""
-    from kubetune_operator.manifests import load_finetunejob
+    from kubetune_cli.manifests import load_finetunejob
 
     try:
         job = load_finetunejob(path)

@@ -1,0 +1,94 @@
+"""`kubetune run` launches the trainer as the Job does and reports the status the operator computes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_cli import local
+from kubetune_operator.builders import build_trainer_job
+from kubetune_operator.status import compute_status, trainer_ending
+from kubetune_trainer import contract
+from kubetune_trainer.contract import TerminationMessage
+from tests.objects import finetunejob
+from tests.unit.test_builders import SETTINGS, env, pod_spec, trainer
+from tests.unit.test_status import INVALID_MESSAGE, NOW, SUCCEEDED_MESSAGE, job, terminated_pod
+
+PORT = 19400
+
+
+def local_run(gpus: int, workdir: Path) -> local.LocalRun:
+    ftj = finetunejob(spec={"resources": {"gpus": gpus}})
+    return local.LocalRun(ftj, ftj.spec.trainer_config(), workdir)
+
+
+def pod_argv(argv: list[str], run: local.LocalRun) -> list[str]:
+    """A local command line with the pod's interpreter and paths in place of this run's."""
+    paths = {
+        sys.executable: "python",
+        str(run.config_path): contract.CONFIG_PATH,
+        str(run.termination_log): contract.TERMINATION_LOG,
+    }
+    return [paths.get(arg, arg) for arg in argv]
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_job_and_kubetune_run_launch_the_trainer_alike(gpus: int, tmp_path: Path) -> None:
+    run = local_run(gpus, tmp_path)
+    pod = build_trainer_job(run.job, SETTINGS)
+    assert pod_argv(local.trainer_command(run), run) == trainer(pod)["command"]
+
+    pod_env = {name: value for name, value in env(pod).items() if isinstance(value, str)}
+    local_env = local.trainer_env(run, PORT)
+    launched = set(contract.launch_env("x", "y"))
+    assert launched <= set(pod_env) and launched <= set(local_env)
+    for name in launched - {contract.METRICS_PORT_ENV}:  # the port is a free one locally
+        assert local_env[name] == pod_env[name], name
+    assert local_env[contract.METRICS_PORT_ENV] == str(PORT)
+    # The stop grace both hand the trainer comes from the pod's own terminationGracePeriodSeconds.
+    grace = pod_spec(pod)["terminationGracePeriodSeconds"]
+    assert local_env[contract.STOP_GRACE_ENV] == str(contract.stop_grace_seconds(grace))
+
+
+def test_several_gpus_go_through_the_trainers_launcher(tmp_path: Path) -> None:
+    run = local_run(4, tmp_path)
+    command = trainer(build_trainer_job(run.job, SETTINGS))["command"]
+    assert command == contract.launch_command(4)
+    # kubetune run ignores spec.resources: one process, otherwise the pod's command line.
+    assert pod_argv(local.trainer_command(run), run) == contract.launch_command(1)
+
+
+def status_of_pod(exit_code: int, message: str) -> dict[str, Any]:
+    observed = (
+        job(("Complete", "CompletionsReached", ""), succeeded=1)
+        if exit_code == 0
+        else job(("Failed", "PodFailurePolicy", "exit code 2"), failed=1)
+    )
+    return compute_status(finetunejob(), observed, [terminated_pod(exit_code, message)], {}, NOW)
+
+
+@pytest.mark.parametrize("exit_code, message", [(0, SUCCEEDED_MESSAGE), (2, INVALID_MESSAGE)])
+def test_kubetune_run_reports_what_the_operator_writes(exit_code: int, message: str) -> None:
+    operator = status_of_pod(exit_code, message)
+    ending = trainer_ending(TerminationMessage.model_validate_json(message), exit_code).status()
+    for key in ("phase", "reason", "message", "result", "artifacts", "checkpoint"):
+        assert ending.get(key) == operator.get(key), key
+    assert "error" not in ending  # the status schema has no such field; the error is in the message
+
+
+def test_a_stopped_local_run_is_suspended_with_its_checkpoint() -> None:
+    message = TerminationMessage(
+        outcome="preempted", exit_code=3, checkpoint=contract.CheckpointRef(step=7, uri="s3://a/checkpoints/step-7/")
+    )
+    status = trainer_ending(message, contract.EXIT_PREEMPTED).status()
+    assert status["phase"] == "Suspended" and status["checkpoint"]["step"] == 7
+    assert "step 7" in status["message"]
+
+
+def test_an_ending_without_a_message_says_so() -> None:
+    status = trainer_ending(None, 139).status()
+    assert (status["phase"], status["reason"]) == ("Failed", "NoTerminationMessage")
+    assert "139" in status["message"]
