@@ -29,6 +29,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_FINETUNEJOB = f"{API_GROUP}/finetunejob"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# On a Kueue Workload the operator deactivated for spec.runPolicy.suspend: only such a Workload is reactivated.
+ANNOTATION_DEACTIVATED = f"{API_GROUP}/deactivated-for-suspend"
 MANAGED_BY = "kubetune"
 
 CACHE_DIR = "/cache"
@@ -300,6 +302,24 @@ def suspend_patch(job: FineTuneJob, observed_job: dict[str, Any]) -> dict[str, A
         return {"spec": {"suspend": True}}
     if not job.spec.run_policy.suspend and suspended and not job.spec.scheduling.queue_name:
         return {"spec": {"suspend": False}}
+    return None
+
+
+def workload_activation_patch(job: FineTuneJob, workload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The merge patch making a queued run's Kueue Workload follow spec.runPolicy.suspend, or None.
+
+    Kueue unsuspends the Job of an admitted Workload, so suspending the Job alone does not hold: Kueue's way to
+    stop a Workload is `spec.active: false` (it evicts it and suspends the Job). Only a Workload the operator
+    deactivated is reactivated, never one Kueue or an administrator deactivated.
+    """
+    if workload is None or not job.spec.scheduling.queue_name:
+        return None
+    active = workload.get("spec", {}).get("active", True) is not False
+    ours = ANNOTATION_DEACTIVATED in (workload.get("metadata", {}).get("annotations") or {})
+    if job.spec.run_policy.suspend and active:
+        return {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: "true"}}, "spec": {"active": False}}
+    if not job.spec.run_policy.suspend and not active and ours:
+        return {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}}
     return None
 
 

@@ -66,6 +66,16 @@ FINETUNEJOBS = Resource(API_GROUP, API_VERSION, PLURAL)
 JOBS = Resource("batch", "v1", "jobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 PODS = Resource("", "v1", "pods")
+KUEUE_GROUP = "kueue.x-k8s.io"
+
+
+def resource_of(body: Body, plural: str) -> Resource:
+    """Where `body` (an object as served, with its apiVersion) lives: for kinds whose served version varies,
+    such as Kueue's Workload (v1beta1 before Kueue 0.15, v1beta2 since)."""
+    group, _, version = str(body.get("apiVersion", "")).rpartition("/")
+    return Resource(group, version, plural)
+
+
 KIND_RESOURCES = {"Job": JOBS, "ConfigMap": CONFIGMAPS}
 
 

@@ -14,7 +14,7 @@ import kopf
 
 from kubetune_operator import API_GROUP, API_VERSION, PLURAL
 from kubetune_operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY, MANAGED_BY
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import KUEUE_GROUP, Kube
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressPoller, trainer_endpoint, url_of
 from kubetune_operator.reconcile import Reconciler
@@ -91,6 +91,15 @@ async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **
     owner = labels.get(LABEL_FINETUNEJOB)
     if owner:
         await memo.reconciler.sync_from_event(namespace, owner, RETRY_SECONDS)
+
+
+@kopf.on.event(KUEUE_GROUP, "workloads")
+async def workload_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Kueue's Workload of a queued run changed: its status says why it waits, and a user's suspend must
+    deactivate it. Served only where Kueue is installed (Kopf watches the resource once its CRD exists)."""
+    owner = memo.reconciler.observe_workload(dict(body), deleted=type == "DELETED")
+    if owner is not None:
+        await memo.reconciler.sync_from_event(*owner, RETRY_SECONDS)
 
 
 @kopf.on.event(*FINETUNEJOBS)

@@ -26,6 +26,7 @@ from kubetune_operator.builders import (
     job_name,
     scheduling_patch,
     suspend_patch,
+    workload_activation_patch,
 )
 from kubetune_operator.kube import (
     FINETUNEJOBS,
@@ -37,6 +38,7 @@ from kubetune_operator.kube import (
     OwnedByPredecessor,
     check_owner,
     owned_by,
+    resource_of,
 )
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressError, ProgressPoller, progress_condition
@@ -66,6 +68,8 @@ class Reconciler:
         self.clock = clock
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
+        # Kueue's Workload of each queued run's Job, kept from the Workload watch: (namespace, Job name) -> body.
+        self.workloads: dict[tuple[str, str], Body] = {}
         self._closed = False
         self._retries: set[asyncio.Task[None]] = set()
 
@@ -157,8 +161,35 @@ class Reconciler:
             patch = suspend_patch(job, observed)
             if patch is not None:
                 observed = await self.kube.patch(JOBS, namespace, job_name(job), patch)
+        workload = self.workloads.get((namespace, job_name(job))) if observed is not None else None
+        if workload is not None and not is_finished(previous):
+            await self._follow_suspend(job, workload)
         pods = await self.kube.list(PODS, namespace, f"{LABEL_FINETUNEJOB}={name}")
-        await self._publish(body, compute_status(job, observed, pods, previous, self.clock()))
+        await self._publish(body, compute_status(job, observed, pods, previous, self.clock(), workload))
+
+    async def _follow_suspend(self, job: FineTuneJob, workload: Body) -> None:
+        """Deactivate (or reactivate) Kueue's Workload so that Kueue keeps a suspended run suspended."""
+        patch = workload_activation_patch(job, workload)
+        if patch is not None:
+            metadata = workload["metadata"]
+            updated = await self.kube.patch(resource_of(workload, "workloads"), metadata["namespace"],
+                                            metadata["name"], patch)  # fmt: skip
+            self.workloads[(metadata["namespace"], job_name(job))] = updated
+
+    def observe_workload(self, workload: Body, deleted: bool) -> tuple[str, str] | None:
+        """Keep Kueue's Workload of a kubetune Job; returns the FineTuneJob to sync, if it is one of ours."""
+        metadata = workload.get("metadata", {})
+        namespace = metadata.get("namespace", "")
+        owners = [ref["name"] for ref in metadata.get("ownerReferences") or []
+                  if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1"]  # fmt: skip
+        if not owners or (namespace, owners[0]) not in self.metrics.phases:
+            return None  # not the Workload of a FineTuneJob's Job (the Job is named after its FineTuneJob)
+        key = (namespace, owners[0])
+        if deleted:
+            self.workloads.pop(key, None)
+        else:
+            self.workloads[key] = workload
+        return key
 
     async def _create_children(self, body: Body, job: FineTuneJob, previous: Body) -> Body:
         try:
@@ -238,7 +269,8 @@ class Reconciler:
         await self.kube.delete(FINETUNEJOBS, namespace, name)
 
     def forget(self, namespace: str, name: str) -> None:
-        """A FineTuneJob is gone: drop its lock and metric series."""
+        """A FineTuneJob is gone: drop its lock, its Workload and metric series."""
+        self.workloads.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
 

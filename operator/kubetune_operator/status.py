@@ -239,8 +239,20 @@ def _waiting_outcome(pods: list[dict[str, Any]]) -> Outcome:
     return Outcome("Pending", "WaitingForPod", "the Job has not created a pod yet")
 
 
+def kueue_pending_message(workload: dict[str, Any] | None) -> str | None:
+    """Why Kueue has not admitted a Workload yet, in Kueue's words (its QuotaReserved=False message)."""
+    for condition in (workload or {}).get("status", {}).get("conditions") or []:
+        if condition.get("type") == "QuotaReserved" and condition.get("status") == "False":
+            return _short(str(condition.get("message") or "")) or None
+    return None
+
+
 def _outcome(
-    job: FineTuneJob, observed_job: dict[str, Any] | None, pods: list[dict[str, Any]], previous: dict[str, Any]
+    job: FineTuneJob,
+    observed_job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    previous: dict[str, Any],
+    workload: dict[str, Any] | None,
 ) -> Outcome:
     if observed_job is None:
         if previous.get("phase") in FINISHED:  # the outcome outlives a Job deleted after it finished
@@ -263,7 +275,9 @@ def _outcome(
     if observed_job.get("spec", {}).get("suspend"):
         queue = observed_job.get("metadata", {}).get("labels", {}).get(LABEL_KUEUE_QUEUE)
         if queue:
-            return Outcome("Queued", "WaitingForAdmission", f"waiting for Kueue LocalQueue {queue} to admit the Job")
+            message = f"waiting for Kueue LocalQueue {queue} to admit the Job"
+            pending = kueue_pending_message(workload)
+            return Outcome("Queued", "WaitingForAdmission", f"{message}: {pending}" if pending else message)
         return Outcome("Pending", "Resuming", "the Job is being resumed")
     if running:
         return Outcome("Running", "TrainerRunning", f"pod {running[0]['metadata']['name']} is training")
@@ -353,11 +367,13 @@ def compute_status(
     pods: list[dict[str, Any]],
     previous_status: dict[str, Any] | None,
     now: datetime,
+    workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole FineTuneJob status (wire names) for what runs now."""
+    """The whole FineTuneJob status (wire names) for what runs now; `workload` is Kueue's Workload for the Job
+    when the run is queued (it says why Kueue has not admitted it)."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
-    outcome = _outcome(job, observed_job, pods, previous)
+    outcome = _outcome(job, observed_job, pods, previous, workload)
     status: dict[str, Any] = {
         "phase": outcome.phase,
         "reason": outcome.reason,

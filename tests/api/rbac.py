@@ -3,7 +3,7 @@ the emulated API server's request log."""
 
 from __future__ import annotations
 
-from tests.chart.rbac_expected import ADMISSION_ONLY, ALL_NAMESPACES, Permission
+from tests.chart.rbac_expected import ADMISSION_ONLY, ALL_NAMESPACES, KUEUE_ONLY, Permission
 
 Grant = tuple[str, str, str, str | None]
 
@@ -16,3 +16,4 @@ def as_grant(permission: Permission) -> Grant:
 
 GRANTED: frozenset[Grant] = frozenset(as_grant(permission) for permission in ALL_NAMESPACES)
 NEEDED_BY_ADMISSION: frozenset[Grant] = frozenset(as_grant(permission) for permission in ADMISSION_ONLY)
+USED_ONLY_WITH_KUEUE: frozenset[Grant] = frozenset(as_grant(permission) for permission in KUEUE_ONLY)

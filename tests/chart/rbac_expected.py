@@ -29,6 +29,9 @@ NAMESPACED: frozenset[Permission] = frozenset(
     | _grant("", "configmaps", "get", "create")
     | _grant("", "pods", "list", "watch")
     | _grant("", "events", "create")
+    # Kueue's Workloads: why a queued run waits, and `spec.active` to keep a user's suspend (Kueue would
+    # unsuspend an admitted Job). Unused where Kueue is not installed.
+    | _grant("kueue.x-k8s.io", "workloads", "list", "watch", "patch")
 )
 
 # Only when the operator watches every namespace. Kopf lists namespaces only for namespace patterns, which
@@ -42,6 +45,10 @@ CLUSTER_SCOPED: frozenset[Permission] = frozenset(
 
 # Everything the operator may do when it watches all namespaces.
 ALL_NAMESPACES: frozenset[Permission] = NAMESPACED | ALL_NAMESPACES_ONLY | CLUSTER_SCOPED
+
+# Only used on a cluster with Kueue: the emulated API (tests/api) has none, the real control plane
+# (tests/cluster) does and checks these grants there.
+KUEUE_ONLY: frozenset[Permission] = frozenset(_grant("kueue.x-k8s.io", "workloads", "list", "watch", "patch"))
 
 # Granted for admission, never seen as an API call.
 ADMISSION_ONLY: frozenset[Permission] = frozenset(_grant("kubetune.dev", "finetunejobs/finalizers", "update"))

@@ -26,7 +26,7 @@ import kubernetes
 import pytest
 import yaml
 
-from kubetune_operator.local import free_port
+from kubetune_cli.local import free_port
 from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMessage
 from tests.api.rbac import GRANTED, Grant
 from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, kubeconfig, local_queue
@@ -60,12 +60,17 @@ def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str | Cal
 
 def succeeded_message(steps: int = 10) -> str:
     return TerminationMessage(
-        outcome="succeeded", exit_code=EXIT_OK,
-        result=Result(train_loss=1.25, eval_loss=1.5, perplexity=4.48, train_seconds=12.0, trained_tokens=4096,
-                      steps=steps),
-        artifacts=Artifacts(adapter="s3://artifacts/run/adapter/", metrics="s3://artifacts/run/metrics.json",
-                            model_card="s3://artifacts/run/README.md"),
-    ).encode()  # fmt: skip
+        outcome="succeeded",
+        exit_code=EXIT_OK,
+        result=Result(
+            train_loss=1.25, eval_loss=1.5, perplexity=4.48, train_seconds=12.0, trained_tokens=4096, steps=steps
+        ),
+        artifacts=Artifacts(
+            adapter="s3://artifacts/run/adapter/",
+            metrics="s3://artifacts/run/metrics.json",
+            model_card="s3://artifacts/run/README.md",
+        ),
+    ).encode()
 
 
 class Kube:
@@ -81,7 +86,9 @@ class Kube:
     def plain(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
 
-    def kubectl(self, *args: str, check: bool = True, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl(*args, check=check, input_text=input_text)
 
     # ---- FineTuneJobs ----------------------------------------------------------------------------------
@@ -106,15 +113,18 @@ class Kube:
     def delete_ftj(self, ns: str, name: str = "run") -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
 
-    def wait_phase(self, ns: str, phase: str, name: str = "run", reason: str | None = None,
-                   timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    def wait_phase(
+        self, ns: str, phase: str, name: str = "run", reason: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             status = self.status(ns, name)
             if status.get("phase") == phase and (reason is None or status.get("reason") == reason):
                 return status
             return None
 
-        return wait_for(reached, timeout, lambda: f"{ns}/{name} {phase} {reason or ''}; status: {self.status(ns, name)}")
+        return wait_for(
+            reached, timeout, lambda: f"{ns}/{name} {phase} {reason or ''}; status: {self.status(ns, name)}"
+        )
 
     # ---- children --------------------------------------------------------------------------------------
     def job(self, ns: str, name: str = "run") -> dict[str, Any] | None:
@@ -141,11 +151,15 @@ class Kube:
         return sorted((self.plain(p) for p in listed.items), key=lambda p: p["metadata"]["creationTimestamp"])
 
     def running_pods(self, ns: str, name: str = "run") -> list[dict[str, Any]]:
-        return [p for p in self.pods(ns, name)
-                if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        return [
+            p
+            for p in self.pods(ns, name)
+            if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
 
-    def wait_running_pod(self, ns: str, name: str = "run", exclude: set[str] | None = None,
-                         timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    def wait_running_pod(
+        self, ns: str, name: str = "run", exclude: set[str] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
         """A Running trainer pod of the run (not one of `exclude`, the earlier attempts)."""
 
         def found() -> dict[str, Any] | None:
@@ -160,8 +174,11 @@ class Kube:
     def set_fate(self, ns: str, pod: str, exit_code: int, message: str = "", run_for: str = "0s") -> None:
         """The container in `pod` exits with `exit_code` after `run_for`, leaving `message` as its termination
         message (what the trainer writes to /dev/termination-log)."""
-        annotations = {f"{FATE}exit-code": str(exit_code), f"{FATE}run-for": run_for,
-                       f"{FATE}termination-message": message}  # fmt: skip
+        annotations = {
+            f"{FATE}exit-code": str(exit_code),
+            f"{FATE}run-for": run_for,
+            f"{FATE}termination-message": message,
+        }
         self.core.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": annotations}})
 
     def on_sigterm(self, ns: str, pod: str, exit_code: int, message: str = "") -> None:
@@ -169,8 +186,9 @@ class Kube:
         annotations = {f"{FATE}exit-code-on-sigterm": str(exit_code), f"{FATE}termination-message-on-sigterm": message}
         self.core.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": annotations}})
 
-    def run_pod_to(self, ns: str, exit_code: int, message: str = "", name: str = "run",
-                   exclude: set[str] | None = None) -> str:  # fmt: skip
+    def run_pod_to(
+        self, ns: str, exit_code: int, message: str = "", name: str = "run", exclude: set[str] | None = None
+    ) -> str:
         pod = self.wait_running_pod(ns, name, exclude)["metadata"]["name"]
         self.set_fate(ns, pod, exit_code, message)
         return pod
@@ -212,15 +230,30 @@ class Installation:
 def helm(plane: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.support.tools import ensure_helm
 
-    return subprocess.run([str(ensure_helm()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
-                          capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
+    return subprocess.run(
+        [str(ensure_helm()), f"--kubeconfig={plane.admin_kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def install(plane: ControlPlane, release: str, namespace: str, *values: str, skip_crds: bool = False) -> Installation:
     """`helm install` of charts/kubetune, then a token for its ServiceAccount from the TokenRequest API."""
     repository, _, tag = TRAINER_IMAGE.rpartition(":")
-    args = ["install", release, str(CHART), "--namespace", namespace, "--create-namespace",
-            "--set", f"trainer.image.repository={repository}", "--set", f"trainer.image.tag={tag}"]  # fmt: skip
+    args = [
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--set",
+        f"trainer.image.repository={repository}",
+        "--set",
+        f"trainer.image.tag={tag}",
+    ]
     for value in values:
         args += ["--set", value]
     if skip_crds:
@@ -267,9 +300,12 @@ class OperatorProcess:
         assert kubetune, "the kubetune console script is not installed next to this interpreter"
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [kubetune, "operator"], env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+                [kubetune, "operator"],
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
         wait_for(self._healthy, 60, lambda: f"the operator to be healthy; log:\n{self.log_tail()}")
         return self
 
@@ -371,11 +407,16 @@ def audited_calls(plane: ControlPlane, username: str) -> list[AuditedCall]:
         ref = event.get("objectRef")
         if event.get("user", {}).get("username") != username or not ref or event.get("stage") != "ResponseComplete":
             continue
-        calls.append(AuditedCall(
-            verb=event["verb"], group=ref.get("apiGroup", ""), resource=ref["resource"],
-            subresource=ref.get("subresource") or None, namespace=ref.get("namespace"),
-            code=event.get("responseStatus", {}).get("code", 0),
-        ))  # fmt: skip
+        calls.append(
+            AuditedCall(
+                verb=event["verb"],
+                group=ref.get("apiGroup", ""),
+                resource=ref["resource"],
+                subresource=ref.get("subresource") or None,
+                namespace=ref.get("namespace"),
+                code=event.get("responseStatus", {}).get("code", 0),
+            )
+        )
     return calls
 
 

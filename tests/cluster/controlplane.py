@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator.local import free_port
+from kubetune_cli.local import free_port
 from tests.cluster import pki
 
 HERE = Path(__file__).resolve().parent
@@ -97,7 +97,9 @@ class Binaries:
             kueue=root / f"kueue-{versions['KUEUE_VERSION']}",
             versions=versions,
         )
-        missing = [str(p) for p in (found.kubernetes, found.etcd, found.kwok, found.kueue) if not (p / ".done").is_file()]
+        missing = [
+            str(p) for p in (found.kubernetes, found.etcd, found.kwok, found.kueue) if not (p / ".done").is_file()
+        ]
         if missing:
             raise ControlPlaneError(f"not built: {', '.join(missing)}; run `bash tests/cluster/build.sh`")
         return found
@@ -143,7 +145,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 start_new_session=True,
-                preexec_fn=_die_with_parent if tie_to_parent else None,  # noqa: PLW1509 (no threads yet matter)
+                preexec_fn=_die_with_parent if tie_to_parent else None,
             )
 
     def log_tail(self, lines: int = 30) -> str:
@@ -182,11 +184,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def kubeconfig(server: str, ca: Path, *, user: str, cert: Path | None = None, key: Path | None = None,
-               token: str | None = None, namespace: str = "default") -> dict[str, Any]:  # fmt: skip
-    credentials: dict[str, Any] = {"token": token} if token else {
-        "client-certificate": str(cert), "client-key": str(key)
-    }  # fmt: skip
+def kubeconfig(
+    server: str,
+    ca: Path,
+    *,
+    user: str,
+    cert: Path | None = None,
+    key: Path | None = None,
+    token: str | None = None,
+    namespace: str = "default",
+) -> dict[str, Any]:
+    credentials: dict[str, Any] = (
+        {"token": token} if token else {"client-certificate": str(cert), "client-key": str(key)}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -230,8 +240,17 @@ class ControlPlane:
         if (self.directory / STATE_FILE).exists():
             raise ControlPlaneError(f"{self.directory} already holds a cluster; run `down` first")
         self.directory.mkdir(parents=True, exist_ok=True)
-        for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok", "kueue_webhook",
-                     "kueue_health", "kueue_metrics"):  # fmt: skip
+        for name in (
+            "etcd",
+            "etcd_peer",
+            "apiserver",
+            "controller_manager",
+            "scheduler",
+            "kwok",
+            "kueue_webhook",
+            "kueue_health",
+            "kueue_metrics",
+        ):
             self.ports[name] = free_port()
         self._write_pki()
         try:
@@ -292,16 +311,22 @@ class ControlPlane:
     def _start_etcd(self, tie_to_parent: bool) -> None:
         client = f"http://127.0.0.1:{self.ports['etcd']}"
         peer = f"http://127.0.0.1:{self.ports['etcd_peer']}"
-        etcd = self._launch("etcd", [
-            str(self.binaries.bin("etcd")),
-            "--name=kubetune-test",
-            f"--data-dir={self.directory / 'etcd'}",
-            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=kubetune-test={peer}",
-            "--unsafe-no-fsync",  # a throwaway cluster: durability is not what is tested
-            "--log-level=warn",
-        ], tie_to_parent)  # fmt: skip
+        etcd = self._launch(
+            "etcd",
+            [
+                str(self.binaries.bin("etcd")),
+                "--name=kubetune-test",
+                f"--data-dir={self.directory / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=kubetune-test={peer}",
+                "--unsafe-no-fsync",  # a throwaway cluster: durability is not what is tested
+                "--log-level=warn",
+            ],
+            tie_to_parent,
+        )
         self._wait(etcd, lambda: _http_ok(f"{client}/health"))
 
     # ---- kube-apiserver ----------------------------------------------------------------------------------
@@ -309,32 +334,44 @@ class ControlPlane:
         audit_policy = self.directory / "audit-policy.yaml"
         audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
         self._write_kubeconfig(self.admin_kubeconfig, user="admin", cert=self._admin.cert, key=self._admin.key)
-        apiserver = self._launch("kube-apiserver", [
-            str(self.binaries.bin("kube-apiserver")),
-            f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.ports['apiserver']}",
-            f"--cert-dir={self.directory / 'apiserver'}",
-            f"--tls-cert-file={self._serving.cert}", f"--tls-private-key-file={self._serving.key}",
-            f"--client-ca-file={self.ca}",
-            "--authorization-mode=RBAC",
-            # The plugin behind the chart's `update finetunejobs/finalizers` grant (blockOwnerDeletion).
-            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
-            # Nodes get no not-ready taint at registration: no node-lifecycle controller removes it here, and KWOK
-            # nodes are Ready from their first status.
-            "--disable-admission-plugins=TaintNodesByCondition",
-            # Aggregation is not used; the delegating components still want a request-header CA to read.
-            f"--requestheader-client-ca-file={self.ca}", "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={self._sa.cert}", f"--service-account-signing-key-file={self._sa.key}",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            # No kubelets to reach and a loopback address the `kubernetes` Service may not point at.
-            "--endpoint-reconciler-type=none",
-            f"--audit-policy-file={audit_policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
-            "--audit-log-mode=blocking",
-            "--profiling=false",
-        ], tie_to_parent)  # fmt: skip
+        apiserver = self._launch(
+            "kube-apiserver",
+            [
+                str(self.binaries.bin("kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--cert-dir={self.directory / 'apiserver'}",
+                f"--tls-cert-file={self._serving.cert}",
+                f"--tls-private-key-file={self._serving.key}",
+                f"--client-ca-file={self.ca}",
+                "--authorization-mode=RBAC",
+                # The plugin behind the chart's `update finetunejobs/finalizers` grant (blockOwnerDeletion).
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                # Nodes get no not-ready taint at registration: no node-lifecycle controller removes it here, and KWOK
+                # nodes are Ready from their first status.
+                "--disable-admission-plugins=TaintNodesByCondition",
+                # Aggregation is not used; the delegating components still want a request-header CA to read.
+                f"--requestheader-client-ca-file={self.ca}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={self._sa.cert}",
+                f"--service-account-signing-key-file={self._sa.key}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                # No kubelets to reach and a loopback address the `kubernetes` Service may not point at.
+                "--endpoint-reconciler-type=none",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
+                "--profiling=false",
+            ],
+            tie_to_parent,
+        )
         self._wait(apiserver, lambda: self._get("/readyz") is not None)
 
     # ---- controller-manager, scheduler, kwok -------------------------------------------------------------
@@ -342,33 +379,57 @@ class ControlPlane:
         kc = str(self._component_kubeconfig)
         serving = self._ca.issue("components-serving", "kubetune-test-components", hosts=("127.0.0.1", "localhost"))
         tls = [f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}"]
-        manager = self._launch("kube-controller-manager", [
-            str(self.binaries.bin("kube-controller-manager")),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['controller_manager']}", *tls,
-            "--leader-elect=false", "--use-service-account-credentials=false",
-            # What a FineTuneJob's life touches: Jobs and their pods, ownership, TTL, namespaces, the default
-            # ServiceAccount every pod needs, and EndpointSlices for the multi-node headless Service.
-            "--controllers=job-controller,garbage-collector-controller,ttl-after-finished-controller,"
-            "namespace-controller,serviceaccount-controller,endpointslice-controller,"
-            "pod-garbage-collector-controller,resourcequota-controller",
-            "--concurrent-job-syncs=10",
-        ], tie_to_parent)  # fmt: skip
-        scheduler = self._launch("kube-scheduler", [
-            str(self.binaries.bin("kube-scheduler")),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['scheduler']}", *tls,
-            "--leader-elect=false",
-        ], tie_to_parent)  # fmt: skip
+        manager = self._launch(
+            "kube-controller-manager",
+            [
+                str(self.binaries.bin("kube-controller-manager")),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['controller_manager']}",
+                *tls,
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                # What a FineTuneJob's life touches: Jobs and their pods, ownership, TTL, namespaces, the default
+                # ServiceAccount every pod needs, and EndpointSlices for the multi-node headless Service.
+                "--controllers=job-controller,garbage-collector-controller,ttl-after-finished-controller,"
+                "namespace-controller,serviceaccount-controller,endpointslice-controller,"
+                "pod-garbage-collector-controller,resourcequota-controller",
+                "--concurrent-job-syncs=10",
+            ],
+            tie_to_parent,
+        )
+        scheduler = self._launch(
+            "kube-scheduler",
+            [
+                str(self.binaries.bin("kube-scheduler")),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['scheduler']}",
+                *tls,
+                "--leader-elect=false",
+            ],
+            tie_to_parent,
+        )
         kwok_config = self.directory / "kwok.yaml"
         kwok_config.write_text(yaml.safe_dump_all(kwok_stages(self.binaries.kwok_stages)))
-        kwok = self._launch("kwok", [
-            str(self.binaries.bin("kwok")),
-            f"--kubeconfig={kc}", f"--config={kwok_config}",
-            "--manage-all-nodes=false", "--manage-nodes-with-label-selector=type=kwok",
-            f"--server-address=127.0.0.1:{self.ports['kwok']}",
-            "--cidr=10.244.0.0/16", "--node-ip=10.1.0.1",
-        ], tie_to_parent)  # fmt: skip
+        kwok = self._launch(
+            "kwok",
+            [
+                str(self.binaries.bin("kwok")),
+                f"--kubeconfig={kc}",
+                f"--config={kwok_config}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-label-selector=type=kwok",
+                f"--server-address=127.0.0.1:{self.ports['kwok']}",
+                "--cidr=10.244.0.0/16",
+                "--node-ip=10.1.0.1",
+            ],
+            tie_to_parent,
+        )
         self._wait(manager, lambda: _https_ok(f"https://127.0.0.1:{self.ports['controller_manager']}/healthz", self.ca))
         self._wait(scheduler, lambda: _https_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", self.ca))
         self._wait(kwok, lambda: _http_ok(f"http://127.0.0.1:{self.ports['kwok']}/healthz"))
@@ -399,33 +460,49 @@ class ControlPlane:
             (certs / f"tls.{suffix}").write_bytes(source.read_bytes())
         _install_kueue_metrics_cert(certs)
         config = self.directory / "kueue.yaml"
-        config.write_text(yaml.safe_dump({
-            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
-            "namespace": KUEUE_NAMESPACE,
-            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['kueue_health']}"},
-            "metrics": {"bindAddress": f"127.0.0.1:{self.ports['kueue_metrics']}"},
-            # The webhook server starts in any case; no webhook is registered with the apiserver: kubetune
-            # creates its Jobs suspended with the queue label, which is what Kueue's Job webhook would ensure.
-            "webhook": {"port": self.ports["kueue_webhook"], "host": "127.0.0.1", "certDir": str(certs)},
-            "leaderElection": {"leaderElect": False},
-            "internalCertManagement": {"enable": False},
-            "integrations": {"frameworks": ["batch/job"]},
-        }))  # fmt: skip
-        kueue = self._launch("kueue", [
-            str(self.binaries.bin("kueue")), f"--config={config}", f"--kubeconfig={self._component_kubeconfig}",
-            "--feature-gates=VisibilityOnDemand=false",
-        ], tie_to_parent, env={"NAMESPACE": KUEUE_NAMESPACE})  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+                    "kind": "Configuration",
+                    "namespace": KUEUE_NAMESPACE,
+                    "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['kueue_health']}"},
+                    "metrics": {"bindAddress": f"127.0.0.1:{self.ports['kueue_metrics']}"},
+                    # The webhook server starts in any case; no webhook is registered with the apiserver: kubetune
+                    # creates its Jobs suspended with the queue label, which is what Kueue's Job webhook would ensure.
+                    "webhook": {"port": self.ports["kueue_webhook"], "host": "127.0.0.1", "certDir": str(certs)},
+                    "leaderElection": {"leaderElect": False},
+                    "internalCertManagement": {"enable": False},
+                    "integrations": {"frameworks": ["batch/job"]},
+                }
+            )
+        )
+        kueue = self._launch(
+            "kueue",
+            [
+                str(self.binaries.bin("kueue")),
+                f"--config={config}",
+                f"--kubeconfig={self._component_kubeconfig}",
+                "--feature-gates=VisibilityOnDemand=false",
+            ],
+            tie_to_parent,
+            env={"NAMESPACE": KUEUE_NAMESPACE},
+        )
         self._wait(kueue, lambda: _http_ok(f"http://127.0.0.1:{self.ports['kueue_health']}/readyz"))
         self.kubectl_apply(kueue_queues())
 
     # ---- helpers -----------------------------------------------------------------------------------------
-    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True,
-                kubeconfig_path: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def kubectl(
+        self, *args: str, input_text: str | None = None, check: bool = True, kubeconfig_path: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """kubectl as the cluster admin (or as `kubeconfig_path`)."""
         result = subprocess.run(
             [str(self.binaries.kubectl), f"--kubeconfig={kubeconfig_path or self.admin_kubeconfig}", *args],
-            input=input_text, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and result.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
@@ -453,7 +530,9 @@ class ControlPlane:
             if ready():
                 return
             time.sleep(0.1)
-        raise ControlPlaneError(f"{component.name} not ready within {timeout:.0f} s; its log ends:\n{component.log_tail()}")
+        raise ControlPlaneError(
+            f"{component.name} not ready within {timeout:.0f} s; its log ends:\n{component.log_tail()}"
+        )
 
 
 def _http_ok(url: str) -> bool:
@@ -501,8 +580,9 @@ AUDIT_POLICY: dict[str, Any] = {
 }
 
 
-def kwok_node(name: str, *, gpus: int, pod_cidr: str | None = None,
-              taints: list[dict[str, str]] | None = None) -> dict[str, Any]:  # fmt: skip
+def kwok_node(
+    name: str, *, gpus: int, pod_cidr: str | None = None, taints: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
     capacity = {"cpu": "64", "memory": "512Gi", "pods": "110"}
     if gpus:
         capacity[GPU_RESOURCE] = str(gpus)
@@ -516,9 +596,12 @@ def kwok_node(name: str, *, gpus: int, pod_cidr: str | None = None,
         "metadata": {
             "name": name,
             "labels": {
-                "type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64", **({"nvidia.com/gpu.present": "true"} if gpus else {}),
-            },  # fmt: skip
+                "type": "kwok",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                **({"nvidia.com/gpu.present": "true"} if gpus else {}),
+            },
             "annotations": {"kwok.x-k8s.io/node": "fake"},
         },
         "spec": spec,
@@ -529,39 +612,44 @@ def kwok_node(name: str, *, gpus: int, pod_cidr: str | None = None,
 def kueue_queues(namespace: str = "default") -> list[dict[str, Any]]:
     return [
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}},
-        {
-            "apiVersion": "kueue.x-k8s.io/v1beta2",
-            "kind": "ClusterQueue",
-            "metadata": {"name": CLUSTER_QUEUE},
-            "spec": {
-                "namespaceSelector": {},
-                "resourceGroups": [{
-                    "coveredResources": ["cpu", "memory", GPU_RESOURCE],
-                    "flavors": [{"name": "default-flavor", "resources": [
-                        {"name": "cpu", "nominalQuota": "256"},
-                        {"name": "memory", "nominalQuota": "2Ti"},
-                        {"name": GPU_RESOURCE, "nominalQuota": str(KUEUE_GPU_QUOTA)},
-                    ]}],
-                }],
-            },
-        },  # fmt: skip
+        cluster_queue(CLUSTER_QUEUE, KUEUE_GPU_QUOTA),
         local_queue(namespace),
     ]
 
 
-def local_queue(namespace: str) -> dict[str, Any]:
+def cluster_queue(name: str, gpus: int, namespace: str | None = None) -> dict[str, Any]:
+    """A ClusterQueue with `gpus` GPUs (and ample CPU and memory), for every namespace or just `namespace`."""
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": namespace}} if namespace else {}
+    quotas = [("cpu", "256"), ("memory", "2Ti"), (GPU_RESOURCE, str(gpus))]
+    flavor = {"name": "default-flavor", "resources": [{"name": r, "nominalQuota": q} for r, q in quotas]}
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": selector,
+            "resourceGroups": [{"coveredResources": [r for r, _ in quotas], "flavors": [flavor]}],
+        },
+    }
+
+
+def local_queue(namespace: str, name: str = LOCAL_QUEUE, cluster_queue_name: str = CLUSTER_QUEUE) -> dict[str, Any]:
     return {
         "apiVersion": "kueue.x-k8s.io/v1beta2",
         "kind": "LocalQueue",
-        "metadata": {"name": LOCAL_QUEUE, "namespace": namespace},
-        "spec": {"clusterQueue": CLUSTER_QUEUE},
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterQueue": cluster_queue_name},
     }
 
 
 # kwok's own stages that stand in for the kubelet's ordinary work, with its delays shortened (a second plus
 # up to five of jitter per pod by default) so a test waits on kubetune, not on the simulation.
-KWOK_STAGES = ("node/fast/node-initialize.yaml", "pod/general/pod-create.yaml", "pod/general/pod-ready.yaml",
-               "pod/general/pod-delete.yaml")  # fmt: skip
+KWOK_STAGES = (
+    "node/fast/node-initialize.yaml",
+    "pod/general/pod-create.yaml",
+    "pod/general/pod-ready.yaml",
+    "pod/general/pod-delete.yaml",
+)
 STAGE_DELAY_MS = 100
 
 

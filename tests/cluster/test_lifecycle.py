@@ -19,10 +19,16 @@ pytestmark = pytest.mark.usefixtures("operator")
 
 def invalid_input_message() -> str:
     return TerminationMessage(
-        outcome="invalid", exit_code=EXIT_INVALID_INPUT,
-        error=TrainerError(reason="InvalidDataset", message="row has no 'response'", field="dataset.fields.response",
-                           file="s3://datasets/support/train.jsonl", line=7),
-    ).encode()  # fmt: skip
+        outcome="invalid",
+        exit_code=EXIT_INVALID_INPUT,
+        error=TrainerError(
+            reason="InvalidDataset",
+            message="row has no 'response'",
+            field="dataset.fields.response",
+            file="s3://datasets/support/train.jsonl",
+            line=7,
+        ),
+    ).encode()
 
 
 def test_success_reports_result_and_artifacts(kube: Kube, ns: str) -> None:
@@ -111,8 +117,11 @@ def test_deleting_a_finetunejob_removes_its_children(kube: Kube, ns: str) -> Non
     kube.wait_running_pod(ns)
     kube.delete_ftj(ns)
     wait_for(lambda: kube.ftj(ns) is None, 30, "the FineTuneJob to go (deletion must not wait for the operator)")
-    wait_for(lambda: kube.job(ns) is None and kube.configmap(ns, "run-trainer") is None and not kube.pods(ns),
-             60, lambda: f"the garbage collector; pods {[p['metadata']['name'] for p in kube.pods(ns)]}")  # fmt: skip
+    wait_for(
+        lambda: kube.job(ns) is None and kube.configmap(ns, "run-trainer") is None and not kube.pods(ns),
+        60,
+        lambda: f"the garbage collector; pods {[p['metadata']['name'] for p in kube.pods(ns)]}",
+    )
 
 
 def test_ttl_after_finished_deletes_the_finetunejob_and_its_job(kube: Kube, ns: str) -> None:

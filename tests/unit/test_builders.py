@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 
 from kubetune_operator.builders import (
+    ANNOTATION_DEACTIVATED,
     LABEL_KUEUE_QUEUE,
     UnsupportedSpec,
     build_trainer_configmap,
@@ -18,6 +19,7 @@ from kubetune_operator.builders import (
     job_name,
     scheduling_patch,
     suspend_patch,
+    workload_activation_patch,
 )
 from kubetune_operator.settings import Settings
 from kubetune_trainer import contract
@@ -325,3 +327,21 @@ def test_suspend_patch_follows_the_spec_and_leaves_resuming_to_kueue() -> None:
     assert suspend_patch(finetunejob(), suspended) == {"spec": {"suspend": False}}
     assert suspend_patch(finetunejob(), running) is None
     assert suspend_patch(finetunejob(spec=CASES["kueue"]), suspended) is None  # Kueue admits and unsuspends
+
+
+def test_a_suspended_queued_run_deactivates_its_kueue_workload_and_only_reactivates_its_own() -> None:
+    queued = {"scheduling": {"queueName": "gpu"}}
+    suspended = finetunejob(spec={**queued, "runPolicy": {"suspend": True}})
+    running = finetunejob(spec=queued)
+    active: dict = {"metadata": {"name": "w"}, "spec": {"active": True}}
+    deactivate = workload_activation_patch(suspended, active)
+    assert deactivate == {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: "true"}}, "spec": {"active": False}}
+    ours = {"metadata": {"name": "w", "annotations": {ANNOTATION_DEACTIVATED: "true"}}, "spec": {"active": False}}
+    assert workload_activation_patch(running, ours) == {
+        "metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}
+    }  # fmt: skip
+    # Deactivated by Kueue or an administrator: not the operator's to undo.
+    assert workload_activation_patch(running, {"metadata": {"name": "w"}, "spec": {"active": False}}) is None
+    assert workload_activation_patch(suspended, ours) is None  # already so
+    assert workload_activation_patch(running, active) is None
+    assert workload_activation_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), active) is None  # no queue

@@ -299,3 +299,21 @@ def test_phase_events() -> None:
 def test_status_is_json() -> None:
     status = compute_status(finetunejob(), job(active=1), [running_pod()], {}, NOW)
     assert json.loads(json.dumps(status)) == status
+
+
+def kueue_workload(message: str | None) -> dict:
+    conditions = [] if message is None else [
+        {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": message}
+    ]  # fmt: skip
+    return {"metadata": {"name": "job-support-bot-1a2b3", "namespace": "default"}, "status": {"conditions": conditions}}
+
+
+def test_queued_status_gives_kueues_reason_when_its_workload_has_one() -> None:
+    spec = {"scheduling": {"queueName": "gpu"}}
+    words = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu, 8 more needed"
+    status = compute_status(finetunejob(spec=spec), job(suspend=True, queue="gpu"), [], None, NOW,
+                            kueue_workload(words))  # fmt: skip
+    assert (status["phase"], status["reason"]) == ("Queued", "WaitingForAdmission")
+    assert status["message"] == f"waiting for Kueue LocalQueue gpu to admit the Job: {words}"
+    bare = compute_status(finetunejob(spec=spec), job(suspend=True, queue="gpu"), [], None, NOW, kueue_workload(None))
+    assert bare["message"] == "waiting for Kueue LocalQueue gpu to admit the Job"

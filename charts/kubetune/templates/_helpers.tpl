@@ -95,6 +95,7 @@ Rules for the namespaces the operator watches (a Role in each, or part of the Cl
 - jobs and configmaps: the trainer Job and its config.json, created and cleaned up.
 - pods: read to report why a trainer is pending or failed, and to find the pod to poll.
 - events: both APIs, since Kopf posts core/v1 events and newer clients events.k8s.io/v1.
+- workloads (Kueue): why a queued run waits; `spec.active` keeps a suspended run suspended.
 */}}
 {{- define "kubetune.rbac.namespacedRules" -}}
 - apiGroups: ["kubetune.dev"]
@@ -118,6 +119,9 @@ Rules for the namespaces the operator watches (a Role in each, or part of the Cl
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 
 {{/* Always cluster-wide: Kopf scans CRDs at startup, and CRDs are cluster-scoped. */}}
