@@ -51,6 +51,35 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return {key: _resolve(value, defs) for key, value in node.items()}
 
 
+# JSON Schema bound -> (CEL operator, words for the message).
+_CEL_BOUNDS = {
+    "minimum": (">=", "at least"),
+    "exclusiveMinimum": (">", "greater than"),
+    "maximum": ("<=", "at most"),
+    "exclusiveMaximum": ("<", "less than"),
+}
+
+
+def _fractional_bounds_as_rules(node: dict[str, Any]) -> dict[str, Any]:
+    """A `number` node's fractional bounds, as CEL rules.
+
+    kube-apiserver checks a bound against a value that arrived as an integer by first truncating the bound
+    to an integer (kube-openapi's MaximumNativeType: `int64(0.5) == 0`), so `evalSplit: 0` would fail
+    `exclusiveMaximum: 0.5`. CEL sees a `number` field as a double whatever the JSON looked like.
+    """
+    if node.get("type") != "number":
+        return node
+    rules = []
+    for key, (operator, words) in _CEL_BOUNDS.items():
+        bound = node.get(key)
+        if isinstance(bound, float) and not bound.is_integer():
+            del node[key]
+            rules.append({"rule": f"self {operator} {bound!r}", "message": f"must be {words} {bound!r}"})
+    if rules:
+        node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), *rules]
+    return node
+
+
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """One JSON Schema node as a structural OpenAPI v3 node."""
     node = dict(node)
@@ -63,6 +92,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         del node["default"]
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    node = _fractional_bounds_as_rules(node)
     for bound in ("Minimum", "Maximum"):
         if f"exclusive{bound}" in node:
             node[bound.lower()] = node.pop(f"exclusive{bound}")

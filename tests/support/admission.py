@@ -77,14 +77,28 @@ def _program(rule: str) -> Any:
     return _CEL.program(_CEL.compile(rule))
 
 
+def _as_cel_sees_it(value: Any, schema: dict[str, Any]) -> Any:
+    """`value` with every integer in a `number` field made a double, as the apiserver hands it to CEL
+    (`evalSplit: 0` arrives as JSON integer 0; `self < 0.5` compares it as 0.0)."""
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict) and "properties" in schema:
+        return {key: _as_cel_sees_it(child, schema["properties"].get(key, {})) for key, child in value.items()}
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return {key: _as_cel_sees_it(child, schema["additionalProperties"]) for key, child in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_as_cel_sees_it(item, schema["items"]) for item in value]
+    return value
+
+
 def _cel_errors(value: Any, old: Any, schema: dict[str, Any], path: list[str]) -> list[str]:
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"] and old is None:
             continue  # transition rules apply to updates only
-        activation = {"self": celpy.json_to_cel(value)}
+        activation = {"self": celpy.json_to_cel(_as_cel_sees_it(value, schema))}
         if old is not None:
-            activation["oldSelf"] = celpy.json_to_cel(old)
+            activation["oldSelf"] = celpy.json_to_cel(_as_cel_sees_it(old, schema))
         outcome = _program(rule["rule"]).evaluate(activation)
         if isinstance(outcome, celpy.CELEvalError):
             raise AssertionError(f"CEL rule {rule['rule']!r} failed to evaluate at {_path(path)}: {outcome}")
@@ -106,7 +120,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Errors the API server would answer for this create (or update, with `old`); [] if admitted."""
     served = f"{crd()['spec']['group']}/{crd()['spec']['versions'][0]['name']}"
     if obj.get("apiVersion") != served:  # the request would be routed nowhere
-        return [f"apiVersion: no matches for kind {obj.get('kind')} in version {obj.get('apiVersion')}"]
+        return [f'apiVersion: no matches for kind "{obj.get("kind")}" in version "{obj.get("apiVersion")}"']
     schema = crd_schema()
     defaulted = apply_defaults(copy.deepcopy(obj), schema)
     schema_errors = sorted(
