@@ -37,6 +37,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     )
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.peering.standalone = True  # one replica (the chart's Deployment uses Recreate)
+    if config.namespaces:
+        # Watching listed namespaces: Kopf would list all namespaces (and watch CRDs) to follow them, which a
+        # namespaced install is not granted. It takes the listed namespaces and the kinds served at start-up.
+        settings.scanning.disabled = True
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our phase events are posted explicitly; Kopf's chatter is not
     kube = Kube.connect()

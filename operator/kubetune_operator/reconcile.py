@@ -47,6 +47,8 @@ from kubetune_operator.status import compute_status, failed_status, is_finished,
 
 Body = dict[str, Any]
 PREDECESSOR_RETRY_SECONDS = 2.0
+# How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
+NAMESPACE_TERMINATING = "because it is being terminated"
 logger = logging.getLogger(__name__)
 
 
@@ -100,6 +102,8 @@ class Reconciler:
             except ApiError as error:
                 if error.status == 404 and await self.kube.get(FINETUNEJOBS, namespace, name) is None:
                     return  # deleted while being reconciled: nothing left to do
+                if error.status == 403 and NAMESPACE_TERMINATING in error.message:
+                    return  # its namespace is being deleted, and everything in it with the namespace
                 self.metrics.reconcile_total.labels("error").inc()
                 self.metrics.reconcile_errors.inc()
                 raise

@@ -34,17 +34,15 @@ NAMESPACED: frozenset[Permission] = frozenset(
     | _grant("kueue.x-k8s.io", "workloads", "list", "watch", "patch")
 )
 
-# Only when the operator watches every namespace. Kopf lists namespaces only for namespace patterns, which
-# kubetune never uses (cluster-wide, or an explicit list), so this is empty.
-ALL_NAMESPACES_ONLY: frozenset[Permission] = frozenset()
-
-# Always cluster-wide, even in namespaced mode: Kopf scans CRDs, which are cluster-scoped.
-CLUSTER_SCOPED: frozenset[Permission] = frozenset(
+# Only when the operator watches every namespace: Kopf watches CRDs (cluster-scoped) to follow kinds as they
+# appear. Watching listed namespaces it does not (scanning is off, see kubetune_operator.main.startup), and it
+# never lists namespaces, so a namespaced install grants nothing cluster-wide.
+ALL_NAMESPACES_ONLY: frozenset[Permission] = frozenset(
     _grant("apiextensions.k8s.io", "customresourcedefinitions", "list", "watch")
 )
 
 # Everything the operator may do when it watches all namespaces.
-ALL_NAMESPACES: frozenset[Permission] = NAMESPACED | ALL_NAMESPACES_ONLY | CLUSTER_SCOPED
+ALL_NAMESPACES: frozenset[Permission] = NAMESPACED | ALL_NAMESPACES_ONLY
 
 # Only used on a cluster with Kueue: the emulated API (tests/api) has none, the real control plane
 # (tests/cluster) does and checks these grants there.

@@ -260,14 +260,14 @@ def install(plane: ControlPlane, release: str, namespace: str, *values: str, ski
         args.append("--skip-crds")
     result = helm(plane, *args)
     assert result.returncode == 0, f"helm install failed:\n{result.stderr}"
-    account = release  # the chart names the ServiceAccount after the release
+    deployment = json.loads(plane.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout)["items"][0]
+    pod_spec = deployment["spec"]["template"]["spec"]
+    account = pod_spec["serviceAccountName"]
     token = plane.kubectl("create", "token", account, "-n", namespace, "--duration=6h").stdout.strip()
     path = plane.directory / f"{release}-operator.kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig(plane.server, plane.ca, user=account, token=token)))
     path.chmod(0o600)
-    deployment = json.loads(plane.kubectl("get", "deployment", release, "-n", namespace, "-o", "json").stdout)
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env = {e["name"]: e["value"] for e in pod_spec["containers"][0].get("env", []) if "value" in e}
     return Installation(namespace, account, path, env)
 
 
@@ -401,12 +401,14 @@ class AuditedCall:
 
 def audited_calls(plane: ControlPlane, username: str) -> list[AuditedCall]:
     """Every resource request `username` made, as the real apiserver recorded it."""
-    calls = []
+    events: dict[str, dict[str, Any]] = {}
     for line in plane.audit_log.read_text().splitlines():
         event = json.loads(line)
-        ref = event.get("objectRef")
-        if event.get("user", {}).get("username") != username or not ref or event.get("stage") != "ResponseComplete":
-            continue
+        if event.get("user", {}).get("username") == username and event.get("objectRef"):
+            events[event["auditID"]] = event  # a watch is logged when it starts; its end may be later
+    calls = []
+    for event in events.values():
+        ref = event["objectRef"]
         calls.append(
             AuditedCall(
                 verb=event["verb"],

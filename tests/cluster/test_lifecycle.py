@@ -171,3 +171,21 @@ def test_operator_killed_mid_burst_leaves_one_job_per_run(kube: Kube, ns: str, o
     assert all(len(j.metadata.owner_references) == 1 for j in jobs)
     configmaps = [c.metadata.name for c in kube.core.list_namespaced_config_map(ns).items]
     assert sorted(c for c in configmaps if c != "kube-root-ca.crt") == sorted(f"{n}-trainer" for n in names)
+
+
+def test_a_namespace_deleted_under_running_syncs_ends_them_quietly(kube: Kube, operator: OperatorProcess) -> None:
+    namespace = "t-deleted-namespace"
+    kube.core.create_namespace({"metadata": {"name": namespace}})
+    wait_for(lambda: kube.core.list_namespaced_service_account(namespace).items, 30, "the default ServiceAccount")
+    log_before = len(operator.log_text())
+    for index in range(10):
+        kube.apply(namespace, f"run-{index}")
+    kube.core.delete_namespace(namespace)
+    wait_for(
+        lambda: namespace not in {n.metadata.name for n in kube.core.list_namespace().items},
+        90,
+        lambda: f"the namespace to be deleted: {kube.plain(kube.core.read_namespace(namespace)).get('status')}",
+    )
+    time.sleep(1)  # a failed sync would be retried and logged within a second
+    written = operator.log_text()[log_before:]
+    assert "Traceback" not in written and "sync of" not in written, written[-3000:]

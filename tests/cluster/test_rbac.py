@@ -1,0 +1,86 @@
+"""The chart's RBAC, as the real apiserver enforces it: the operator runs with its ServiceAccount's token, and the
+apiserver's audit log records every call it makes. Least privilege from both sides: no call is refused (403) or
+goes beyond the grants, and every grant is used over a FineTuneJob's life (Kueue included)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION
+from tests.cluster.conftest import (
+    Installation,
+    Kube,
+    OperatorProcess,
+    assert_granted,
+    audited_calls,
+    helm,
+    install,
+    succeeded_message,
+    wait_for,
+)
+from tests.cluster.controlplane import cluster_queue, local_queue
+
+
+def test_every_call_is_granted_and_every_grant_is_used(
+    kube: Kube, ns: str, operator: OperatorProcess, installed: Installation
+) -> None:
+    kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, "mine", cluster_queue_name=ns)])
+    try:
+        kube.apply(ns, spec={"resources": {"gpus": 8}, "scheduling": {"queueName": "mine"},
+                             "runPolicy": {"ttlSecondsAfterFinished": 1}})  # fmt: skip
+        first = kube.wait_running_pod(ns)["metadata"]["name"]
+        kube.patch_spec(ns, {"runPolicy": {"suspend": True}})  # the Job and Kueue's Workload are patched
+        kube.wait_phase(ns, "Suspended")
+        kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
+        second = kube.wait_running_pod(ns, exclude={first})["metadata"]["name"]
+        old = kube.job(ns)["metadata"]["uid"]
+        kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")  # someone deletes it mid-run
+        # recreated beside the ConfigMap that stayed, which is read and adopted (get after a 409)
+        wait_for(lambda: (j := kube.job(ns)) and j["metadata"]["uid"] != old, 30, "the Job recreated")
+        kube.run_pod_to(ns, 0, succeeded_message(), exclude={first, second})
+        kube.wait_phase(ns, "Succeeded", timeout=90)
+        wait_for(lambda: kube.ftj(ns) is None, 30, "the TTL to delete the FineTuneJob")
+    finally:
+        kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
+    calls = audited_calls(kube.plane, installed.username)
+    assert_granted(calls)
+    unused = GRANTED - NEEDED_BY_ADMISSION - {c.grant for c in calls}
+    assert not unused, f"granted but never used: {sorted(unused, key=str)}"
+
+
+@pytest.fixture
+def namespaced_operator(kube: Kube, ns: str, operator: OperatorProcess) -> Iterator[tuple[Installation, str]]:
+    """A second release watching only `ns`; the cluster-wide operator is stopped meanwhile (two operators
+    would both reconcile `ns`)."""
+    installation = install(kube.plane, "team", f"{ns}-op", f"watchNamespaces={{{ns}}}", skip_crds=True)
+    operator.stop()
+    scoped = OperatorProcess(installation, kube.plane.directory / "logs").start()
+    try:
+        yield installation, ns
+    finally:
+        scoped.stop()
+        operator.start()
+        helm(kube.plane, "uninstall", "team", "--namespace", installation.namespace)
+        kube.core.delete_namespace(installation.namespace)
+        assert "Traceback" not in scoped.log_text(), scoped.log_tail(80)
+
+
+def test_namespaced_mode_runs_in_its_namespaces_and_nowhere_else(
+    kube: Kube, namespaced_operator: tuple[Installation, str]
+) -> None:
+    installation, watched = namespaced_operator
+    assert installation.env["KUBETUNE_NAMESPACES"] == watched
+    other = f"{watched}-op"  # the release's own namespace: not watched
+    kube.apply(watched)
+    kube.apply(other)
+    kube.run_pod_to(watched, 0, succeeded_message())
+    kube.wait_phase(watched, "Succeeded")
+    assert kube.job(other) is None and kube.status(other) == {}, "an unwatched namespace was reconciled"
+    can = kube.kubectl("auth", "can-i", "create", "jobs.batch", f"--as={installation.username}", "-n", "default",
+                       check=False)  # fmt: skip
+    assert can.stdout.strip() == "no", "the namespaced release must not reach other namespaces"
+    calls = audited_calls(kube.plane, installation.username)
+    assert_granted(calls)
+    assert {c.namespace for c in calls if c.namespace} == {watched}
