@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED, TerminationMessage, TrainerError
-from tests.cluster.conftest import Kube, OperatorProcess, succeeded_message, wait_for
+from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, succeeded_message, wait_for
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -181,11 +181,18 @@ def test_a_namespace_deleted_under_running_syncs_ends_them_quietly(kube: Kube, o
     for index in range(10):
         kube.apply(namespace, f"run-{index}")
     kube.core.delete_namespace(namespace)
+    # Not the namespace itself: its deletion waits out the pods' grace period (300 s) as the namespace controller
+    # estimates it. The FineTuneJobs go first, once the operator has let them (its finalizer).
     wait_for(
-        lambda: namespace not in {n.metadata.name for n in kube.core.list_namespace().items},
-        90,
-        lambda: f"the namespace to be deleted: {kube.plain(kube.core.read_namespace(namespace)).get('status')}",
+        lambda: not kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
+        60,
+        lambda: f"the FineTuneJobs to be deleted with their namespace: {_blocking_conditions(kube, namespace)}",
     )
     time.sleep(1)  # a failed sync would be retried and logged within a second
     written = operator.log_text()[log_before:]
     assert "Traceback" not in written and "sync of" not in written, written[-3000:]
+
+
+def _blocking_conditions(kube: Kube, namespace: str) -> list[str]:
+    conditions = kube.plain(kube.core.read_namespace(namespace)).get("status", {}).get("conditions") or []
+    return [f"{c['type']}: {c.get('message')}" for c in conditions if c.get("status") == "True"]
