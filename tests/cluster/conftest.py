@@ -29,7 +29,7 @@ import yaml
 from kubetune_cli.local import free_port
 from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMessage
 from tests.api.rbac import GRANTED, Grant
-from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, kubeconfig, local_queue
+from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, die_with_parent, kubeconfig, local_queue
 from tests.objects import finetunejob_body
 
 T = TypeVar("T")
@@ -301,6 +301,7 @@ class OperatorProcess:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [kubetune, "operator"],
+                preexec_fn=die_with_parent,
                 env={**os.environ, **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

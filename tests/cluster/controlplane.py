@@ -47,6 +47,9 @@ LOOPBACK_NODE = "loopback-node"
 LOOPBACK_POD_CIDR = "127.0.100.0/24"
 LOOPBACK_TAINT = {"key": "kubetune.dev/loopback", "value": "true", "effect": "NoSchedule"}
 
+# The simulated kubelet cannot pull this image (tests/cluster/stages.yaml): its pods stay in ImagePullBackOff.
+IMAGE_THAT_CANNOT_BE_PULLED = "registry.invalid/kubetune/trainer:missing"
+
 KUEUE_NAMESPACE = "kueue-system"
 CLUSTER_QUEUE = "gpu-cluster-queue"
 LOCAL_QUEUE = "gpu"
@@ -121,10 +124,11 @@ class Binaries:
         return self.kwok / "stage"
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the test session that started it exits, however it exits."""
+def die_with_parent() -> None:
+    """preexec_fn: the child is killed when the test session that started it exits, however it exits. SIGKILL,
+    not SIGTERM: an apiserver whose etcd went at the same moment waits on in a graceful shutdown."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -145,7 +149,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 start_new_session=True,
-                preexec_fn=_die_with_parent if tie_to_parent else None,
+                preexec_fn=die_with_parent if tie_to_parent else None,
             )
 
     def log_tail(self, lines: int = 30) -> str:
@@ -280,6 +284,7 @@ class ControlPlane:
             "server": self.server,
             "ports": self.ports,
             "versions": self.binaries.versions,
+            "binaries": str(self.binaries.kubectl.parent),
             "startSeconds": self.started_seconds,
         }
         (self.directory / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -661,6 +666,10 @@ def kwok_stages(kwok_stage_dir: Path) -> list[dict[str, Any]]:
         if delay:
             delay["durationMilliseconds"] = STAGE_DELAY_MS
             delay.pop("jitterDurationMilliseconds", None)
+        if stage["metadata"]["name"] == "pod-ready":  # a missing image never starts (kubetune-image-pull-backoff)
+            stage["spec"]["selector"]["matchExpressions"].append(
+                {"key": ".spec.containers.[].image", "operator": "NotIn", "values": [IMAGE_THAT_CANNOT_BE_PULLED]}
+            )
         if stage["metadata"]["name"] == "pod-delete":
             # kwok waits until the deletionTimestamp (the whole grace period) by default; a kubelet removes the
             # pod as soon as its containers have exited. A running container is first stopped

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED, TerminationMessage, TrainerError
-from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, succeeded_message, wait_for
+from tests.cluster.conftest import FATE, GROUP, PLURAL, VERSION, Kube, OperatorProcess, succeeded_message, wait_for
+from tests.cluster.controlplane import IMAGE_THAT_CANNOT_BE_PULLED
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -196,3 +197,40 @@ def test_a_namespace_deleted_under_running_syncs_ends_them_quietly(kube: Kube, o
 def _blocking_conditions(kube: Kube, namespace: str) -> list[str]:
     conditions = kube.plain(kube.core.read_namespace(namespace)).get("status", {}).get("conditions") or []
     return [f"{c['type']}: {c.get('message')}" for c in conditions if c.get("status") == "True"]
+
+
+def test_oom_killed_trainer_is_reported_as_oom(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"backoffLimit": 0}})
+    pod = kube.wait_running_pod(ns)["metadata"]["name"]
+    kube.core.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": {f"{FATE}reason": "OOMKilled"}}})
+    kube.set_fate(ns, pod, 137)
+    status = kube.wait_phase(ns, "Failed", reason="OOMKilled")
+    assert "memory" in status["message"].lower(), status
+
+
+def test_an_image_that_cannot_be_pulled_stays_pending_with_the_kubelets_reason(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"image": IMAGE_THAT_CANNOT_BE_PULLED})
+    status = kube.wait_phase(ns, "Pending", reason="ImagePullBackOff")
+    assert IMAGE_THAT_CANNOT_BE_PULLED in status["message"]
+    time.sleep(2)  # Pending, not Failed: the cause is usually fixed in place
+    assert kube.status(ns)["phase"] == "Pending"
+
+
+def test_a_job_of_the_same_name_that_is_not_ours_is_never_overwritten(kube: Kube, ns: str) -> None:
+    foreign = {"metadata": {"name": "run"}, "spec": {"template": {"spec": {"restartPolicy": "Never",
+               "containers": [{"name": "other", "image": "registry.example/other:1"}]}}}}  # fmt: skip
+    uid = kube.plain(kube.batch.create_namespaced_job(ns, foreign))["metadata"]["uid"]
+    kube.apply(ns)
+    status = kube.wait_phase(ns, "Failed", reason="NameConflict")
+    assert "run" in status["message"]
+    assert kube.job(ns)["metadata"]["uid"] == uid and not kube.job(ns)["metadata"].get("ownerReferences")
+
+
+def test_scheduling_changes_reach_a_suspended_job_that_has_not_started(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec={"runPolicy": {"suspend": True}})
+    kube.wait_phase(ns, "Suspended")
+    kube.patch_spec(ns, {"scheduling": {"nodeSelector": {"kubernetes.io/hostname": "gpu-node-2"}}})
+    wait_for(lambda: kube.job(ns)["spec"]["template"]["spec"].get("nodeSelector", {}).get("kubernetes.io/hostname")
+             == "gpu-node-2", 30, "the Job's template to take the new nodeSelector")  # fmt: skip
+    kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
+    assert kube.wait_running_pod(ns)["spec"]["nodeName"] == "gpu-node-2"

@@ -20,7 +20,7 @@ import pytest
 from kubetune_trainer import contract
 from kubetune_trainer.tiny import write_tiny_model
 from tests.cluster.conftest import Kube, wait_for
-from tests.cluster.controlplane import LOOPBACK_NODE, LOOPBACK_TAINT
+from tests.cluster.controlplane import LOOPBACK_NODE, LOOPBACK_TAINT, die_with_parent
 
 pytestmark = pytest.mark.usefixtures("operator")
 DATASET = Path(__file__).resolve().parents[2] / "cli" / "kubetune_cli" / "data" / "support-instructions.jsonl"
@@ -43,7 +43,11 @@ def trainer_process(kube: Kube, ns: str, scratch: Path) -> subprocess.Popen[byte
     assert env[contract.METRICS_PORT_ENV] == str(contract.METRICS_PORT)
     with (scratch / "trainer.log").open("wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, *command[1:]], env={"PATH": "/usr/bin:/bin", **env}, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *command[1:]],
+            env={"PATH": "/usr/bin:/bin", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
 
