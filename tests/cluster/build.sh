@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes control plane that tests/cluster runs, from the Go module proxy, once per version.
-# Output: .testbins/<component>-<version>/bin/ (git-ignored). A component whose folder holds a .done marker is
-# not built again, so a second run takes seconds. Versions: tests/cluster/versions.env (one place).
+# Output: <cache>/<component>-<version>/bin/, where <cache> is $KUBETUNE_TESTBINS or, by default, kubetune-testbins
+# in the user's cache directory (outside the checkout, so a fresh clone reuses it). A component whose folder holds
+# a .done marker is not built again, so a second run takes seconds. Versions: tests/cluster/versions.env.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
-TESTBINS=${KUBETUNE_TESTBINS:-$root/.testbins}
+TESTBINS=${KUBETUNE_TESTBINS:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune-testbins}
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 command -v go >/dev/null 2>&1 || { echo "build.sh: the Go toolchain (go >= 1.26) is needed to build the control plane" >&2; exit 2; }
 jobs=$(nproc)

@@ -76,7 +76,11 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
 
 
 def testbins_dir() -> Path:
-    return Path(os.environ.get("KUBETUNE_TESTBINS", REPO_ROOT / ".testbins"))
+    """Where build.sh puts the binaries (the same rule as there)."""
+    if os.environ.get("KUBETUNE_TESTBINS"):
+        return Path(os.environ["KUBETUNE_TESTBINS"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "kubetune-testbins"
 
 
 @dataclass(frozen=True)
