@@ -21,6 +21,7 @@ from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
 from kubetune_operator.builders import (
     LABEL_FINETUNEJOB,
     UnsupportedSpec,
+    build_nodes_service,
     build_trainer_configmap,
     build_trainer_job,
     job_name,
@@ -200,8 +201,11 @@ class Reconciler:
             trainer_job = build_trainer_job(job, self.settings)
         except UnsupportedSpec as error:
             await self._refuse(body, "Unsupported", str(error))
+        service = build_nodes_service(job, self.settings)
         try:
             await self.kube.ensure(build_trainer_configmap(job, self.settings), body)
+            if service is not None:  # before the pods, which resolve each other through it
+                await self.kube.ensure(service, body)
             observed, created = await self.kube.ensure(trainer_job, body)
         except NameConflict as error:
             await self._refuse(body, "NameConflict", str(error))
