@@ -385,7 +385,3 @@ def workload_activation_patch(job: FineTuneJob, workload: dict[str, Any] | None)
     if not job.spec.run_policy.suspend and not active and ours:
         return {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}}
     return None
-
-
-class UnsupportedSpec(ValueError):
-    """A valid spec this operator version cannot run yet."""

@@ -467,7 +467,7 @@ def failed_status(
     previous_status: dict[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict, Unsupported)."""
+    """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict)."""
     previous = previous_status or {}
     outcome = Outcome("Failed", reason, _short(message))
     status = {
