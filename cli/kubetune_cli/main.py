@@ -58,7 +58,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from kubetune_cli.manifests import load_finetunejob
     from kubetune_operator.api import SpecError
-    from kubetune_operator.builders import build_trainer_configmap, build_trainer_job
+    from kubetune_operator.builders import build_nodes_service, build_trainer_configmap, build_trainer_job
     from kubetune_operator.settings import Settings, SettingsError
 
     try:
@@ -68,7 +68,12 @@ def cmd_render(args: argparse.Namespace) -> int:
             settings = replace(settings, trainer_image=args.image)
         if job.metadata.namespace is None:
             job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
-        objects = [build_trainer_configmap(job, settings), build_trainer_job(job, settings)]
+        service = build_nodes_service(job, settings)  # multi-node runs only
+        objects = [
+            build_trainer_configmap(job, settings),
+            *([service] if service else []),
+            build_trainer_job(job, settings),
+        ]
     except SpecError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)

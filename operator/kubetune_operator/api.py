@@ -226,6 +226,9 @@ class FineTuneJobStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When the first attempt started.")
     completion_time: str | None = Field(default=None, description="When the run finished.")
     attempts: int | None = Field(default=None, ge=0, description="Pods started so far, including retries.")
+    running_nodes: int | None = Field(
+        default=None, ge=0, description="Nodes whose trainer pod is running (multi-node runs, while Running)."
+    )
     progress: Progress | None = Field(default=None, description="Live progress, read from the trainer.")
     checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint.")
     result: Result | None = Field(default=None, description="Final numbers of a succeeded run.")

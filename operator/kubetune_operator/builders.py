@@ -20,6 +20,7 @@ TRAINER_CONTAINER = "trainer"
 CONFIG_FILE = "config.json"
 CONFIG_DIR = contract.CONFIG_PATH.rsplit("/", 1)[0]
 CONFIGMAP_SUFFIX = "-trainer"
+SERVICE_SUFFIX = "-nodes"
 DNS_LABEL_MAX = 63
 RUN_AS = 65532  # the trainer image's non-root user and group
 
@@ -29,6 +30,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_FINETUNEJOB = f"{API_GROUP}/finetunejob"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_JOB_NAME = "batch.kubernetes.io/job-name"  # set by the Job controller on the pods of a Job
+LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the node of a multi-node run's pod
 # On a Kueue Workload the operator deactivated for spec.runPolicy.suspend: only such a Workload is reactivated.
 ANNOTATION_DEACTIVATED = f"{API_GROUP}/deactivated-for-suspend"
 MANAGED_BY = "kubetune"
@@ -56,8 +59,19 @@ def configmap_name(job: FineTuneJob) -> str:
 
 
 def job_name(job: FineTuneJob) -> str:
-    # The Job controller copies the Job name into a pod label, so it must fit a label value.
-    return dns_name(job.metadata.name)
+    # The Job controller copies the Job name into a pod label, so it must fit a label value; the pods of an
+    # Indexed Job are also named (hostname) `<job>-<index>`, which must fit a DNS label.
+    nodes = job.spec.resources.nodes
+    return dns_name(job.metadata.name, limit=DNS_LABEL_MAX - (len(f"-{nodes - 1}") if nodes > 1 else 0))
+
+
+def service_name(job: FineTuneJob) -> str:
+    # The pod's subdomain: `<job>-<index>.<service>` must stay a valid DNS name (each label <= 63).
+    return dns_name(job.metadata.name, SERVICE_SUFFIX)
+
+
+def is_multi_node(job: FineTuneJob) -> bool:
+    return job.spec.resources.nodes > 1
 
 
 def labels(job: FineTuneJob) -> dict[str, str]:
@@ -159,14 +173,26 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     return env
 
 
+def rendezvous(job: FineTuneJob) -> contract.Rendezvous | None:
+    """Where the nodes of a multi-node run meet (pod 0 of the Indexed Job), or None on one node."""
+    if not is_multi_node(job):
+        return None
+    return contract.pod_rendezvous(job_name(job), service_name(job), job.spec.resources.nodes)
+
+
 def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    ports = [{"name": contract.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}]
+    if is_multi_node(job):
+        ports.append(
+            {"name": contract.RENDEZVOUS_PORT_NAME, "containerPort": contract.RENDEZVOUS_PORT, "protocol": "TCP"}
+        )
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": job.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
-        "command": contract.launch_command(job.spec.resources.gpus),
+        "command": contract.launch_command(job.spec.resources.gpus, rendezvous=rendezvous(job)),
         "env": _env(job),
-        "ports": [{"name": contract.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}],
+        "ports": ports,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -211,6 +237,8 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if is_multi_node(job):
+        pod["subdomain"] = service_name(job)  # each pod is <job>-<index>.<service> (Indexed Job hostnames)
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     if scheduling.node_selector:
@@ -258,20 +286,27 @@ def job_suspended(job: FineTuneJob) -> bool:
 
 
 def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
-    """The batch/v1 Job `<name>` running the trainer in one pod."""
-    if job.spec.resources.nodes > 1:
-        raise UnsupportedSpec("resources.nodes > 1 (multi-node training) is not supported yet; use nodes: 1")
+    """The batch/v1 Job `<name>` running the trainer: one pod, or one pod per node.
+
+    Several nodes make an Indexed Job (`completions = parallelism = nodes`): pod `<job>-<index>` is node
+    `<index>`, and the Job succeeds only when every index has. podFailurePolicy and backoffLimit count for the
+    whole run, not per index (no backoffLimitPerIndex): the nodes train one model in lock-step, so a node that
+    fails stops its peers, and retrying one index alone cannot make progress.
+    """
     spec = job.spec
     queue = spec.scheduling.queue_name
     pod_labels = labels(job)
+    nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.run_policy.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
+        "completions": nodes,
+        "parallelism": nodes,
         "suspend": job_suspended(job),
         "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, settings)},
     }
+    if is_multi_node(job):
+        job_spec["completionMode"] = "Indexed"
     if spec.run_policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     return {
@@ -279,6 +314,35 @@ def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "kind": "Job",
         "metadata": _metadata(job, job_name(job), {LABEL_KUEUE_QUEUE: queue} if queue else None),
         "spec": job_spec,
+    }
+
+
+def build_nodes_service(job: FineTuneJob, settings: Settings) -> dict[str, Any] | None:
+    """The headless Service `<name>-nodes` giving each pod of a multi-node run its DNS name, or None.
+
+    It selects only this run's pods (the Job controller's job-name label and the FineTuneJob's) and publishes
+    them before they are ready: the nodes resolve each other while the rendezvous is forming.
+    """
+    del settings
+    if not is_multi_node(job):
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB_NAME: job_name(job), LABEL_FINETUNEJOB: job.metadata.name},
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {
+                    "name": contract.RENDEZVOUS_PORT_NAME,
+                    "port": contract.RENDEZVOUS_PORT,
+                    "targetPort": contract.RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
     }
 
 
@@ -321,7 +385,3 @@ def workload_activation_patch(job: FineTuneJob, workload: dict[str, Any] | None)
     if not job.spec.run_policy.suspend and not active and ours:
         return {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}}
     return None
-
-
-class UnsupportedSpec(ValueError):
-    """A valid spec this operator version cannot run yet."""

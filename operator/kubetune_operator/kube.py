@@ -66,6 +66,7 @@ FINETUNEJOBS = Resource(API_GROUP, API_VERSION, PLURAL)
 JOBS = Resource("batch", "v1", "jobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 PODS = Resource("", "v1", "pods")
+SERVICES = Resource("", "v1", "services")
 KUEUE_GROUP = "kueue.x-k8s.io"
 
 
@@ -76,7 +77,7 @@ def resource_of(body: Body, plural: str) -> Resource:
     return Resource(group, version, plural)
 
 
-KIND_RESOURCES = {"Job": JOBS, "ConfigMap": CONFIGMAPS}
+KIND_RESOURCES = {"Job": JOBS, "ConfigMap": CONFIGMAPS, "Service": SERVICES}
 
 
 def owned_by(obj: Body, owner_uid: str) -> bool:

@@ -13,12 +13,10 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
-from kubetune_operator.builders import LABEL_FINETUNEJOB
+from kubetune_operator.builders import LABEL_COMPLETION_INDEX, LABEL_FINETUNEJOB
 from kubetune_operator.status import PROGRESS_CONDITION, timestamp
 from kubetune_trainer import contract
 from kubetune_trainer.contract import Progress
-
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 
 def trainer_endpoint(pod: dict[str, Any]) -> tuple[str, str, int] | None:
@@ -28,8 +26,8 @@ def trainer_endpoint(pod: dict[str, Any]) -> tuple[str, str, int] | None:
     ip = status.get("podIP")
     if not owner or not ip or status.get("phase") != "Running" or metadata.get("deletionTimestamp"):
         return None
-    if (metadata.get("labels") or {}).get(COMPLETION_INDEX_LABEL, "0") != "0":
-        return None
+    if (metadata.get("labels") or {}).get(LABEL_COMPLETION_INDEX, "0") != "0":
+        return None  # a multi-node run: global rank 0 runs in pod 0, the only one serving /progress
     port = contract.METRICS_PORT
     for container in pod.get("spec", {}).get("containers") or []:
         for declared in container.get("ports") or []:

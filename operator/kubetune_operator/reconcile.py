@@ -20,7 +20,7 @@ import kopf
 from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
 from kubetune_operator.builders import (
     LABEL_FINETUNEJOB,
-    UnsupportedSpec,
+    build_nodes_service,
     build_trainer_configmap,
     build_trainer_job,
     job_name,
@@ -196,12 +196,12 @@ class Reconciler:
         return key
 
     async def _create_children(self, body: Body, job: FineTuneJob, previous: Body) -> Body:
-        try:
-            trainer_job = build_trainer_job(job, self.settings)
-        except UnsupportedSpec as error:
-            await self._refuse(body, "Unsupported", str(error))
+        trainer_job = build_trainer_job(job, self.settings)
+        service = build_nodes_service(job, self.settings)
         try:
             await self.kube.ensure(build_trainer_configmap(job, self.settings), body)
+            if service is not None:  # before the pods, which resolve each other through it
+                await self.kube.ensure(service, body)
             observed, created = await self.kube.ensure(trainer_job, body)
         except NameConflict as error:
             await self._refuse(body, "NameConflict", str(error))

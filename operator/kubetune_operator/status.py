@@ -16,6 +16,10 @@ Choices:
 - A failed Job with exit code 2 is InvalidInput (the trainer's own error, from its termination message);
   one whose last pod was OOMKilled is OOMKilled; otherwise the Job's reason (BackoffLimitExceeded,
   DeadlineExceeded, PodFailurePolicy) is kept.
+- A multi-node run (an Indexed Job, one pod per node) is Running while any of its pods runs; the message
+  and `runningNodes` say how many of the nodes do. The outcome of a finished run is read from pod 0 (global
+  rank 0 writes the result and artifacts); a failure names the node whose pod failed, and an invalid input
+  on any node makes the run InvalidInput.
 - What the trainer's own ending says (exit code + termination message) is `trainer_ending`, the one reading
   of the contract: the operator uses it for a pod's end, `kubetune run` for the status it prints.
 """
@@ -30,7 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune_operator.api import FineTuneJob
-from kubetune_operator.builders import LABEL_KUEUE_QUEUE, TRAINER_CONTAINER, job_name
+from kubetune_operator.builders import LABEL_COMPLETION_INDEX, LABEL_KUEUE_QUEUE, TRAINER_CONTAINER, job_name
 from kubetune_trainer import contract
 from kubetune_trainer.contract import TerminationMessage, TrainerError
 
@@ -192,28 +196,59 @@ def _latest(pods: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
     return max(matching, key=_pod_order) if matching else None
 
 
+def node_index(pod: dict[str, Any]) -> int | None:
+    """The node (completion index) of a multi-node run's pod; None for a one-node run's."""
+    value = (pod.get("metadata", {}).get("labels") or {}).get(LABEL_COMPLETION_INDEX)
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _node_prefix(job: FineTuneJob, pod: dict[str, Any] | None) -> str:
+    if pod is None or job.spec.resources.nodes <= 1 or node_index(pod) is None:
+        return ""
+    return f"node {node_index(pod)} (pod {pod['metadata']['name']}): "
+
+
+def _running(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [pod for pod in pods if _pod_phase(pod) == "Running" and not pod["metadata"].get("deletionTimestamp")]
+
+
+def running_nodes(pods: list[dict[str, Any]]) -> int:
+    """How many nodes (distinct completion indexes) have a running trainer pod."""
+    return len({node_index(pod) for pod in _running(pods)})
+
+
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
 
 
-def _failed(observed_job: dict[str, Any], pods: list[dict[str, Any]], failed: dict[str, Any]) -> Outcome:
-    pod = _latest(pods, "Failed")
+def _invalid_input(pod: dict[str, Any]) -> bool:
+    ending = pod_ending(pod)
+    return ending is not None and ending.reason == "InvalidInput"
+
+
+def _failed(
+    job: FineTuneJob, observed_job: dict[str, Any], pods: list[dict[str, Any]], failed: dict[str, Any]
+) -> Outcome:
+    invalid = [pod for pod in pods if _pod_phase(pod) == "Failed" and _invalid_input(pod)]
+    # Any node's invalid input is the run's cause (its peers then fail as a consequence).
+    pod = max(invalid, key=_pod_order) if invalid else _latest(pods, "Failed")
     terminated = trainer_terminated(pod) if pod is not None else None
     job_reason = str(failed.get("reason") or "Failed")
     job_message = str(failed.get("message") or "the Job failed")
     ending = pod_ending(pod) if pod is not None else None
     if ending is not None and ending.reason == "InvalidInput":
-        return Outcome("Failed", ending.reason, ending.message, pod)
+        return Outcome("Failed", ending.reason, _short(_node_prefix(job, pod) + ending.message), pod)
     if terminated is not None and terminated.get("reason") == "OOMKilled" and job_reason != "DeadlineExceeded":
         return Outcome(
             "Failed",
             "OOMKilled",
-            "the trainer ran out of memory; raise resources.memory, or lower training.batchSize or "
+            f"{_node_prefix(job, pod)}the trainer ran out of memory; raise resources.memory, or lower "
+            "training.batchSize or "
             f"dataset.maxLength ({job_reason}: {job_message})",
             pod,
         )
-    return Outcome("Failed", job_reason, _short(job_message), pod)
+    return Outcome("Failed", job_reason, _short(_node_prefix(job, pod) + job_message), pod)
 
 
 def _waiting_outcome(pods: list[dict[str, Any]]) -> Outcome:
@@ -263,11 +298,13 @@ def _outcome(
             return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
         return Outcome("Pending", "CreatingJob", f"creating Job {job_name(job)}")
     if _true(observed_job, "Complete") is not None:
-        return Outcome("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, _latest(pods, "Succeeded"))
+        # Global rank 0 (pod 0 of a multi-node run) reported the result and artifacts.
+        rank0 = [pod for pod in pods if node_index(pod) in (None, 0)]
+        return Outcome("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, _latest(rank0, "Succeeded"))
     failed = _true(observed_job, "Failed")
     if failed is not None:
-        return _failed(observed_job, pods, failed)
-    running = [pod for pod in pods if _pod_phase(pod) == "Running" and not pod["metadata"].get("deletionTimestamp")]
+        return _failed(job, observed_job, pods, failed)
+    running = _running(pods)
     if job.spec.run_policy.suspend:
         if running:
             return Outcome("Suspended", "Suspending", "waiting for the trainer to save a checkpoint and stop")
@@ -279,6 +316,14 @@ def _outcome(
             pending = kueue_pending_message(workload)
             return Outcome("Queued", "WaitingForAdmission", f"{message}: {pending}" if pending else message)
         return Outcome("Pending", "Resuming", "the Job is being resumed")
+    nodes = job.spec.resources.nodes
+    if running and nodes > 1:
+        ready = running_nodes(pods)
+        if ready < nodes:
+            waiting = _waiting_outcome([pod for pod in pods if pod not in running])
+            return Outcome("Running", "WaitingForNodes", _short(f"{ready} of {nodes} nodes running; the "
+                           f"rendezvous waits for the others ({waiting.reason}: {waiting.message})"))  # fmt: skip
+        return Outcome("Running", "TrainerRunning", f"{nodes} of {nodes} nodes training")
     if running:
         return Outcome("Running", "TrainerRunning", f"pod {running[0]['metadata']['name']} is training")
     return _waiting_outcome(pods)
@@ -383,6 +428,8 @@ def compute_status(
         "conditions": _conditions(outcome, previous, job.metadata.generation, now),
         "attempts": _attempts(observed_job, pods, previous),
     }
+    if job.spec.resources.nodes > 1 and outcome.phase == "Running":
+        status["runningNodes"] = running_nodes(pods)
     started = previous.get("startTime") or _start_time(pods)
     if started is None and outcome.phase == "Running":
         started = timestamp(now)
@@ -420,7 +467,7 @@ def failed_status(
     previous_status: dict[str, Any] | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict, Unsupported)."""
+    """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict)."""
     previous = previous_status or {}
     outcome = Outcome("Failed", reason, _short(message))
     status = {

@@ -91,6 +91,9 @@ class Cluster:
         listed = self.batch.list_namespaced_job("default")
         return [self.batch.api_client.sanitize_for_serialization(job) for job in listed.items]
 
+    def service(self, name: str) -> dict | None:
+        return self._read(self.core.read_namespaced_service, name)
+
     def _read(self, read: Callable[..., Any], name: str) -> dict | None:
         try:
             return self.batch.api_client.sanitize_for_serialization(read(name, "default"))

@@ -9,7 +9,8 @@ from tests.kubeapi import cluster as kubelet
 
 
 def test_every_grant_is_used_over_a_lifetime(operator: Operator, cluster: Cluster) -> None:
-    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 1}})
+    # Two nodes: the run also has its headless Service, created and (after the restart) adopted.
+    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 1}, "resources": {"gpus": 1, "nodes": 2}})
     job = cluster.wait_job()
     pod = kubelet.create_pod_for_job(job)
     cluster.wait_phase("Pending")

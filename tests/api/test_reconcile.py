@@ -232,11 +232,14 @@ def test_name_taken_by_a_foreign_job_is_a_conflict(operator: Operator, cluster: 
     )
 
 
-def test_multi_node_is_refused_clearly(operator: Operator, cluster: Cluster) -> None:
+def test_multi_node_gets_an_indexed_job_and_its_headless_service(operator: Operator, cluster: Cluster) -> None:
     cluster.apply(spec={"resources": {"gpus": 8, "nodes": 2}})
-    status = cluster.wait_phase("Failed", reason="Unsupported")
-    assert "resources.nodes > 1" in status["message"]
-    assert cluster.job() is None
+    job = cluster.wait_job()
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
+    service = cluster.service("support-bot-nodes")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["uid"] == cluster.ftj()["metadata"]["uid"]
+    assert job["spec"]["template"]["spec"]["subdomain"] == "support-bot-nodes"
 
 
 def test_recreated_finetunejob_waits_for_its_predecessors_children(operator: Operator, cluster: Cluster) -> None:

@@ -27,6 +27,8 @@ NAMESPACED: frozenset[Permission] = frozenset(
     # get: a child that already exists (409 on create) is read and adopted.
     | _grant("batch", "jobs", "get", "list", "watch", "create", "patch")
     | _grant("", "configmaps", "get", "create")
+    # The headless Service of a multi-node run (its pods' DNS names); deleted with the FineTuneJob by ownerReferences.
+    | _grant("", "services", "get", "create")
     | _grant("", "pods", "list", "watch")
     | _grant("", "events", "create")
     # Kueue's Workloads: why a queued run waits, and `spec.active` to keep a user's suspend (Kueue would

@@ -42,6 +42,12 @@ def test_every_call_is_granted_and_every_grant_is_used(
         kube.run_pod_to(ns, 0, succeeded_message(), exclude={first, second})
         kube.wait_phase(ns, "Succeeded", timeout=90)
         wait_for(lambda: kube.ftj(ns) is None, 30, "the TTL to delete the FineTuneJob")
+        # A multi-node run has a headless Service too: created, and read and adopted when its Job is recreated.
+        kube.apply(ns, "gang", spec={"resources": {"gpus": 8, "nodes": 2}})
+        old = kube.wait_job(ns, "gang")["metadata"]["uid"]
+        kube.batch.delete_namespaced_job("gang", ns, propagation_policy="Background")
+        wait_for(lambda: (j := kube.job(ns, "gang")) and j["metadata"]["uid"] != old, 30, "the gang's Job recreated")
+        kube.delete_ftj(ns, "gang")
     finally:
         kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
     calls = audited_calls(kube.plane, installed.username)

@@ -11,12 +11,14 @@ import pytest
 from kubetune_operator.builders import (
     ANNOTATION_DEACTIVATED,
     LABEL_KUEUE_QUEUE,
-    UnsupportedSpec,
+    build_nodes_service,
     build_trainer_configmap,
     build_trainer_job,
     configmap_name,
     dns_name,
     job_name,
+    owner_reference,
+    pod_failure_policy,
     scheduling_patch,
     suspend_patch,
     workload_activation_patch,
@@ -51,6 +53,7 @@ CASES: dict[str, dict[str, Any]] = {
         }
     },
     "kueue": {"scheduling": {"queueName": "gpu-queue"}},
+    "multi-node": {"resources": {"gpus": 8, "nodes": 2}, "scheduling": {"queueName": "gpu-queue"}},
     "suspended": {"runPolicy": {"suspend": True, "backoffLimit": 0, "activeDeadlineSeconds": 3600}},
     "secrets": {
         "model": {"source": "hf://org/gated", "tokenSecretRef": {"name": "hf-token", "key": "token"}},
@@ -69,6 +72,11 @@ def built(case: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return build_trainer_configmap(job, SETTINGS), build_trainer_job(job, SETTINGS)
 
 
+def built_with_service(case: str) -> list[dict[str, Any]]:
+    service = build_nodes_service(finetunejob(spec=CASES[case]), SETTINGS)
+    return [*built(case), *([service] if service is not None else [])]
+
+
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
     return obj["spec"]["template"]["spec"]
 
@@ -85,7 +93,7 @@ def env(obj: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_built_object_is_valid_kubernetes(case: str, version: str) -> None:
-    for obj in built(case):
+    for obj in built_with_service(case):
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -221,9 +229,87 @@ def test_the_trainers_stop_grace_is_the_pods_minus_a_margin() -> None:
     assert 0 < watchdog < grace  # the watchdog writes its termination message before the kubelet's SIGKILL
 
 
-def test_multi_node_is_rejected_clearly() -> None:
-    with pytest.raises(UnsupportedSpec, match=r"resources.nodes > 1"):
-        build_trainer_job(finetunejob(spec={"resources": {"gpus": 8, "nodes": 2}}), SETTINGS)
+def test_one_node_has_no_service_and_a_plain_job() -> None:
+    _, job = built("multi-gpu")
+    assert build_nodes_service(finetunejob(spec=CASES["multi-gpu"]), SETTINGS) is None
+    assert "completionMode" not in job["spec"] and "subdomain" not in pod_spec(job)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+
+
+def test_multi_node_is_an_indexed_job_with_one_pod_per_node() -> None:
+    _, job = built("multi-node")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"]) == (2, 2)
+    assert spec["suspend"] is True  # queued: Kueue admits the whole Indexed Job (2 x 8 GPUs) at once
+    assert spec["podFailurePolicy"] == pod_failure_policy()  # one policy for the whole run
+    assert "backoffLimitPerIndex" not in spec
+    assert pod_spec(job)["subdomain"] == "support-bot-nodes"
+    assert trainer(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}  # per node
+    ports = {port["name"]: port["containerPort"] for port in trainer(job)["ports"]}
+    assert ports == {contract.METRICS_PORT_NAME: contract.METRICS_PORT, "rendezvous": contract.RENDEZVOUS_PORT}
+
+
+def test_multi_node_command_is_the_launcher_with_c10d_rendezvous_on_pod_zero() -> None:
+    _, job = built("multi-node")
+    command = trainer(job)["command"]
+    assert command == contract.launch_command(
+        8, rendezvous=contract.pod_rendezvous("support-bot", "support-bot-nodes", 2)
+    )
+    assert command[:3] == ["python", "-m", "kubetune_trainer"]  # the launcher keeps exit codes 2 and 3
+
+    def option(name: str) -> str:
+        return command[command.index(name) + 1]
+
+    assert option("--nproc-per-node") == "8"
+    assert option("--nnodes") == "2"
+    assert option("--node-rank") == "$(JOB_COMPLETION_INDEX)"  # the kubelet expands it from the pod's env
+    assert option("--node-address") == "support-bot-$(JOB_COMPLETION_INDEX).support-bot-nodes"
+    assert option("--rdzv-endpoint") == f"support-bot-0.support-bot-nodes:{contract.RENDEZVOUS_PORT}"
+    assert option("--rdzv-id") == "support-bot"
+    assert int(option("--rdzv-timeout")) == contract.RENDEZVOUS_TIMEOUT_SECONDS
+
+
+def test_torchrun_args_for_one_node_and_for_several() -> None:
+    assert contract.torchrun_args(4) == ["--standalone", "--nproc-per-node=4"]
+    node0 = contract.torchrun_args(8, nnodes=2, node_rank=0, node_address="a-0.s", endpoint="a-0.s:29400")
+    node1 = contract.torchrun_args(8, nnodes=2, node_rank=1, node_address="a-1.s", endpoint="a-0.s:29400")
+    assert "--rdzv-backend=c10d" in node0 and "--nnodes=2" in node0 and "--max-restarts=0" in node0
+    assert "--rdzv-endpoint=a-0.s:29400" in node1 and "--local-addr=a-1.s" in node1
+    conf0 = next(arg for arg in node0 if arg.startswith("--rdzv-conf="))
+    conf1 = next(arg for arg in node1 if arg.startswith("--rdzv-conf="))
+    assert "is_host=true" in conf0 and "is_host=false" in conf1  # node 0 hosts the store
+    assert f"join_timeout={contract.RENDEZVOUS_TIMEOUT_SECONDS}" in conf1
+    with pytest.raises(ValueError, match="endpoint"):
+        contract.torchrun_args(8, nnodes=2)
+
+
+def test_multi_node_service_is_headless_selects_only_this_runs_pods_and_is_owned() -> None:
+    job = finetunejob(spec=CASES["multi-node"])
+    service = build_nodes_service(job, SETTINGS)
+    assert service is not None
+    assert service["metadata"]["name"] == "support-bot-nodes"
+    assert service["metadata"]["ownerReferences"] == [owner_reference(job)]  # deleted with the FineTuneJob
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {
+        "batch.kubernetes.io/job-name": "support-bot",
+        "kubetune.dev/finetunejob": "support-bot",
+    }
+    assert service["spec"]["publishNotReadyAddresses"] is True  # peers resolve before they are Ready
+    assert [port["port"] for port in service["spec"]["ports"]] == [contract.RENDEZVOUS_PORT]
+
+
+def test_multi_node_names_fit_dns_for_the_longest_finetunejob_name() -> None:
+    name = "n" * 63
+    job = finetunejob(name=name, spec=CASES["multi-node"])
+    service = build_nodes_service(job, SETTINGS)
+    assert service is not None
+    assert len(service["metadata"]["name"]) <= 63
+    assert job_name(job) == build_trainer_job(job, SETTINGS)["metadata"]["name"] != name
+    assert len(f"{job_name(job)}-1") <= 63  # the Job controller's hostname of the last pod
+    wide = finetunejob(name=name, spec={"resources": {"gpus": 8, "nodes": 64}})
+    assert len(f"{job_name(wide)}-63") <= 63
+    assert job_name(finetunejob(name=name)) == name  # one node: the name as before
 
 
 def test_scheduling_fields_reach_the_pod() -> None:

@@ -35,3 +35,16 @@ def test_render_reports_invalid_files_like_validate(tmp_path: pathlib.Path, caps
     assert main(["validate", str(bad)]) == 1
     assert capsys.readouterr().err == rendered_errors.err
     assert rendered_errors.err.startswith(f"{bad}:")
+
+
+def test_render_of_a_multi_node_run_shows_the_service_and_the_rendezvous(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", str(EXAMPLES / "multi-node.yaml")]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [obj["kind"] for obj in objects] == ["ConfigMap", "Service", "Job"]
+    _, service, job = objects
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--rdzv-endpoint") + 1] == "llama-70b-2node-0.llama-70b-2node-nodes:29400"
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)

@@ -317,3 +317,47 @@ def test_queued_status_gives_kueues_reason_when_its_workload_has_one() -> None:
     assert status["message"] == f"waiting for Kueue LocalQueue gpu to admit the Job: {words}"
     bare = compute_status(finetunejob(spec=spec), job(suspend=True, queue="gpu"), [], None, NOW, kueue_workload(None))
     assert bare["message"] == "waiting for Kueue LocalQueue gpu to admit the Job"
+
+
+# -- multi-node runs (an Indexed Job, one pod per node) ------------------------------------------------------
+
+MULTI_NODE = {"resources": {"gpus": 8, "nodes": 2}}
+
+
+def on_node(index: int, pod_body: dict) -> dict:
+    labelled = copy.deepcopy(pod_body)
+    labelled["metadata"]["name"] = f"support-bot-{index}-abcde"
+    labelled["metadata"]["labels"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return labelled
+
+
+def test_multi_node_status_counts_running_nodes() -> None:
+    spec = finetunejob(spec=MULTI_NODE)
+    half = compute_status(spec, job(active=2), [on_node(0, running_pod()), on_node(1, unschedulable_pod())], {}, NOW)
+    assert (half["phase"], half["reason"], half["runningNodes"]) == ("Running", "WaitingForNodes", 1)
+    assert "1 of 2 nodes running" in half["message"] and "Unschedulable" in half["message"]
+    full = compute_status(spec, job(active=2), [on_node(0, running_pod()), on_node(1, running_pod())], {}, NOW)
+    assert (full["phase"], full["reason"], full["runningNodes"]) == ("Running", "TrainerRunning", 2)
+    assert full["message"] == "2 of 2 nodes training"
+    one_node = compute_status(finetunejob(), job(active=1), [running_pod()], {}, NOW)
+    assert "runningNodes" not in one_node
+
+
+def test_multi_node_success_reports_rank_zeros_result() -> None:
+    observed = job(("Complete", "CompletionsReached", ""), succeeded=2)
+    node1 = TerminationMessage(outcome="succeeded", exit_code=0).encode()  # node 1 has no artifacts
+    pods = [on_node(0, terminated_pod(0, SUCCEEDED_MESSAGE)), on_node(1, terminated_pod(0, node1))]
+    pods[1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-01-02T02:59:30Z"
+    status = compute_status(finetunejob(spec=MULTI_NODE), observed, pods, {}, NOW)
+    assert status["phase"] == "Succeeded"
+    assert status["artifacts"]["adapter"] == "s3://artifacts/support-bot/adapter/"
+
+
+def test_multi_node_invalid_input_on_any_node_is_the_cause_and_names_the_node() -> None:
+    observed = job(("Failed", "PodFailurePolicy", "Container trainer for pod default/support-bot-1 failed"), failed=2)
+    crashed = on_node(0, terminated_pod(1, ""))  # its peer's exit took it down, later
+    crashed["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-01-02T02:59:59Z"
+    pods = [crashed, on_node(1, terminated_pod(2, INVALID_MESSAGE))]
+    status = compute_status(finetunejob(spec=MULTI_NODE), observed, pods, {}, NOW)
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidInput")
+    assert status["message"].startswith("node 1 (pod support-bot-1-abcde): InvalidDataset: dataset.fields.prompt")

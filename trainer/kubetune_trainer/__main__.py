@@ -3,9 +3,11 @@
 Exit codes (contract): 0 done (or already done), 2 invalid input, 3 stopped by SIGTERM after a checkpoint,
 1 anything else. A TerminationMessage is written to the termination log on every exit path.
 
-With `--nproc-per-node N` (N > 1; `contract.launch_command` adds it) this process is a launcher: it runs
-torchrun with N workers of itself and exits with the code rank 0 recorded in the termination message
-(torchrun itself only knows 0 or 1).
+With `--nproc-per-node N` (N > 1) or `--nnodes M` (M > 1; `contract.launch_command` adds them) this process
+is a launcher: it runs torchrun with N workers of itself (joining M - 1 other nodes through torchrun's c10d
+rendezvous) and exits with the code its node's first worker recorded in the termination message (torchrun
+itself only knows 0 or 1). Each node's first worker writes its own pod's termination message; only global
+rank 0 writes checkpoints and artifacts and serves /progress.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +34,32 @@ from kubetune_trainer.contract import (
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_PREEMPTED,
+    RENDEZVOUS_TIMEOUT_SECONDS,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
     WORKDIR_ENV,
     TerminationMessage,
     TrainerError,
+    torchrun_args,
 )
 
 log = logging.getLogger("kubetune_trainer")
 
 
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "kubetune_trainer",
-        *argv,
-    ]
+LOG_TAIL_LINES = 40  # torchrun's last lines, kept for the termination message when no worker wrote one
+
+
+def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    options = torchrun_args(
+        args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        node_address=args.node_address,
+        endpoint=args.rdzv_endpoint,
+        run_id=args.rdzv_id,
+        timeout_seconds=args.rdzv_timeout,
+    )
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "kubetune_trainer", *argv]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +76,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="local scratch for the model, checkpoints and artifacts before upload",
     )
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); > 1 runs torchrun")
+    nodes = parser.add_argument_group("multi-node (torchrun c10d rendezvous)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes of the run; > 1 runs torchrun with c10d")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this node's index; node 0 hosts the rendezvous")
+    nodes.add_argument("--node-address", default=None, help="this node's name or address its peers can reach")
+    nodes.add_argument("--rdzv-endpoint", default=None, help="host:port of node 0's rendezvous store")
+    nodes.add_argument("--rdzv-id", default="kubetune", help="the run's rendezvous id (the same on every node)")
+    nodes.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=RENDEZVOUS_TIMEOUT_SECONDS,
+        help="seconds to wait for every node to join before failing",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,8 +95,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def write_termination(path: str, message: TerminationMessage) -> None:
-    if _rank() != 0:
+    """The pod's termination message, written by the first worker of each node (its launcher reads it)."""
+    if _local_rank() != 0:
         return
     try:
         with open(path, "w", encoding="utf-8") as handle:
@@ -109,33 +135,61 @@ def configure_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run torchrun with N workers and report what rank 0 recorded."""
+def _follow(stream: Any, tail: deque[str]) -> None:
+    """Copy torchrun's stderr to ours (the pod log), keeping its last lines."""
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.strip():
+            tail.append(line.rstrip())
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run torchrun with N workers (on M nodes) and report what this node's first worker recorded."""
     passthrough = ["--config", args.config, "--termination-log", args.termination_log, "--workdir", args.workdir]
     if not args.termination_log.startswith("/dev/"):
         Path(args.termination_log).unlink(missing_ok=True)  # a stale message must not pass for this run's
-    child = subprocess.Popen(torchrun_command(args.nproc_per_node, passthrough))
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    child = subprocess.Popen(torchrun_command(args, passthrough), stderr=subprocess.PIPE, text=True, errors="replace")
+    follower = threading.Thread(target=_follow, args=(child.stderr, tail), daemon=True)
+    follower.start()
     signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
     code = child.wait()
+    follower.join(timeout=5)
     try:
         recorded = json.loads(Path(args.termination_log).read_text(encoding="utf-8"))
         return int(recorded["exitCode"])
     except (OSError, ValueError, KeyError):
-        message = f"torchrun exited with {code} and rank 0 left no termination message"
-        write_termination(
-            args.termination_log,
-            TerminationMessage(
-                outcome="failed", exit_code=EXIT_FAILED, error=TrainerError(reason="WorkerFailed", message=message)
-            ),
+        if code == 0:
+            return EXIT_OK
+        write_termination(args.termination_log, _launcher_failure(args, code, list(tail)))
+        return EXIT_FAILED
+
+
+def _launcher_failure(args: argparse.Namespace, code: int, tail: list[str]) -> TerminationMessage:
+    """Why torchrun failed before any worker reported: a peer that never joined, or a worker that crashed."""
+    last = next((line for line in reversed(tail) if "Error" in line), tail[-1] if tail else "")
+    if args.nnodes > 1 and "Rendezvous" in "\n".join(tail):
+        reason = "RendezvousFailed"
+        message = (
+            f"node {args.node_rank} of {args.nnodes}: not every node joined the rendezvous at "
+            f"{args.rdzv_endpoint} within {args.rdzv_timeout} s ({last})"
         )
-        return EXIT_FAILED if code != 0 else EXIT_OK
+    else:
+        reason = "WorkerFailed"
+        message = f"torchrun exited with {code} and no worker left a termination message" + (
+            f" ({last})" if last else ""
+        )
+    return TerminationMessage(
+        outcome="failed", exit_code=EXIT_FAILED, error=TrainerError(reason=reason, message=message[:2000])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(args, argv or sys.argv[1:])
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
 
     from kubetune_trainer.errors import TrainerFailure
 

@@ -136,7 +136,7 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         f"- steps: {metrics.get('steps')} (epochs {t.epochs}, maxSteps {t.max_steps})",
         f"- learning rate {t.learning_rate} ({t.lr_scheduler}, warmup {t.warmup_ratio})",
         f"- batch size {t.batch_size} x accumulation {t.gradient_accumulation_steps} x "
-        f"{metrics.get('world_size', 1)} processes",
+        f"{metrics.get('world_size', 1)} processes = {metrics.get('global_batch_size')} sequences per step",
         f"- precision {metrics.get('precision')}, max grad norm {t.max_grad_norm}, seed {t.seed}",
         "",
         "## Results",

@@ -11,6 +11,7 @@ read a newer trainer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +37,13 @@ RUN_NAME_ENV = "KUBETUNE_RUN_NAME"
 PROGRESS_PATH = "/progress"
 METRICS_PATH = "/metrics"
 
+# Multi-node (resources.nodes > 1): torchrun's c10d rendezvous, its TCP store hosted by the launcher of node 0.
+RENDEZVOUS_PORT = 29400  # torchrun's default c10d port
+RENDEZVOUS_PORT_NAME = "rendezvous"
+# How long a node waits for every peer (a Pending pod, a slow image pull) before it fails with a clear message.
+RENDEZVOUS_TIMEOUT_SECONDS = 900
+NODE_RANK_ENV = "JOB_COMPLETION_INDEX"  # set by the Job controller in each pod of an Indexed Job
+
 # Stopping. One value, the pod's terminationGracePeriodSeconds, from which the rest is derived: the trainer's
 # watchdog (STOP_GRACE_ENV) gives up STOP_GRACE_MARGIN_SECONDS before the kubelet's SIGKILL, so it still
 # writes its termination message, and `kubetune run` waits the pod's grace before it kills.
@@ -60,19 +68,103 @@ def stop_grace_seconds(termination_grace_seconds: int = KUBERNETES_DEFAULT_GRACE
     return max(1, termination_grace_seconds - STOP_GRACE_MARGIN_SECONDS)
 
 
-def launch_command(
-    gpus: int, config: str = CONFIG_PATH, termination_log: str = TERMINATION_LOG, *, python: str = "python"
-) -> list[str]:
-    """The trainer's command line for a pod (or a local run) with `gpus` GPUs.
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node run meet: node 0's launcher hosts torchrun's c10d store at `host:port`.
 
-    Several GPUs go through the trainer's own launcher (`--nproc-per-node`), not torchrun directly:
-    torchrun turns every worker failure into exit code 1, and the launcher exits with the code rank 0
-    recorded, so 2 (invalid input) and 3 (preempted) reach the Job's podFailurePolicy.
+    In a pod, `node_rank` and `node_address` hold `$(JOB_COMPLETION_INDEX)`, which the kubelet expands from
+    the environment the Job controller gives each pod of an Indexed Job.
+    """
+
+    nodes: int
+    host: str  # node 0's stable name, <job>-0.<service> in a cluster
+    node_rank: str  # this node's index: "$(JOB_COMPLETION_INDEX)" in a pod
+    node_address: str  # this node's own name, which its peers can reach
+    run_id: str
+    port: int = RENDEZVOUS_PORT
+    timeout_seconds: int = RENDEZVOUS_TIMEOUT_SECONDS
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def pod_rendezvous(job: str, service: str, nodes: int) -> Rendezvous:
+    """The rendezvous of an Indexed Job `job` whose pods are `<job>-<index>.<service>` (the pod's hostname is
+    `<job>-<index>`, its subdomain the headless Service)."""
+    index = f"$({NODE_RANK_ENV})"
+    return Rendezvous(nodes, f"{job}-0.{service}", index, f"{job}-{index}.{service}", run_id=job)
+
+
+def launch_command(
+    gpus: int,
+    config: str = CONFIG_PATH,
+    termination_log: str = TERMINATION_LOG,
+    *,
+    python: str = "python",
+    rendezvous: Rendezvous | None = None,
+) -> list[str]:
+    """The trainer's command line for a pod (or a local run) with `gpus` GPUs, on `rendezvous.nodes` nodes.
+
+    Several GPUs or nodes go through the trainer's own launcher (`--nproc-per-node`), not torchrun directly:
+    torchrun turns every worker failure into exit code 1, and the launcher exits with the code its node's
+    first worker recorded, so 2 (invalid input) and 3 (preempted) reach the Job's podFailurePolicy.
     """
     command = [python, "-m", "kubetune_trainer", "--config", config, "--termination-log", termination_log]
-    if gpus > 1:
+    if rendezvous is not None and rendezvous.nodes > 1:
+        command += [
+            "--nproc-per-node", str(max(gpus, 1)),
+            "--nnodes", str(rendezvous.nodes),
+            "--node-rank", rendezvous.node_rank,
+            "--node-address", rendezvous.node_address,
+            "--rdzv-endpoint", rendezvous.endpoint,
+            "--rdzv-id", rendezvous.run_id,
+            "--rdzv-timeout", str(rendezvous.timeout_seconds),
+        ]  # fmt: skip
+    elif gpus > 1:
         command += ["--nproc-per-node", str(gpus)]
     return command
+
+
+def torchrun_args(
+    nproc: int,
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    node_address: str | None = None,
+    endpoint: str | None = None,
+    run_id: str = "kubetune",
+    timeout_seconds: int = RENDEZVOUS_TIMEOUT_SECONDS,
+) -> list[str]:
+    """torchrun's options for what the launcher was given: standalone on one node, c10d across several.
+
+    c10d numbers nodes by their sorted address, and `<job>-0.<service>` sorts first, so global rank 0 (the
+    one that writes checkpoints, artifacts and the termination message, and serves /progress) runs in the pod
+    of index 0, the one the operator polls. Node 0 hosts the store (`is_host`) rather than torchrun guessing
+    from its hostname. `join_timeout` bounds the wait for peers; `read_timeout` is how long a node keeps
+    trying to reach node 0's store, so a node started before node 0 waits instead of failing at once.
+    Workers are not restarted in place (`--max-restarts 0`): a failed node fails its pod, and the Job's
+    podFailurePolicy and backoffLimit decide.
+    """
+    if nnodes <= 1:
+        return ["--standalone", f"--nproc-per-node={nproc}"]
+    if not endpoint:
+        raise ValueError("a multi-node launch needs the rendezvous endpoint (host:port of node 0)")
+    conf = (
+        f"is_host={'true' if node_rank == 0 else 'false'},join_timeout={timeout_seconds},read_timeout={timeout_seconds}"
+    )
+    args = [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+        f"--rdzv-conf={conf}",
+        "--max-restarts=0",
+    ]
+    if node_address:
+        args.append(f"--local-addr={node_address}")
+    return args
 
 
 def launch_env(

@@ -409,6 +409,8 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
         "method": cfg.method.type,
         "precision": precision,
         "world_size": dist.world_size,
+        # Sequences per optimizer step across every process of every node.
+        "global_batch_size": cfg.training.batch_size * cfg.training.gradient_accumulation_steps * dist.world_size,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,
