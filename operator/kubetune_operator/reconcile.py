@@ -100,8 +100,6 @@ class Reconciler:
             try:
                 await self._sync(namespace, name)
             except ApiError as error:
-                if error.status == 404 and await self.kube.get(FINETUNEJOBS, namespace, name) is None:
-                    return  # deleted while being reconciled: nothing left to do
                 if error.status == 403 and NAMESPACE_TERMINATING in error.message:
                     return  # its namespace is being deleted, and everything in it with the namespace
                 self.metrics.reconcile_total.labels("error").inc()
@@ -149,6 +147,15 @@ class Reconciler:
         body = await self.kube.get(FINETUNEJOBS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # deleted: the garbage collector removes the children
+        try:
+            await self._reconcile(namespace, name, body)
+        except ApiError as error:
+            current = await self.kube.get(FINETUNEJOBS, namespace, name) if error.status == 404 else body
+            if current is None or current["metadata"].get("uid") != body["metadata"].get("uid"):
+                return  # deleted while being reconciled (a new one of the same name is synced on its own events)
+            raise
+
+    async def _reconcile(self, namespace: str, name: str, body: Body) -> None:
         previous = body.get("status") or {}
         try:
             job = parse_finetunejob(body)

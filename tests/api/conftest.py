@@ -8,9 +8,8 @@ the operator made is checked against the chart's RBAC (`tests/api/rbac.py`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf.testing
 import kubernetes
@@ -21,31 +20,13 @@ from tests.api.rbac import GRANTED
 from tests.kubeapi.fixtures import kube_api  # noqa: F401  (the fixture, used by the tests here)
 from tests.kubeapi.server import KubeApiServer
 from tests.objects import finetunejob_body
+from tests.support.waiting import wait_for
 
-T = TypeVar("T")
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
 OPERATOR_AGENTS = ("kopf/", "kubetune-operator")
 OBSERVED_CALLS: set[tuple[str, str, str, str | None]] = set()  # over the whole run, for the summary
 # Measurements for the summary: KopfRunner redirects stdout while the operator runs, so print() is lost.
 REPORT_LINES: list[str] = []
-
-
-def wait_for(check: Callable[[], T | None], timeout: float = 15, what: str | Callable[[], str] = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with the last value seen (`what` may be a
-    callable, evaluated only then, to describe the state at the time of failure)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except kubernetes.client.ApiException as error:
-            last = error
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    described = what() if callable(what) else what
-    pytest.fail(f"timed out after {timeout} s waiting for {described}; last: {last!r}")
 
 
 class Cluster:

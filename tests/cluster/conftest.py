@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMes
 from tests.api.rbac import GRANTED, Grant
 from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, die_with_parent, kubeconfig, local_queue
 from tests.objects import finetunejob_body
+from tests.support import waiting
 
 T = TypeVar("T")
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
@@ -42,20 +42,8 @@ FATE = "sim.kubetune.dev/"  # annotation prefix read by the KWOK stages
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str | Callable[[], str] = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except kubernetes.client.ApiException as error:
-            last = error
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    described = what() if callable(what) else what
-    pytest.fail(f"timed out after {timeout} s waiting for {described}; last: {last!r}")
+    """tests.support.waiting.wait_for with the pace of a real control plane (a 30 s default, 0.1 s polls)."""
+    return waiting.wait_for(check, timeout, what, interval=0.1)
 
 
 def succeeded_message(steps: int = 10) -> str:
