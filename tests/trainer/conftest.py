@@ -6,6 +6,7 @@ on two cores; the learning rate is high because the tiny model starts from rando
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -188,6 +189,20 @@ class TrainerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher and every process under it at once (a node lost: the kernel ends a pod's whole
+        cgroup). Not by process group: torchrun starts each worker in a session of its own."""
+        import psutil
+
+        try:
+            tree = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -130,3 +130,55 @@ def test_a_node_whose_peer_never_arrives_fails_clearly_within_the_rendezvous_tim
     error = lonely.result()["error"]
     assert error["reason"] == "RendezvousFailed", error
     assert "node 0 of 2" in error["message"] and "within 5 s" in error["message"]
+
+
+def test_a_node_killed_mid_run_and_both_resume_from_the_newest_complete_checkpoint(
+    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path, loopback_env: dict[str, str]
+) -> None:
+    bucket = s3_bucket_name
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 60)
+    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+    cfg = base_config(
+        tiny_model_s3,
+        f"s3://{bucket}/data/train.jsonl",
+        f"s3://{bucket}/lost",
+        method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
+        # Long enough (tens of seconds) that node 1 is lost mid-training, with a checkpoint every 10 steps.
+        training={"maxSteps": 400, "checkpointEverySteps": 10, "evalEverySteps": 1000, "logEverySteps": 5},
+        storage=storage_section(s3_moto),
+    )
+
+    def complete_steps() -> list[int]:
+        keys = s3_moto.list_keys(bucket, "lost/checkpoints/")
+        return sorted(int(k.split("/")[2].removeprefix("step-")) for k in keys if k.endswith("/COMPLETE"))
+
+    first = start_nodes(cfg, tmp_path, loopback_env, "lost-first")
+    try:
+        first[0].wait_for_step(15, timeout=300)
+        deadline = time.monotonic() + 60
+        while not complete_steps() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert complete_steps(), first[0].log()[-3000:]
+        first[1].kill_all()  # node 1 is lost: launcher and worker at once, no checkpoint
+        killed = time.monotonic()
+        assert (first[0].progress() or {}).get("step", 400) < 400, "the run ended before node 1 was lost"
+        survivor = first[0].wait(timeout=180)  # its peer is gone: node 0 fails too, it does not hang
+    finally:
+        for node in first:
+            node.kill_all()
+    assert survivor not in (contract.EXIT_OK, contract.EXIT_PREEMPTED), first[0].log()[-3000:]
+    assert "lost/COMPLETE" not in s3_moto.list_keys(bucket, "lost/")
+    newest = complete_steps()[-1]
+
+    # The Job's retry: both pods start again and resume from the newest complete checkpoint.
+    second = start_nodes(cfg, tmp_path, loopback_env, "lost-second")
+    resumed = second[0].wait_for_step(newest + 1, timeout=300)
+    resume_seconds = time.monotonic() - killed
+    codes = finish(second, timeout=400)
+    assert codes == [0, 0], "\n".join(node.log()[-3000:] for node in second)
+    assert resumed["resumedFromStep"] == newest
+    metrics = json.loads(s3_moto.read(bucket, "lost/metrics.json"))
+    assert metrics["steps"] == 400 and metrics["resumed_from_step"] == newest
+    keys = s3_moto.list_keys(bucket, "lost/")
+    assert keys.count("lost/adapter/adapter_model.safetensors") == 1 and keys.count("lost/COMPLETE") == 1
+    print(f"node killed after step {newest} was checkpointed; training again {resume_seconds:.1f} s later")
