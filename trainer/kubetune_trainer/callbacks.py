@@ -159,7 +159,8 @@ class ProgressReport(EvalLossCallback):
             telemetry.child(telemetry.tokens_total).inc(max(tokens - self.last_log[1], 0))
         self.last_log = (now, tokens)
         done = state.global_step - self.start_step
-        eta = (state.max_steps - state.global_step) * (now - self.start_time) / done if done > 0 else None
+        left = max(state.max_steps - state.global_step, 0)
+        eta = left * (now - self.start_time) / done if done > 0 else None
         grad_norm = float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None
         telemetry.update(
             train_loss=logs["loss"],

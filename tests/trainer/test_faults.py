@@ -1,0 +1,100 @@
+"""Runs that must never be lost (issue 14): an interrupted final save, a destination that looks like a
+checkpoint path, what /progress says after a resume, telemetry that cannot kill training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.storage import Storage
+from tests.trainer.conftest import DATA, LIBRARY_WARNINGS, base_config, run_in_process, slice_jsonl
+
+pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
+
+
+def _interrupted_final_save(destination: Path) -> None:
+    """What a kill during the final upload leaves: every checkpoint, none of the final artifacts."""
+    for entry in destination.iterdir():
+        if entry.name != "checkpoints":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+@pytest.mark.parametrize("destination_name", ["out", "sweep/step-3"])
+def test_resume_at_the_last_step_goes_straight_to_saving(
+    tmp_path: Path, tiny_model_dir: Path, destination_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
+    destination = tmp_path / destination_name
+    cfg = base_config(
+        str(tiny_model_dir),
+        str(train),
+        str(destination) + "/",
+        training={"maxSteps": 6, "checkpointEverySteps": 3, "evalEverySteps": 3, "checkpointsToKeep": 1},
+    )
+    first = run_in_process(cfg, tmp_path, "first")
+    assert first.code == 0, first.termination
+    steps = sorted(p.name for p in (destination / "checkpoints").iterdir())
+    assert steps == ["step-6"]  # checkpointsToKeep holds for a destination named like a checkpoint
+    _interrupted_final_save(destination)
+
+    seen = _record_stages(monkeypatch)
+    second = run_in_process(cfg, tmp_path, "second")
+    assert second.code == 0, second.termination
+    # /progress shows the resumed step from the moment the checkpoint is found, never 0 again.
+    after_resume = seen[[stage for stage, _ in seen].index("train") :]
+    assert {step for _, step in after_resume} == {6}, seen
+    assert [stage for stage, _ in after_resume][-4:] == ["save", "uploading", "cleanup", "done"]
+    assert second.termination["result"]["steps"] == 6
+    metrics = json.loads((destination / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 6
+    assert max(entry["step"] for entry in metrics["loss_history"]) == 6  # no step 7/6
+    assert (destination / "adapter" / "adapter_model.safetensors").exists()
+    assert (destination / "COMPLETE").exists()
+
+
+def _record_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(stage, progress step) at each stage change of the runs from now on."""
+    from kubetune_trainer.server import Telemetry
+
+    seen: list[tuple[str, int]] = []
+    original = Telemetry.set_stage
+
+    def set_stage(self: Telemetry, stage: str) -> None:
+        original(self, stage)
+        seen.append((stage, self.progress().step))
+
+    monkeypatch.setattr(Telemetry, "set_stage", set_stage)
+    return seen
+
+
+def test_checkpoint_discovery_reads_only_below_the_destination(tmp_path: Path) -> None:
+    from kubetune_trainer import checkpoints as ckpt
+
+    storage = Storage()
+    destination = str(tmp_path / "sweep" / "step-3") + "/"
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "adapter_model.safetensors").write_bytes(b"x")
+    for step in (5, 10):
+        ckpt.upload_checkpoint(storage, local, destination, step)
+    complete, incomplete = ckpt.list_checkpoints(storage, destination)
+    assert [c.step for c in complete] == [5, 10] and incomplete == []
+    assert ckpt.latest_checkpoint(storage, destination) == ckpt.Checkpoint(10, ckpt.checkpoint_uri(destination, 10))
+    assert ckpt.prune_checkpoints(storage, destination, keep=1) == [5]
+
+
+def test_bad_progress_values_are_clamped_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    from kubetune_trainer.server import Telemetry
+
+    telemetry = Telemetry(namespace="team", name="run")
+    telemetry.update(step=61, total_steps=60, eta_seconds=-0.1, tokens_per_second=-3.0, learning_rate=float("nan"))
+    progress = telemetry.progress()
+    assert progress.step == 61 and progress.eta_seconds == 0.0 and progress.tokens_per_second == 0.0
+    assert progress.learning_rate is None and progress.percent == 100.0
+    assert "eta_seconds" in caplog.text
+    telemetry.update(stage="nonsense", train_loss=1.5)  # no exception: the bad field is left out
+    assert telemetry.progress().stage == "starting" and telemetry.progress().train_loss == 1.5
+
