@@ -98,3 +98,38 @@ def test_bad_progress_values_are_clamped_not_raised(caplog: pytest.LogCaptureFix
     telemetry.update(stage="nonsense", train_loss=1.5)  # no exception: the bad field is left out
     assert telemetry.progress().stage == "starting" and telemetry.progress().train_loss == 1.5
 
+
+ROWS = [
+    {"prompt": f"How do I export log {i}?", "response": f"Open Help > Export logs, then file {i}."} for i in range(12)
+]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_utf8_bom_and_crlf_train(tmp_path: Path, tiny_model_dir: Path, suffix: str) -> None:
+    """What Windows tools write: a byte order mark and CRLF line ends; pandas and datasets read it."""
+    if suffix == "jsonl":
+        text = "\r\n".join(json.dumps(row) for row in ROWS) + "\r\n"
+    else:
+        quoted = [f'"{row["prompt"]}","{row["response"]}"' for row in ROWS]
+        text = "\r\n".join(["prompt,response", *quoted]) + "\r\n"
+    train = tmp_path / f"train.{suffix}"
+    train.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    cfg = base_config(str(tiny_model_dir), str(train), str(tmp_path / "out"), training={"maxSteps": 2})
+    result = run_in_process(cfg, tmp_path)
+    assert result.code == 0, result.termination
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["train_examples"] + metrics["eval_examples"] == len(ROWS)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "latin-1"])
+def test_other_encodings_are_refused_with_file_and_line(tmp_path: Path, tiny_model_dir: Path, encoding: str) -> None:
+    rows = [*ROWS[:3], {"prompt": "Où est le café ?", "response": "À gauche."}]
+    train = tmp_path / "train.jsonl"
+    train.write_bytes("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode(encoding))
+    cfg = base_config(str(tiny_model_dir), str(train), str(tmp_path / "out"), training={"maxSteps": 2})
+    result = run_in_process(cfg, tmp_path)
+    assert result.code == 2, result.termination
+    error = result.termination["error"]
+    line = 4 if encoding == "latin-1" else 1
+    assert error["reason"] == "InvalidDataset" and error["file"] == str(train) and error["line"] == line, error
+    assert f"{train}:{line}:" in error["message"] and "UTF-8" in error["message"]
