@@ -133,3 +133,26 @@ def test_other_encodings_are_refused_with_file_and_line(tmp_path: Path, tiny_mod
     line = 4 if encoding == "latin-1" else 1
     assert error["reason"] == "InvalidDataset" and error["file"] == str(train) and error["line"] == line, error
     assert f"{train}:{line}:" in error["message"] and "UTF-8" in error["message"]
+
+
+def test_a_partial_model_download_is_not_trusted(
+    tmp_path: Path, tiny_model_dir: Path, tiny_model_s3: str, s3_moto, s3_credentials
+) -> None:
+    """What a kill during the weight download left in the cache: config.json and a temp file."""
+    s3_credentials(s3_moto)
+    cached = tmp_path / "run-work" / "model"
+    cached.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", cached / "config.json")
+    (cached / "model.safetensors.a1b2c3").write_bytes(b"partial")
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 20)
+    cfg = base_config(
+        tiny_model_s3,
+        str(train),
+        str(tmp_path / "out"),
+        training={"maxSteps": 2},
+        storage={"endpoint": s3_moto.url, "region": s3_moto.region},
+    )
+    result = run_in_process(cfg, tmp_path)
+    assert result.code == 0, result.termination
+    assert (cached / "model.safetensors").exists() and not (cached / "model.safetensors.a1b2c3").exists()
+    assert not (tmp_path / "run-work" / "model.partial").exists()

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,15 +191,32 @@ def _local_model(ctx: Context, args: Any) -> Path:
                 from kubetune_trainer.errors import InvalidInput
 
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
-        elif dist.local_rank == 0 and not (target / "config.json").exists():
+        elif dist.local_rank == 0 and not (target / COMPLETE_MARKER).exists():
             log.info("downloading model %s", source)
             telemetry.set_stage("downloading")
-            path = ctx.storage.download(source if source.endswith("/") or loc.scheme == "hf" else source + "/", target)
+            path = _download_model(
+                ctx.storage, source if source.endswith("/") or loc.scheme == "hf" else source + "/", target
+            )
         else:
             path = target
     telemetry.set_stage("setup")
     model_mod.check_model_dir(path, source)
     return path
+
+
+def _download_model(storage: Storage, source: str, target: Path) -> Path:
+    """The model in `target`, complete or not at all: it is fetched into a fresh directory beside it, which
+    gets the marker and is then renamed into place (a kill mid-download leaves only the partial directory,
+    which the next attempt starts again)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    fetched = storage.download(source, partial)
+    if fetched.resolve() != partial.resolve():  # the Hub client may hand back a directory of its own
+        shutil.copytree(fetched, partial, dirs_exist_ok=True)
+    (partial / COMPLETE_MARKER).write_text("")
+    shutil.rmtree(target, ignore_errors=True)  # a cache from before the marker, maybe partial
+    partial.rename(target)
+    return target
 
 
 def _rows(ctx: Context) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
