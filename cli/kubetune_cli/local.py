@@ -10,6 +10,7 @@ kubelet does (SIGTERM, then SIGKILL after the pod's grace), and ends with the st
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -102,9 +103,30 @@ def preflight(config: TrainerConfig, *, connect_timeout: float = 3.0) -> None:
         try:
             socket.create_connection((endpoint.hostname or "", port), timeout=connect_timeout).close()
         except OSError as error:
+            # Transient (the endpoint may be back in a minute), not invalid input: exit 1, as the trainer does.
             raise LocalRunError(
-                f"spec.storage.endpoint: cannot reach {config.storage.endpoint}: {error.strerror or error}"
+                f"spec.storage.endpoint: cannot reach {config.storage.endpoint}: {error.strerror or error}",
+                EXIT_FAILED,
             ) from None
+
+
+def lock_workdir(workdir: Path) -> IO[str]:
+    """Hold `workdir/lock` for this process's life: two runs of one job would share the scratch space and the
+    destination (one failed with BadDigest). The lock goes with the process, however it ends."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = (workdir / "lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise LocalRunError(f"{workdir} is in use: already running as pid {holder}", EXIT_FAILED) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def free_port() -> int:
@@ -259,6 +281,18 @@ def run_file(
             print(problem, file=sys.stderr)
         return 1
     workdir = workdir or Path(".kubetune") / job.metadata.name
+    try:
+        lock = lock_workdir(workdir)
+    except LocalRunError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return error.exit_code
+    with lock:  # held until the run is over
+        return _run_locked(path, job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out)
+
+
+def _run_locked(
+    path: Path, job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoint: str | None, out: IO[str]
+) -> int:
     try:
         run = prepare(job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint)
     except (LocalRunError, SpecError) as error:

@@ -92,3 +92,17 @@ def test_an_ending_without_a_message_says_so() -> None:
     status = trainer_ending(None, 139).status()
     assert (status["phase"], status["reason"]) == ("Failed", "NoTerminationMessage")
     assert "139" in status["message"]
+
+
+def test_a_second_run_of_the_same_work_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two `kubetune run` of one job would share the scratch space and the destination."""
+    import os
+
+    job_file = Path(__file__).parents[2] / "examples" / "qlora-minimal.yaml"
+    workdir = tmp_path / "work"
+    with local.lock_workdir(workdir):  # the first run, still going
+        code = local.run_file(job_file, workdir, max_steps=None, s3_endpoint=None)
+        assert code == contract.EXIT_FAILED
+        assert f"already running as pid {os.getpid()}" in capsys.readouterr().err
+    with local.lock_workdir(workdir):  # it ended: the lock went with it
+        pass
