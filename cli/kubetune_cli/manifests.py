@@ -34,13 +34,16 @@ class StrictLoader(yaml.SafeLoader):
         try:
             if self._depth > MAX_DEPTH:
                 raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
                 )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
-    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:  # the stubs mistype `anchor`
         node = super().compose_mapping_node(anchor)
         seen: dict[Any, int] = {}
         for key, _value in node.value:
@@ -121,8 +124,8 @@ def read_documents(path: Path) -> list[Document]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise SpecError([f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x})"]) from None
+        bad_line = data[: error.start].count(b"\n") + 1
+        raise SpecError([f"{path}:{bad_line}: not UTF-8 text (byte 0x{data[error.start]:02x})"]) from None
     try:
         nodes = list(yaml.compose_all(text, Loader=StrictLoader))
         bodies = list(yaml.load_all(text, Loader=StrictLoader))
