@@ -10,6 +10,8 @@ kubelet does (SIGTERM, then SIGKILL after the pod's grace), and ends with the st
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -17,10 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +50,7 @@ from kubetune_trainer.contract import (
 from kubetune_trainer.storage import parse_uri
 
 LOCAL_NAMESPACE = "local"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class LocalRunError(Exception):
@@ -218,6 +222,38 @@ def prepare(job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoi
     return run
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the run as the first Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """For the trainer's child process: SIGTERM when `parent` dies (Linux's parent-death signal)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def execute(
     run: LocalRun,
     out: IO[str] = sys.stdout,
@@ -232,9 +268,17 @@ def execute(
     printer = ProgressPrinter(out)
     print(f"trainer log: {run.trainer_log}", file=out)
     print(f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}{PROGRESS_PATH}", file=out)
-    with run.trainer_log.open("ab") as log:
+    with run.trainer_log.open("ab") as log, _stop_signals_interrupt():
         # Its own session: Ctrl-C reaches us alone, and we stop the trainer the way Kubernetes does (SIGTERM).
-        child = subprocess.Popen(trainer_command(run), env=env, stdout=log, stderr=log, start_new_session=True)
+        # If we die without stopping it (SIGKILL), the kernel sends it SIGTERM: it checkpoints and exits 3.
+        child = subprocess.Popen(
+            trainer_command(run),
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent(os.getpid()),
+        )
         if on_start is not None:
             on_start(child)
         try:
@@ -245,11 +289,12 @@ def execute(
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
-            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to wait less patiently)", file=out)
+            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to stop at once)", file=out)
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=TERMINATION_GRACE_SECONDS)  # the pod's grace, then SIGKILL as the kubelet
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                print("stopping at once: the newest complete checkpoint is kept", file=out)
                 child.kill()
                 child.wait()
         printer.finish()
