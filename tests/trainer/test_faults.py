@@ -156,3 +156,63 @@ def test_a_partial_model_download_is_not_trusted(
     assert result.code == 0, result.termination
     assert (cached / "model.safetensors").exists() and not (cached / "model.safetensors.a1b2c3").exists()
     assert not (tmp_path / "run-work" / "model.partial").exists()
+
+
+def test_writes_ride_out_a_storage_outage_and_show_it(
+    tmp_path: Path, s3_moto, s3_bucket_name: str, s3_credentials
+) -> None:
+    import threading
+    import time
+
+    from kubetune_trainer.config import StorageSpec
+    from kubetune_trainer.server import Telemetry
+    from kubetune_trainer.storage import WRITE_RETRY_SECONDS
+    from tests.support.outage import outage_proxy
+
+    assert WRITE_RETRY_SECONDS >= 60  # the bar: an outage of a minute costs no run
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    local = tmp_path / "adapter_model.safetensors"
+    local.write_bytes(b"w" * 1000)
+    telemetry = Telemetry()
+    seen: list[str | None] = []
+    with outage_proxy(s3_moto.url) as proxy:
+        storage = Storage(StorageSpec(endpoint=proxy.url, region=s3_moto.region))
+        storage.on_retry = lambda problem: (seen.append(problem), telemetry.update(storage_retry=problem))
+        storage.write_bytes(f"s3://{s3_bucket_name}/warm", b"x")  # the client is made and connected
+        proxy.down = True
+        threading.Timer(6, lambda: setattr(proxy, "down", False)).start()
+        started = time.monotonic()
+        storage.upload_file(local, f"s3://{s3_bucket_name}/run/checkpoints/step-5/adapter_model.safetensors")
+        storage.write_bytes(f"s3://{s3_bucket_name}/run/checkpoints/step-5/COMPLETE", b"{}")
+        assert time.monotonic() - started >= 5 and proxy.refused > 0
+    assert seen and seen[0] is not None and "retrying in" in seen[0] and seen[-1] is None
+    assert telemetry.progress().storage_retry is None
+    assert s3_moto.read(s3_bucket_name, "run/checkpoints/step-5/adapter_model.safetensors") == b"w" * 1000
+
+
+def test_an_outage_past_the_window_fails_retryably_and_a_missing_bucket_at_once(
+    tmp_path: Path, s3_moto, s3_bucket_name: str, s3_credentials
+) -> None:
+    import time
+
+    from kubetune_trainer.config import StorageSpec
+    from kubetune_trainer.errors import InvalidInput, TrainerFailure
+    from tests.support.outage import outage_proxy
+
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    with outage_proxy(s3_moto.url) as proxy:
+        storage = Storage(StorageSpec(endpoint=proxy.url, region=s3_moto.region))
+        storage.write_retry_seconds = 4
+        proxy.down = True
+        started = time.monotonic()
+        with pytest.raises(TrainerFailure) as failure:
+            storage.write_bytes(f"s3://{s3_bucket_name}/x", b"x")
+        assert not isinstance(failure.value, InvalidInput) and failure.value.exit_code == 1
+        assert 2 <= time.monotonic() - started < 30
+        proxy.down = False
+        started = time.monotonic()
+        with pytest.raises(InvalidInput):
+            storage.write_bytes("s3://no-such-bucket-here/x", b"x")
+        assert time.monotonic() - started < 3  # what retrying cannot fix is not retried

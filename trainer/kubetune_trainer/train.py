@@ -424,6 +424,7 @@ def run(
     ctx = Context(
         cfg, workdir, Storage(cfg.storage), telemetry or Telemetry(), stop or ckpt.StopRequest(), Distributed.from_env()
     )
+    ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
     finished = finished_outcome(ctx)
     if finished is not None:
         return finished
