@@ -1,10 +1,12 @@
 """A TCP proxy in front of a real server that can simulate an outage: while `down`, every connection is
-accepted and closed at once (clients see resets), as a load balancer in front of a dead store does."""
+accepted and closed at once (clients see resets), as a load balancer in front of a dead store does; with
+`bytes_per_second`, answers come over a slow link."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import urlparse
@@ -17,6 +19,7 @@ class OutageProxy:
         target = urlparse(upstream_url)
         self.upstream = (target.hostname or HOST, target.port or 80)
         self.down = False
+        self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
         self.refused = 0  # connections cut during outages
         self._listener = socket.create_server((HOST, 0))
         self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
@@ -42,14 +45,15 @@ class OutageProxy:
         except OSError:
             client.close()
             return
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
         try:
-            while data := source.recv(65536):
+            while data := source.recv(4096 if throttled and self.bytes_per_second else 65536):
                 sink.sendall(data)
+                if throttled and self.bytes_per_second:
+                    time.sleep(len(data) / self.bytes_per_second)
         except OSError:
             pass
         finally:

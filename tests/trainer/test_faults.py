@@ -216,3 +216,44 @@ def test_an_outage_past_the_window_fails_retryably_and_a_missing_bucket_at_once(
         with pytest.raises(InvalidInput):
             storage.write_bytes("s3://no-such-bucket-here/x", b"x")
         assert time.monotonic() - started < 3  # what retrying cannot fix is not retried
+
+
+def test_sigterm_during_a_long_model_download_stops_within_the_grace(
+    tmp_path: Path, tiny_model_s3: str, s3_moto
+) -> None:
+    """A stop before training has nothing to checkpoint: it must end the download and exit 3, not wait for it
+    to finish until the watchdog cuts it off with exit 1."""
+    import signal
+    import time
+
+    from tests.support.outage import outage_proxy
+    from tests.trainer.conftest import TrainerProcess, s3_env
+
+    grace = 20
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 20)
+    with outage_proxy(s3_moto.url) as proxy:
+        proxy.bytes_per_second = 15_000  # the 0.8 MB model takes about a minute
+        cfg = base_config(
+            tiny_model_s3,
+            str(train),
+            str(tmp_path / "out"),
+            storage={"endpoint": proxy.url, "region": s3_moto.region},
+        )
+        env = {**s3_env(s3_moto), "KUBETUNE_STOP_GRACE_SECONDS": str(grace)}
+        trainer = TrainerProcess(cfg, tmp_path, "slow", env)
+        try:
+            deadline = time.monotonic() + 60
+            while (trainer.progress() or {}).get("stage") != "downloading":
+                assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.log()[-3000:]
+                time.sleep(0.2)
+            time.sleep(1)  # well into the weights
+            signalled = time.monotonic()
+            trainer.process.send_signal(signal.SIGTERM)
+            code = trainer.wait(timeout=grace + 30)
+            stopped_in = time.monotonic() - signalled
+        finally:
+            trainer.kill()
+    assert code == 3, trainer.log()[-3000:]
+    assert stopped_in < grace, stopped_in
+    assert trainer.result()["outcome"] == "preempted"
+    assert not (tmp_path / "slow-work" / "model" / "COMPLETE").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,10 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+class DownloadCancelled(Exception):
+    """A download given up because the run is stopping."""
+
+
 class Storage:
     """S3 (endpoint and region from the config, credentials from the standard AWS environment) and files."""
 
@@ -83,6 +88,9 @@ class Storage:
         self.write_retry_seconds = WRITE_RETRY_SECONDS
         # Told the error being retried (None once writes go through again), e.g. to show it in /progress.
         self.on_retry: Callable[[str | None], None] | None = None
+        # Set (by a stop request): downloads in flight give up at their next chunk, so a stop during a long
+        # model download ends within the grace. Uploads are never cut: they may be the checkpoint a stop wants.
+        self.cancel_downloads: threading.Event | None = None
 
     # -- S3 plumbing -------------------------------------------------------------------------------
 
@@ -327,8 +335,14 @@ class Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         target.parent.mkdir(parents=True, exist_ok=True)
+        cancel = self.cancel_downloads
+
+        def check_cancelled(_bytes: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise DownloadCancelled(f"s3://{bucket}/{key}")
+
         try:
-            self.client.download_file(bucket, key, str(target), Config=self._transfer_config)
+            self.client.download_file(bucket, key, str(target), Config=self._transfer_config, Callback=check_cancelled)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure(exc, f"s3://{bucket}/{key}", "read") from exc
 

@@ -425,6 +425,7 @@ def run(
         cfg, workdir, Storage(cfg.storage), telemetry or Telemetry(), stop or ckpt.StopRequest(), Distributed.from_env()
     )
     ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
+    ctx.storage.cancel_downloads = ctx.stop.event
     finished = finished_outcome(ctx)
     if finished is not None:
         return finished
