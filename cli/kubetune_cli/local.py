@@ -298,12 +298,17 @@ def execute(
                 child.kill()
                 child.wait()
         printer.finish()
-    code = child.returncode if child.returncode >= 0 else EXIT_FAILED
+    # Killed by signal N: 128 + N, as a shell and the kubelet report it (137: SIGKILL).
+    code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     try:
         message: TerminationMessage | None = TerminationMessage.model_validate_json(run.termination_log.read_text())
     except (OSError, ValueError):
         message = None
-    if message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
+    if message is not None and message.outcome == "succeeded" and code != EXIT_OK:
+        # The message is written after the destination's COMPLETE marker: the run is done, whatever came after.
+        print(f"note: the trainer recorded success, then exited with {code}", file=out)
+        code = EXIT_OK
+    elif message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
         code = message.exit_code or code
     return code, trainer_ending(message, code).status()
 
