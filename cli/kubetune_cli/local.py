@@ -228,11 +228,14 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def _stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the run as the first Ctrl-C does."""
+    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the run as the first Ctrl-C does. SIGINT is set too:
+    Python leaves it alone when it starts with SIGINT ignored (what a background job of a non-interactive
+    shell inherits), and Ctrl-C was then lost: the run went on to its last step."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stops}
     try:
         yield
     finally:

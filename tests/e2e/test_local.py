@@ -137,7 +137,16 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path, tiny_mo
     )
     path = write_job(tmp_path / "job.yaml", job)
     command = [sys.executable, "-m", "kubetune_cli.main", "run", str(path), "--workdir", str(tmp_path / "work")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # Started with SIGINT ignored, as a background job of a non-interactive shell (CI) is: Python then leaves
+    # SIGINT ignored, and this test once saw the run go on to step 400.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     lines: list[str] = []
     try:
         _wait_for_step(process, lines, 5)
