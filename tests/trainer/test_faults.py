@@ -257,3 +257,41 @@ def test_sigterm_during_a_long_model_download_stops_within_the_grace(
     assert stopped_in < grace, stopped_in
     assert trainer.result()["outcome"] == "preempted"
     assert not (tmp_path / "slow-work" / "model" / "COMPLETE").exists()
+
+
+def test_checkpoint_uploads_run_while_training_goes_on(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload of step 2 is held until the loop has saved step 4 locally: that only happens if training
+    goes on during the upload. Every checkpoint still ends complete at the destination."""
+    import time
+
+    from kubetune_trainer import checkpoints as ckpt
+
+    real_upload = ckpt.upload_checkpoint
+    overlapped: list[int] = []
+
+    def slow_upload(storage: Storage, local_dir: Path, destination: str, step: int):
+        if step == 2:
+            later = local_dir.with_name("checkpoint-4")
+            deadline = time.monotonic() + 60
+            while not (later / "trainer_state.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if later.exists():
+                overlapped.append(step)
+        return real_upload(storage, local_dir, destination, step)
+
+    monkeypatch.setattr(ckpt, "upload_checkpoint", slow_upload)
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
+    destination = tmp_path / "out"
+    cfg = base_config(
+        str(tiny_model_dir),
+        str(train),
+        str(destination),
+        training={"maxSteps": 6, "checkpointEverySteps": 2, "evalEverySteps": 100, "checkpointsToKeep": 3},
+    )
+    result = run_in_process(cfg, tmp_path)
+    assert result.code == 0, result.termination
+    assert overlapped == [2]
+    for step in (2, 4, 6):
+        assert (destination / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
