@@ -10,16 +10,20 @@ kubelet does (SIGTERM, then SIGKILL after the pod's grace), and ends with the st
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +50,7 @@ from kubetune_trainer.contract import (
 from kubetune_trainer.storage import parse_uri
 
 LOCAL_NAMESPACE = "local"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class LocalRunError(Exception):
@@ -102,9 +107,30 @@ def preflight(config: TrainerConfig, *, connect_timeout: float = 3.0) -> None:
         try:
             socket.create_connection((endpoint.hostname or "", port), timeout=connect_timeout).close()
         except OSError as error:
+            # Transient (the endpoint may be back in a minute), not invalid input: exit 1, as the trainer does.
             raise LocalRunError(
-                f"spec.storage.endpoint: cannot reach {config.storage.endpoint}: {error.strerror or error}"
+                f"spec.storage.endpoint: cannot reach {config.storage.endpoint}: {error.strerror or error}",
+                EXIT_FAILED,
             ) from None
+
+
+def lock_workdir(workdir: Path) -> IO[str]:
+    """Hold `workdir/lock` for this process's life: two runs of one job would share the scratch space and the
+    destination (one failed with BadDigest). The lock goes with the process, however it ends."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = (workdir / "lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise LocalRunError(f"{workdir} is in use: already running as pid {holder}", EXIT_FAILED) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def free_port() -> int:
@@ -196,6 +222,41 @@ def prepare(job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoi
     return run
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the run as the first Ctrl-C does. SIGINT is set too:
+    Python leaves it alone when it starts with SIGINT ignored (what a background job of a non-interactive
+    shell inherits), and Ctrl-C was then lost: the run went on to its last step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None] | None:
+    """For the trainer's child process: SIGTERM when `parent` dies (Linux's parent-death signal)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def execute(
     run: LocalRun,
     out: IO[str] = sys.stdout,
@@ -210,9 +271,17 @@ def execute(
     printer = ProgressPrinter(out)
     print(f"trainer log: {run.trainer_log}", file=out)
     print(f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}{PROGRESS_PATH}", file=out)
-    with run.trainer_log.open("ab") as log:
+    with run.trainer_log.open("ab") as log, _stop_signals_interrupt():
         # Its own session: Ctrl-C reaches us alone, and we stop the trainer the way Kubernetes does (SIGTERM).
-        child = subprocess.Popen(trainer_command(run), env=env, stdout=log, stderr=log, start_new_session=True)
+        # If we die without stopping it (SIGKILL), the kernel sends it SIGTERM: it checkpoints and exits 3.
+        child = subprocess.Popen(
+            trainer_command(run),
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent(os.getpid()),
+        )
         if on_start is not None:
             on_start(child)
         try:
@@ -223,20 +292,26 @@ def execute(
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
-            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to wait less patiently)", file=out)
+            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to stop at once)", file=out)
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=TERMINATION_GRACE_SECONDS)  # the pod's grace, then SIGKILL as the kubelet
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                print("stopping at once: the newest complete checkpoint is kept", file=out)
                 child.kill()
                 child.wait()
         printer.finish()
-    code = child.returncode if child.returncode >= 0 else EXIT_FAILED
+    # Killed by signal N: 128 + N, as a shell and the kubelet report it (137: SIGKILL).
+    code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     try:
         message: TerminationMessage | None = TerminationMessage.model_validate_json(run.termination_log.read_text())
     except (OSError, ValueError):
         message = None
-    if message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
+    if message is not None and message.outcome == "succeeded" and code != EXIT_OK:
+        # The message is written after the destination's COMPLETE marker: the run is done, whatever came after.
+        print(f"note: the trainer recorded success, then exited with {code}", file=out)
+        code = EXIT_OK
+    elif message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
         code = message.exit_code or code
     return code, trainer_ending(message, code).status()
 
@@ -259,6 +334,18 @@ def run_file(
             print(problem, file=sys.stderr)
         return 1
     workdir = workdir or Path(".kubetune") / job.metadata.name
+    try:
+        lock = lock_workdir(workdir)
+    except LocalRunError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return error.exit_code
+    with lock:  # held until the run is over
+        return _run_locked(path, job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out)
+
+
+def _run_locked(
+    path: Path, job: FineTuneJob, workdir: Path, *, max_steps: int | None, s3_endpoint: str | None, out: IO[str]
+) -> int:
     try:
         run = prepare(job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint)
     except (LocalRunError, SpecError) as error:

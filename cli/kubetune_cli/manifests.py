@@ -12,10 +12,52 @@ from typing import Any
 
 import yaml
 
-from kubetune_operator import KIND
+from kubetune_operator import API_GROUP, KIND
 from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
 
 YAML_SUFFIXES = (".yaml", ".yml")
+# Deeper than any Kubernetes object nests (affinity is the deepest, about 12): refused with its line before
+# PyYAML's recursive composer (or anything after it) can run out of stack.
+MAX_DEPTH = 64
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what the API server's strict decoding refuses (a key given twice) and
+    nesting deeper than MAX_DEPTH, each as a YAML error with the line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:  # the stubs mistype `anchor`
+        node = super().compose_mapping_node(anchor)
+        seen: dict[Any, int] = {}
+        for key, _value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
+                continue
+            if key.value in seen:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"duplicate key {key.value!r} (first on line {seen[key.value]})",
+                    key.start_mark,
+                )
+            seen[key.value] = key.start_mark.line + 1
+        return node
 
 
 @dataclass
@@ -76,12 +118,17 @@ def expand(paths: list[Path]) -> list[Path]:
 def read_documents(path: Path) -> list[Document]:
     """Every non-empty document in a YAML file; a YAML syntax error becomes SpecError with its line."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         raise SpecError([f"{path}: cannot read: {error.strerror}"]) from None
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-        bodies = list(yaml.safe_load_all(text))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_line = data[: error.start].count(b"\n") + 1
+        raise SpecError([f"{path}:{bad_line}: not UTF-8 text (byte 0x{data[error.start]:02x})"]) from None
+    try:
+        nodes = list(yaml.compose_all(text, Loader=StrictLoader))
+        bodies = list(yaml.load_all(text, Loader=StrictLoader))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -98,6 +145,15 @@ def check_document(document: Document) -> Checked:
     if not isinstance(body, dict):
         return Checked(document, problems=[f"{document.where}:1: a document must be a mapping (a Kubernetes object)"])
     if body.get("kind") != KIND:
+        group = str(body.get("apiVersion", "")).partition("/")[0]
+        if group == API_GROUP:  # ours, misspelled: skipping it would hide the mistake
+            line = document.line_of("kind")
+            return Checked(
+                document,
+                problems=[
+                    f"{document.path}:{line}: kind: {body.get('kind')!r} is not a kind of {API_GROUP}; use {KIND}"
+                ],
+            )
         return Checked(document, skipped=f"{body.get('kind', 'object without kind')} is not a {KIND}")
     try:
         return Checked(document, job=parse_finetunejob(body))

@@ -13,10 +13,20 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
-from kubetune_trainer.config import DNS_SUBDOMAIN, QUANTITY, ApiModel, ModelSpec, Rule, StorageSpec, TrainerConfig
+from kubetune_trainer.config import (
+    DNS_SUBDOMAIN,
+    INT64_MAX,
+    QUANTITY,
+    ApiModel,
+    ModelSpec,
+    Rule,
+    StorageSpec,
+    TrainerConfig,
+)
 from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result
 
 MAX_NAME_LENGTH = 63  # the Job is named after the FineTuneJob, and Job names end up in pod labels
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # RFC 1123 label: names and namespaces
 QUALIFIED_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
@@ -121,7 +131,9 @@ class Toleration(ApiModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(default=None, description="NoExecute only: how long to stay bound.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=-INT64_MAX - 1, le=INT64_MAX, description="NoExecute only: how long to stay bound."
+    )
 
 
 class Scheduling(ApiModel):
@@ -159,10 +171,13 @@ class RunPolicy(ApiModel):
         description="Failed attempts before the run fails. Preemptions and evictions do not count.",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Wall-clock limit for the whole run, retries included."
+        default=None, ge=1, le=INT64_MAX, description="Wall-clock limit for the whole run, retries included."
     )
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the FineTuneJob (and its Job) this long after it finishes."
+        default=None,
+        ge=0,
+        le=2**31 - 1,  # int32 in batch/v1 Job
+        description="Delete the FineTuneJob (and its Job) this long after it finishes.",
     )
 
 
@@ -242,8 +257,8 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    namespace: str | None = None
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL)
+    namespace: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS_LABEL)
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)

@@ -27,6 +27,7 @@ Choices:
 from __future__ import annotations
 
 import copy
+import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -136,9 +137,19 @@ def trainer_ending(message: TerminationMessage | None, exit_code: int | None, lo
     if error is not None:
         return Ending("Failed", error.reason, _error_text(error), **reported)
     if message is None:
-        text = f"the trainer exited with {code} and wrote no termination message{detail}"
+        text = f"the trainer {_exit_text(code)} and wrote no termination message{detail}"
         return Ending("Failed", "NoTerminationMessage", _short(text), **reported)
-    return Ending("Failed", "Failed", f"the trainer exited with {code}", **reported)
+    return Ending("Failed", "Failed", f"the trainer {_exit_text(code)}", **reported)
+
+
+def _exit_text(code: int | None) -> str:
+    """`exited with 1`, or for 128 + N (a process killed by signal N) `was killed by SIGKILL (exit code 137)`."""
+    if code is not None and code > 128:
+        try:
+            return f"was killed by {signal.Signals(code - 128).name} (exit code {code})"
+        except ValueError:
+            pass
+    return f"exited with {code}"
 
 
 def pod_ending(pod: dict[str, Any]) -> Ending | None:

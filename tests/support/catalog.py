@@ -125,6 +125,13 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("name-too-long", with_changes(("metadata.name", "a" * 64)), "metadata.name"),
     ("wrong-api-version", with_changes(("apiVersion", "kubetune.dev/v1")), "apiVersion"),
     ("prompt-list-not-strings", with_changes(("spec.evaluation", {"prompts": [1, 2]})), "prompts"),
+    ("prompt-too-long", with_changes(("spec.evaluation", {"prompts": ["x" * 8193]})), "prompts"),
+    (
+        "target-module-too-long",
+        with_changes(("spec.method", {"lora": {"targetModules": ["q" * 129]}})),
+        "targetModules",
+    ),
+    ("max-steps-beyond-int64", with_changes(("spec.training", {"maxSteps": 10**32})), "spec.training.maxSteps"),
 ]
 
 GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [

@@ -205,3 +205,62 @@ def test_validate_cli_on_broken_files(
 def test_validate_cli_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def _bounded_leaves(schema: dict[str, Any], path: str) -> Any:
+    """(dotted path, schema) of every scalar or scalar list in the spec, through nested objects."""
+    for name, child in schema.get("properties", {}).items():
+        dotted = f"{path}.{name}"
+        if child.get("type") == "object":
+            yield from _bounded_leaves(child, dotted)
+        elif child.get("type") in ("string", "integer", "number") or (
+            child.get("type") == "array" and child.get("items", {}).get("type") == "string"
+        ):
+            yield dotted, child
+
+
+SPEC_LEAVES = list(_bounded_leaves(crd_schema()["properties"]["spec"], "spec"))
+
+
+def _just_outside(schema: dict[str, Any]) -> list[Any]:
+    """Values just beyond each bound the CRD declares for a field."""
+    kind = schema["type"]
+    if kind == "string":
+        return ["a" * (schema["maxLength"] + 1)] if "maxLength" in schema else []
+    if kind == "array":
+        items = schema["items"]
+        return [["a" * (items["maxLength"] + 1)]] if "maxLength" in items else []
+    out: list[Any] = []
+    if kind == "integer":
+        out += [schema["maximum"] + 1] if "maximum" in schema else []
+        out += [schema["minimum"] - 1] if "minimum" in schema else []
+    return out
+
+
+@pytest.mark.parametrize(("path", "schema"), SPEC_LEAVES, ids=[path for path, _ in SPEC_LEAVES])
+def test_models_and_crd_agree_on_every_bound(path: str, schema: dict[str, Any]) -> None:
+    """Derived from the CRD: every string and string item has a length limit, every integer fits int64, and a
+    value just beyond any bound is refused by both, naming the field; no number field takes inf or nan."""
+    kind = schema["type"]
+    if kind == "string" and "enum" not in schema:
+        assert "maxLength" in schema, f"{path}: no maxLength"
+    if kind == "array":
+        assert "maxLength" in schema["items"] and "maxItems" in schema, f"{path}: unbounded list"
+    if kind == "integer" and "enum" not in schema:
+        assert "maximum" in schema and "minimum" in schema, f"{path}: unbounded (the API server stores int64)"
+        assert schema["minimum"] >= -(2**63) and schema["maximum"] <= 2**63 - 1, path
+    field = path.rsplit(".", 1)[1]
+    for value in _just_outside(schema):
+        obj = with_changes((path, value))
+        assert any(field in problem for problem in model_errors(obj)), (path, model_errors(obj))
+        assert any(field in problem for problem in admit(obj)), (path, admit(obj))
+    if kind == "number":
+        for value in (float("inf"), float("-inf"), float("nan")):
+            assert any(field in problem for problem in model_errors(with_changes((path, value)))), (path, value)
+
+
+@pytest.mark.parametrize("namespace", ["Team_A", "a" * 64, "-x", ""])
+def test_invalid_namespace_is_refused(namespace: str) -> None:
+    assert any(
+        "metadata.namespace" in problem for problem in model_errors(with_changes(("metadata.namespace", namespace)))
+    )

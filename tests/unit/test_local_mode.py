@@ -92,3 +92,50 @@ def test_an_ending_without_a_message_says_so() -> None:
     status = trainer_ending(None, 139).status()
     assert (status["phase"], status["reason"]) == ("Failed", "NoTerminationMessage")
     assert "139" in status["message"]
+
+
+def test_a_second_run_of_the_same_work_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two `kubetune run` of one job would share the scratch space and the destination."""
+    import os
+
+    job_file = Path(__file__).parents[2] / "examples" / "qlora-minimal.yaml"
+    workdir = tmp_path / "work"
+    with local.lock_workdir(workdir):  # the first run, still going
+        code = local.run_file(job_file, workdir, max_steps=None, s3_endpoint=None)
+        assert code == contract.EXIT_FAILED
+        assert f"already running as pid {os.getpid()}" in capsys.readouterr().err
+    with local.lock_workdir(workdir):  # it ended: the lock went with it
+        pass
+
+
+def _fake_trainer(monkeypatch: pytest.MonkeyPatch, run: local.LocalRun, message: str | None) -> None:
+    """A trainer that writes `message` (if any) to the termination log, then is SIGKILLed."""
+    script = "import os, signal, sys\n"
+    if message is not None:
+        script += f"open({str(run.termination_log)!r}, 'w').write({message!r})\n"
+    script += "os.kill(os.getpid(), signal.SIGKILL)\n"
+    monkeypatch.setattr(local, "trainer_command", lambda run: [sys.executable, "-c", script])
+
+
+def test_a_trainer_that_recorded_success_then_died_is_a_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    run = local_run(0, tmp_path)
+    _fake_trainer(monkeypatch, run, SUCCEEDED_MESSAGE)
+    code, status = local.execute(run, io.StringIO(), poll_seconds=0.05)
+    assert (code, status["phase"]) == (contract.EXIT_OK, "Succeeded"), status
+    assert status["result"]["steps"] == 10
+
+
+def test_a_killed_trainer_is_reported_as_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    run = local_run(0, tmp_path)
+    _fake_trainer(monkeypatch, run, None)
+    code, status = local.execute(run, io.StringIO(), poll_seconds=0.05)
+    assert code == 128 + 9 and status["phase"] == "Failed", status
+    assert "killed by SIGKILL" in status["message"] and "exited with 1" not in status["message"], status
+    # The operator says the same of a pod whose trainer the kubelet killed (exit code 137).
+    assert "killed by SIGKILL" in trainer_ending(None, 137).status()["message"]

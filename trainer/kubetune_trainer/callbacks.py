@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,12 @@ class StopOnSignal(TrainerCallback):  # type: ignore[misc]
 
 
 class CheckpointUpload(EvalLossCallback):
-    """Each checkpoint the loop saves goes to the destination (rank 0), then old ones are pruned."""
+    """Each checkpoint the loop saves goes to the destination (rank 0), then old ones are pruned.
+
+    The upload runs in the background while training goes on, at most one at a time: the next save, and
+    the end of training (also a stop's), wait for it, and raise what made it fail. The local copy it reads
+    outlives it: transformers keeps the two newest local checkpoints, and the next save waits first.
+    """
 
     def __init__(self, cfg: TrainerConfig, storage: Storage, telemetry: Telemetry, dist: Any) -> None:
         self.cfg = cfg
@@ -83,6 +89,23 @@ class CheckpointUpload(EvalLossCallback):
         self.dist = dist
         self.last_checkpoint: ckpt.Checkpoint | None = None
         self.save_started: float | None = None
+        self._upload: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def wait(self) -> None:
+        """Until the upload in flight (if any) is done; re-raises its failure."""
+        if self._upload is not None:
+            started = time.monotonic()
+            self._upload.join()
+            self._upload = None
+            if (stalled := time.monotonic() - started) > 0.1:
+                log.info("waited %.1f s for the checkpoint upload", stalled)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.wait()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if control.should_save:
@@ -100,10 +123,25 @@ class CheckpointUpload(EvalLossCallback):
         if not self.dist.is_main:
             telemetry.set_stage("train")
             return
-        destination = self.cfg.output.destination
+        self.wait()
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._upload = threading.Thread(
+            target=self._upload_in_background, args=(local, state.global_step), name="kubetune-checkpoint-upload"
+        )
+        self._upload.start()
+        telemetry.set_stage("train")
+
+    def _upload_in_background(self, local: Path, step: int) -> None:
+        try:
+            self._upload_now(local, step)
+        except BaseException as failure:  # raised in the loop's thread by wait()
+            self._failure = failure
+
+    def _upload_now(self, local: Path, step: int) -> None:
+        telemetry = self.telemetry
+        destination = self.cfg.output.destination
         started = time.monotonic()
-        checkpoint, size = ckpt.upload_checkpoint(self.storage, local, destination, state.global_step)
+        checkpoint, size = ckpt.upload_checkpoint(self.storage, local, destination, step)
         seconds = time.monotonic() - started
         telemetry.child(telemetry.checkpoint_upload_seconds).observe(seconds)
         telemetry.child(telemetry.checkpoint_bytes).set(size)
@@ -111,13 +149,12 @@ class CheckpointUpload(EvalLossCallback):
         deleted = ckpt.prune_checkpoints(self.storage, destination, self.cfg.training.checkpoints_to_keep)
         log.info(
             "checkpoint step %d: %.1f MB uploaded to %s in %.1f s%s",
-            state.global_step,
+            step,
             size / 1e6,
             checkpoint.uri,
             seconds,
             f"; deleted steps {deleted}" if deleted else "",
         )
-        telemetry.set_stage("train")
 
 
 class ProgressReport(EvalLossCallback):
@@ -159,7 +196,8 @@ class ProgressReport(EvalLossCallback):
             telemetry.child(telemetry.tokens_total).inc(max(tokens - self.last_log[1], 0))
         self.last_log = (now, tokens)
         done = state.global_step - self.start_step
-        eta = (state.max_steps - state.global_step) * (now - self.start_time) / done if done > 0 else None
+        left = max(state.max_steps - state.global_step, 0)
+        eta = left * (now - self.start_time) / done if done > 0 else None
         grad_norm = float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None
         telemetry.update(
             train_loss=logs["loss"],

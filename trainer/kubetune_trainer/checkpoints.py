@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, STOP_GRACE_ENV, stop_grace_seconds
-from kubetune_trainer.storage import Storage, join
+from kubetune_trainer.storage import Storage, join, parse_uri
 
 log = logging.getLogger(__name__)
 
 # Without the env var (the image run by hand) the pod has Kubernetes' default grace.
 DEFAULT_STOP_GRACE_SECONDS = float(stop_grace_seconds())
-_STEP = re.compile(r"/step-(\d+)/")
+# Matched against the part below `<destination>/checkpoints/` only: a destination may itself contain
+# `/step-3/` (a sweep's layout), which must not pass for a checkpoint.
+_STEP = re.compile(r"step-(\d+)/")
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,23 @@ def checkpoint_uri(destination: str, step: int) -> str:
 def list_checkpoints(storage: Storage, destination: str) -> tuple[list[Checkpoint], list[Checkpoint]]:
     """(complete, incomplete) checkpoints under the destination, oldest first."""
     steps: dict[int, bool] = {}
-    for uri in storage.list(join(destination, CHECKPOINTS_DIR) + "/"):
-        match = _STEP.search(uri.replace(os.sep, "/"))
+    base = join(destination, CHECKPOINTS_DIR) + "/"
+    for uri in storage.list(base):
+        match = _STEP.match(_below(base, uri))
         if match:
             step = int(match.group(1))
             steps[step] = steps.get(step, False) or uri.endswith("/" + COMPLETE_MARKER)
     complete = [Checkpoint(s, checkpoint_uri(destination, s)) for s in sorted(steps) if steps[s]]
     incomplete = [Checkpoint(s, checkpoint_uri(destination, s)) for s in sorted(steps) if not steps[s]]
     return complete, incomplete
+
+
+def _below(base: str, uri: str) -> str:
+    """The part of a listed `uri` below the listed prefix `base`, with / separators."""
+    loc, listed = parse_uri(base), parse_uri(uri)
+    if loc.scheme == "s3":
+        return listed.key[len(loc.key) :]
+    return Path(listed.path).relative_to(Path(loc.path)).as_posix()
 
 
 def latest_checkpoint(storage: Storage, destination: str) -> Checkpoint | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
@@ -27,6 +27,8 @@ _LOCAL = r"(file://)?/.*"
 MODEL_URI = rf"^({_S3}|{_HF}|{_LOCAL})$"
 DATA_URI = rf"^({_S3}|{_LOCAL})$"
 QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# The API server stores integers as int64: a larger value is refused there, so the models refuse it too.
+INT64_MAX = 2**63 - 1
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -95,6 +97,7 @@ class ApiModel(BaseModel):
         extra="forbid",
         validate_default=True,
         strict=True,
+        allow_inf_nan=False,  # JSON has no inf/nan: the API server could never store one
     )
     rules: ClassVar[tuple[Rule, ...]] = ()
 
@@ -227,13 +230,12 @@ class LoraSpec(ApiModel):
         description="Scaling numerator (scale = alpha / r); 2*r is the usual choice.",
     )
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
         description="Modules that get adapters: all-linear (every linear layer but the output head; the QLoRA "
         "paper found all layers needed to match full fine-tuning) or names such as q_proj, v_proj.",
-        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 128}},
     )
 
 
@@ -297,7 +299,9 @@ class TrainingSpec(ApiModel):
         le=1000,
         description=f"Passes over the data ({DEFAULT_EPOCHS} when maxSteps is not set).",
     )
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run, instead of epochs.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=INT64_MAX, description="Optimizer steps to run, instead of epochs."
+    )
     learning_rate: float = Field(
         default=2e-4,
         gt=0,
@@ -333,13 +337,17 @@ class TrainingSpec(ApiModel):
         "is plentiful and the recomputed forward pass is pure cost.",
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order, splits and init.")
-    log_every_steps: int = Field(default=10, ge=1, description="Steps between log lines and progress updates.")
-    eval_every_steps: int = Field(default=100, ge=1, description="Steps between evaluations (and at the end).")
+    log_every_steps: int = Field(
+        default=10, ge=1, le=INT64_MAX, description="Steps between log lines and progress updates."
+    )
+    eval_every_steps: int = Field(
+        default=100, ge=1, le=INT64_MAX, description="Steps between evaluations (and at the end)."
+    )
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop when eval loss stops improving. Off when absent."
     )
     checkpoint_every_steps: int = Field(
-        default=200, ge=1, description="Steps between checkpoints under <destination>/checkpoints/."
+        default=200, ge=1, le=INT64_MAX, description="Steps between checkpoints under <destination>/checkpoints/."
     )
     checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Newest complete checkpoints kept.")
 
@@ -358,12 +366,11 @@ class TrainingSpec(ApiModel):
 class EvaluationSpec(ApiModel):
     """Sample generations saved with the artifacts."""
 
-    prompts: list[str] = Field(
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=8192)]] = Field(
         default_factory=list,
         max_length=32,
         description="Prompts (raw; instruction-format runs wrap them in the template) to generate from after "
         "training; results go to samples.jsonl.",
-        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": 8192}},
     )
     max_new_tokens: int = Field(default=128, ge=1, le=4096, description="Tokens generated per prompt.")
 

@@ -206,6 +206,9 @@ class Progress(ContractModel):
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
     eta: str | None = Field(default=None, description="etaSeconds for humans, e.g. 1h02m (the ETA column).")
     resumed_from_step: int | None = Field(default=None, ge=0, description="Checkpoint step this attempt resumed from.")
+    storage_retry: str | None = Field(
+        default=None, description="A storage write being retried through an outage, and why; none once it went through."
+    )
     updated_at: str | None = Field(default=None, description="When the trainer last updated this (RFC 3339).")
 
 

@@ -11,6 +11,7 @@ mechanism as TRL's padding-free "bfd" packing.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -77,9 +78,9 @@ def load_rows(storage: Storage, uri: str, workdir: Path) -> list[Row]:
 def _parse(name: str, data: bytes) -> list[Row]:
     try:
         if name.endswith(".jsonl"):
-            return _jsonl(name, data.decode("utf-8"))
+            return _jsonl(name, _text(name, data))
         if name.endswith(".json"):
-            text = data.decode("utf-8")
+            text = _text(name, data)
             try:
                 doc = json.loads(text)
             except json.JSONDecodeError:
@@ -90,18 +91,41 @@ def _parse(name: str, data: bytes) -> list[Row]:
                 raise InvalidInput("InvalidDataset", f"{name}: expected a JSON array of objects", file=name)
             return [_object(name, i + 1, item) for i, item in enumerate(doc)]
         if name.endswith(".csv"):
-            reader = csv.DictReader(io.StringIO(data.decode("utf-8")))
+            reader = csv.DictReader(io.StringIO(_text(name, data), newline=""))
             return [Row(dict(rec), name, reader.line_num) for rec in reader]
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
         return [Row(rec, name, i + 1) for i, rec in enumerate(table.to_pylist())]
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("InvalidDataset", f"{name} is not UTF-8 text: {exc}", file=name) from exc
     except InvalidInput:
         raise
     except Exception as exc:  # pyarrow/csv errors: the file itself is unreadable
         raise InvalidInput("InvalidDataset", f"cannot read {name}: {exc}", file=name) from exc
+
+
+_UTF16_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _text(name: str, data: bytes) -> str:
+    """The file as text: UTF-8, with or without a byte order mark (Windows tools write one; pandas and
+    datasets read it). Any other encoding is refused with the line where it stops being UTF-8."""
+    if data.startswith(_UTF16_BOMS) or (len(data) >= 2 and b"\x00" in data[:2]):
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{name}:1: the file is UTF-16/UTF-32 text; save it as UTF-8",
+            file=name,
+            line=1,
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{name}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8",
+            file=name,
+            line=line,
+        ) from exc
 
 
 def _jsonl(name: str, text: str) -> list[Row]:

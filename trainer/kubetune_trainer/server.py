@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from kubetune_trainer.contract import (
     METRICS_PATH,
@@ -109,15 +111,27 @@ class Telemetry:
         log.info("stage %s", stage)
 
     def update(self, **fields: Any) -> None:
-        """Change Progress fields (snake_case) and the matching gauges."""
+        """Change Progress fields (snake_case) and the matching gauges.
+
+        Telemetry must never stop training: a value Progress would refuse is logged and clamped (negative
+        to 0, NaN/inf to None) or, if it still does not fit, left out.
+        """
+        fields = _clamped(fields)
         with self._lock:
             data = self._progress.model_dump()
             data.update(fields)
             total, step = data.get("total_steps"), data.get("step")
             if total:
-                data["percent"] = round(100.0 * min(step or 0, total) / total, 2)
+                data["percent"] = round(100.0 * min(max(step or 0, 0), total) / total, 2)
             data["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-            self._progress = Progress(**data)
+            try:
+                self._progress = Progress(**data)
+            except ValidationError as exc:
+                refused = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+                log.warning("progress: ignoring invalid %s", {k: fields.get(k) for k in sorted(refused)})
+                fields = {k: v for k, v in fields.items() if k not in refused}
+                kept = {k: v for k, v in data.items() if k not in refused}
+                self._progress = Progress(**{**self._progress.model_dump(), **kept})
         gauges = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -150,6 +164,28 @@ class Telemetry:
     def exposition(self) -> bytes:
         self.record_gpu_memory()
         return generate_latest(self.registry)
+
+
+# Progress fields declared `ge=0`: a negative value (an ETA past the end) is reported as 0.
+_NON_NEGATIVE = frozenset(
+    name
+    for name, info in Progress.model_fields.items()
+    if any(getattr(rule, "ge", None) == 0 for rule in info.metadata)
+)
+
+
+def _clamped(fields: dict[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    for key, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("progress: %s=%r is not a number; reporting none", key, value)
+            out[key] = None
+        elif value < 0 and key in _NON_NEGATIVE:
+            log.warning("progress: %s=%r is negative; reporting 0", key, value)
+            out[key] = type(value)(0)
+    return out
 
 
 def _handler(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:

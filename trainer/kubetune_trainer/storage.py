@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import InvalidInput, TrainerFailure
@@ -24,6 +26,12 @@ log = logging.getLogger(__name__)
 _NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken"}
 DOWNLOAD_THREADS = 8
+# Writes (checkpoints, artifacts, markers) ride out a storage outage this long, whole objects retried with
+# backoff doubling from 1 s to at most 30 s; then the run fails with exit 1 (retryable). Reads need no such
+# patience: they happen at setup, where failing is cheap.
+WRITE_RETRY_SECONDS = 180.0
+WRITE_RETRY_MAX_DELAY = 30.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,10 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+class DownloadCancelled(Exception):
+    """A download given up because the run is stopping."""
+
+
 class Storage:
     """S3 (endpoint and region from the config, credentials from the standard AWS environment) and files."""
 
@@ -73,6 +85,12 @@ class Storage:
         self._max_attempts = max_attempts
         self._connect_timeout = connect_timeout
         self._client: Any = None
+        self.write_retry_seconds = WRITE_RETRY_SECONDS
+        # Told the error being retried (None once writes go through again), e.g. to show it in /progress.
+        self.on_retry: Callable[[str | None], None] | None = None
+        # Set (by a stop request): downloads in flight give up at their next chunk, so a stop during a long
+        # model download ends within the grace. Uploads are never cut: they may be the checkpoint a stop wants.
+        self.cancel_downloads: threading.Event | None = None
 
     # -- S3 plumbing -------------------------------------------------------------------------------
 
@@ -139,6 +157,30 @@ class Storage:
         except (ClientError, BotoCoreError) as exc:
             raise self._failure(exc, loc.uri, "list") from exc
         return out
+
+    def _write_with_retries(self, uri: str, write: Callable[[], T]) -> T:
+        """`write()`, retried through transient failures (unreachable, 5xx, throttling) for up to
+        `write_retry_seconds`; what retrying cannot fix (InvalidInput) fails at once."""
+        deadline = time.monotonic() + self.write_retry_seconds
+        delay, attempt = 1.0, 1
+        while True:
+            try:
+                result = write()
+            except TrainerFailure as failure:
+                if isinstance(failure, InvalidInput) or time.monotonic() + delay > deadline:
+                    raise
+                message = f"{failure.error.message}; retrying in {delay:.0f} s (attempt {attempt})"
+                log.warning("storage: %s", message)
+                if self.on_retry is not None:
+                    self.on_retry(message)
+                time.sleep(delay)
+                delay, attempt = min(delay * 2, WRITE_RETRY_MAX_DELAY), attempt + 1
+                continue
+            if attempt > 1:
+                log.info("storage: %s written after %d attempts", uri, attempt)
+                if self.on_retry is not None:
+                    self.on_retry(None)
+            return result
 
     # -- the operations ----------------------------------------------------------------------------
 
@@ -216,10 +258,13 @@ class Storage:
             return
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._failure(exc, uri, "write") from exc
+        def put() -> None:
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._failure(exc, uri, "write") from exc
+
+        self._write_with_retries(uri, put)
 
     def upload_file(self, local: Path, uri: str) -> None:
         loc = parse_uri(uri)
@@ -231,12 +276,18 @@ class Storage:
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self.client.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer_config)
-        except S3UploadFailedError as exc:
-            raise TrainerFailure("StorageError", f"cannot write {uri}: {exc}") from exc
-        except (ClientError, BotoCoreError) as exc:
-            raise self._failure(exc, uri, "write") from exc
+        def upload() -> None:
+            try:
+                self.client.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer_config)
+            except S3UploadFailedError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, ClientError | BotoCoreError):
+                    raise self._failure(cause, uri, "write") from exc
+                raise TrainerFailure("StorageError", f"cannot write {uri}: {exc}") from exc
+            except (ClientError, BotoCoreError) as exc:
+                raise self._failure(exc, uri, "write") from exc
+
+        self._write_with_retries(uri, upload)
 
     def upload_dir(self, local_dir: Path, uri: str, *, exclude: Iterable[str] = ()) -> int:
         """Upload every file under `local_dir` to the prefix `uri`, in parallel; returns bytes uploaded."""
@@ -284,8 +335,14 @@ class Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         target.parent.mkdir(parents=True, exist_ok=True)
+        cancel = self.cancel_downloads
+
+        def check_cancelled(_bytes: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise DownloadCancelled(f"s3://{bucket}/{key}")
+
         try:
-            self.client.download_file(bucket, key, str(target), Config=self._transfer_config)
+            self.client.download_file(bucket, key, str(target), Config=self._transfer_config, Callback=check_cancelled)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure(exc, f"s3://{bucket}/{key}", "read") from exc
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,15 +191,32 @@ def _local_model(ctx: Context, args: Any) -> Path:
                 from kubetune_trainer.errors import InvalidInput
 
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
-        elif dist.local_rank == 0 and not (target / "config.json").exists():
+        elif dist.local_rank == 0 and not (target / COMPLETE_MARKER).exists():
             log.info("downloading model %s", source)
             telemetry.set_stage("downloading")
-            path = ctx.storage.download(source if source.endswith("/") or loc.scheme == "hf" else source + "/", target)
+            path = _download_model(
+                ctx.storage, source if source.endswith("/") or loc.scheme == "hf" else source + "/", target
+            )
         else:
             path = target
     telemetry.set_stage("setup")
     model_mod.check_model_dir(path, source)
     return path
+
+
+def _download_model(storage: Storage, source: str, target: Path) -> Path:
+    """The model in `target`, complete or not at all: it is fetched into a fresh directory beside it, which
+    gets the marker and is then renamed into place (a kill mid-download leaves only the partial directory,
+    which the next attempt starts again)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    fetched = storage.download(source, partial)
+    if fetched.resolve() != partial.resolve():  # the Hub client may hand back a directory of its own
+        shutil.copytree(fetched, partial, dirs_exist_ok=True)
+    (partial / COMPLETE_MARKER).write_text("")
+    shutil.rmtree(target, ignore_errors=True)  # a cache from before the marker, maybe partial
+    partial.rename(target)
+    return target
 
 
 def _rows(ctx: Context) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
@@ -267,7 +285,9 @@ def setup(ctx: Context) -> Prepared:
             if dist.local_rank == 0:
                 ckpt.download_checkpoint(ctx.storage, resume, resume_dir)
         log.info("resuming from step %d (%s)", resume.step, resume.uri)
-        ctx.telemetry.update(resumed_from_step=resume.step)
+        # /progress (and so status.progress) shows where the run stands from now, not step 0 until the loop.
+        planned = _planned_steps(args, resume_dir)
+        ctx.telemetry.update(resumed_from_step=resume.step, step=resume.step, total_steps=planned)
     model = model_mod.load_model(model_dir, cfg, precision, device_index=dist.local_rank)
     trainable, total = model_mod.trainable_parameters(model)
     log.info("model: %s, %d of %d parameters trainable", cfg.method.type, trainable, total)
@@ -313,7 +333,13 @@ def train(ctx: Context, prepared: Prepared) -> Trained:
         raise ckpt.Preempted("SIGTERM before training started")
     trainer = prepared.trainer
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(prepared.resume_dir) if prepared.resume_dir else None)
+    if prepared.resume_dir is not None and _training_done(trainer.args, prepared.resume_dir):
+        # A run cut short in its final save: the loop would take one step past the end (transformers
+        # always runs one), so the checkpoint's weights and state are loaded and the run goes on to save.
+        log.info("checkpoint step %d is the last step: going straight to saving", prepared.resume.step)
+        _load_finished_checkpoint(trainer, prepared.resume_dir)
+    else:
+        trainer.train(resume_from_checkpoint=str(prepared.resume_dir) if prepared.resume_dir else None)
     train_seconds = time.monotonic() - started
     state = trainer.state
     eval_loss = None
@@ -324,6 +350,35 @@ def train(ctx: Context, prepared: Prepared) -> Trained:
         else:
             eval_loss = trainer.evaluate()["eval_loss"]
     return Trained(state, train_seconds, eval_loss)
+
+
+def _checkpoint_state(checkpoint_dir: Path) -> dict[str, Any]:
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    path = checkpoint_dir / TRAINER_STATE_NAME
+    state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return state
+
+
+def _planned_steps(args: Any, checkpoint_dir: Path) -> int | None:
+    """The steps the run takes: training.maxSteps, else what the loop computed from epochs (in the state)."""
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    planned = _checkpoint_state(checkpoint_dir).get("max_steps")
+    return int(planned) if planned else None
+
+
+def _training_done(args: Any, checkpoint_dir: Path) -> bool:
+    planned = _planned_steps(args, checkpoint_dir)
+    return planned is not None and int(_checkpoint_state(checkpoint_dir).get("global_step", 0)) >= planned
+
+
+def _load_finished_checkpoint(trainer: Any, checkpoint_dir: Path) -> None:
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint_dir))
+    trainer.state = TrainerState.load_from_json(str(checkpoint_dir / TRAINER_STATE_NAME))
 
 
 def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
@@ -369,6 +424,8 @@ def run(
     ctx = Context(
         cfg, workdir, Storage(cfg.storage), telemetry or Telemetry(), stop or ckpt.StopRequest(), Distributed.from_env()
     )
+    ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
+    ctx.storage.cancel_downloads = ctx.stop.event
     finished = finished_outcome(ctx)
     if finished is not None:
         return finished
@@ -428,7 +485,7 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
         "truncated_examples": train_data.truncated,
         "dropped_examples": train_data.dropped,
         "train_seconds": round(train_seconds, 3),
-        "steps_per_second": round(steps_here / train_seconds, 4) if train_seconds > 0 else None,
+        "steps_per_second": round(steps_here / train_seconds, 4) if train_seconds > 0 and steps_here > 0 else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_memory_bytes": peak_gpu,
     }

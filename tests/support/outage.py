@@ -1,0 +1,76 @@
+"""A TCP proxy in front of a real server that can simulate an outage: while `down`, every connection is
+accepted and closed at once (clients see resets), as a load balancer in front of a dead store does; with
+`bytes_per_second`, answers come over a slow link."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from urllib.parse import urlparse
+
+HOST = "127.0.0.1"
+
+
+class OutageProxy:
+    def __init__(self, upstream_url: str) -> None:
+        target = urlparse(upstream_url)
+        self.upstream = (target.hostname or HOST, target.port or 80)
+        self.down = False
+        self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
+        self.refused = 0  # connections cut during outages
+        self._listener = socket.create_server((HOST, 0))
+        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, name="outage-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.down:
+                self.refused += 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()  # RST
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        try:
+            while data := source.recv(4096 if throttled and self.bytes_per_second else 65536):
+                sink.sendall(data)
+                if throttled and self.bytes_per_second:
+                    time.sleep(len(data) / self.bytes_per_second)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+
+@contextmanager
+def outage_proxy(upstream_url: str) -> Iterator[OutageProxy]:
+    proxy = OutageProxy(upstream_url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

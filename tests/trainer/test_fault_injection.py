@@ -1,0 +1,71 @@
+"""Fault injection at a small scale: a run through a fault proxy in front of a real S3 server is SIGKILLed
+at seeded random moments (setup, download, training, checkpoint writes, uploads, the final save) and
+restarted with the same work dir, as a pod's container is; it must end with every artifact and no run lost.
+
+CI runs 4 kills of one seed. The larger version is the same test with more kills and other seeds
+(docs/faults.md): `KUBETUNE_FAULT_KILLS=12 KUBETUNE_FAULT_SEED=1 pytest -s tests/trainer/test_fault_injection.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.outage import outage_proxy
+from tests.support.s3 import S3Endpoint
+from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl
+
+pytestmark = pytest.mark.slow
+
+KILLS = int(os.environ.get("KUBETUNE_FAULT_KILLS", 4))
+SEED = int(os.environ.get("KUBETUNE_FAULT_SEED", 14))
+
+
+def test_random_kills_never_lose_the_run(
+    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
+) -> None:
+    bucket = s3_bucket_name
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 60)
+    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+    rng = random.Random(SEED)
+    killed_in: list[str] = []
+    with outage_proxy(s3_moto.url) as proxy:
+        proxy.bytes_per_second = 400_000  # the model download lasts long enough to be hit too
+        cfg = base_config(
+            tiny_model_s3,
+            f"s3://{bucket}/data/train.jsonl",
+            f"s3://{bucket}/run",
+            training={"maxSteps": 16, "checkpointEverySteps": 3, "evalEverySteps": 8, "logEverySteps": 1},
+            storage={"endpoint": proxy.url, "region": s3_moto.region},
+        )
+        for attempt in range(KILLS + 1):
+            trainer = TrainerProcess(cfg, tmp_path, "pod", s3_env(s3_moto))  # same work dir: an emptyDir
+            try:
+                if attempt < KILLS:
+                    deadline = time.monotonic() + rng.uniform(1.5, 9.0)
+                    stage = "starting"
+                    while time.monotonic() < deadline and trainer.process.poll() is None:
+                        stage = (trainer.progress() or {}).get("stage", stage)
+                        time.sleep(0.05)
+                    if trainer.process.poll() is None:
+                        trainer.process.kill()
+                        killed_in.append(stage)
+                    trainer.wait(30)
+                else:
+                    assert trainer.wait(300) == 0, trainer.log()[-3000:]
+            finally:
+                trainer.kill()
+            if trainer.process.returncode == 0:
+                break
+    keys = set(s3_moto.list_keys(bucket, "run/"))
+    assert {"run/COMPLETE", "run/adapter/adapter_model.safetensors", "run/metrics.json"} <= keys
+    metrics = json.loads(s3_moto.read(bucket, "run/metrics.json"))
+    assert metrics["steps"] == 16
+    complete = json.loads(s3_moto.read(bucket, "run/COMPLETE"))
+    assert complete["result"]["steps"] == 16
+    print(f"kills {len(killed_in)} in stages {killed_in}; resumed from step {metrics['resumed_from_step']}; lost 0")
