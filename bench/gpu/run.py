@@ -11,6 +11,8 @@ as in the CPU bench (`bench/trainer/workload.py`). Steps:
    real tokens/s, model FLOPs utilization (6 x parameters per token over the GPU's dense bf16 peak),
    peak GPU memory (torch.cuda.max_memory_allocated).
 3. The seed recipe (8-bit, r 8 on q/v, padded to 512) on the same GPU and data: real tokens/s, and the ratio.
+Also a 2-process all-reduce through torchrun (NCCL on a machine with two GPUs, gloo on the CPU), the collective
+multi-node runs depend on; a one-GPU machine records why NCCL was not run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,62 @@ def bnb_check(device: str) -> dict[str, Any]:
     }
 
 
+ALL_REDUCE_SCRIPT = """
+import json, os, time
+import torch
+import torch.distributed as dist
+
+backend = os.environ["BENCH_BACKEND"]
+dist.init_process_group(backend)
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+tensor = torch.full((64 * 1024 * 1024 // 4,), float(rank + 1), device=device)  # 64 MiB of fp32
+dist.all_reduce(tensor)  # warm-up
+if backend == "nccl":
+    torch.cuda.synchronize()
+started = time.perf_counter()
+for _ in range(5):
+    dist.all_reduce(tensor)
+if backend == "nccl":
+    torch.cuda.synchronize()
+seconds = (time.perf_counter() - started) / 5
+if rank == 0:
+    print("ALLREDUCE " + json.dumps({"backend": backend, "world_size": world, "value": tensor[0].item(),
+                                     "bytes": tensor.numel() * 4, "seconds_per_all_reduce": seconds}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def distributed_check(cuda: bool, work: Path) -> dict[str, Any]:
+    """A 2-process all-reduce through torchrun: NCCL with one GPU per process where the machine has two GPUs,
+    gloo on the CPU otherwise (what multi-node runs use without GPUs). NCCL cannot put two ranks on one GPU,
+    so a one-GPU machine records why the NCCL check did not run."""
+    import torch
+
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cuda and gpus < 2:
+        return {"ok": None, "backend": "nccl", "not_run": f"NCCL needs one GPU per process; this machine has {gpus}"}
+    backend = "nccl" if cuda else "gloo"
+    script = work / "all_reduce.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(ALL_REDUCE_SCRIPT)
+    env = {**os.environ, "BENCH_BACKEND": backend, "OMP_NUM_THREADS": "1"}
+    if not cuda:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ALLREDUCE ")]
+    if done.returncode != 0 or not lines:
+        return {"ok": False, "backend": backend, "exit_code": done.returncode, "log": done.stderr[-2000:]}
+    result = json.loads(lines[-1].removeprefix("ALLREDUCE "))
+    # Rank r starts with r + 1: the warm-up sums (1, 2) to 3, and each of the 5 timed all-reduces doubles it.
+    result["ok"] = result["value"] == 3 * 2**5
+    result["bus_gbytes_per_second"] = result["bytes"] / result["seconds_per_all_reduce"] / 1e9
+    return result
+
+
 def reset_gpu() -> None:
     import torch
 
@@ -129,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     report["bf16_peak_flops"] = peak
     report["bitsandbytes_check"] = bnb_check(device)
     print("bitsandbytes:", report["bitsandbytes_check"], flush=True)
+    report["distributed_check"] = distributed_check(cuda, args.work or args.out / "work")
+    print("distributed:", report["distributed_check"], flush=True)
 
     workload = wl.prepare(work, size, data)
     params = wl.parameter_counts(workload.model_dir)

@@ -23,6 +23,8 @@ def test_dry_run_writes_the_report(tmp_path):
     report = json.loads((tmp_path / "gpu-bench.json").read_text())
     assert report["dry_run"] is True
     assert report["bitsandbytes_check"]["relative_error"] < 0.15
+    distributed = report["distributed_check"]  # gloo on a CPU; NCCL where the machine has two GPUs
+    assert distributed["ok"] is True and distributed["backend"] == "gloo" and distributed["world_size"] == 2
     assert report["kubetune"]["optimizer_steps"] == 2 and report["kubetune"]["real_tokens"] > 0
     assert report["seed"]["real_tokens"] > 0 and report["ratio_kubetune_vs_seed"] > 0
 

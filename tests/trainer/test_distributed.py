@@ -69,3 +69,20 @@ def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
     metrics = json.loads(s3_moto.read(bucket, "ddp/metrics.json"))
     assert metrics["world_size"] == 2 and metrics["steps"] == 10 and metrics["resumed_from_step"] == step
     assert log.count("artifacts written to") == 1  # rank 0 only
+
+
+def test_invalid_input_on_two_processes_reaches_the_pod_as_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The multi-GPU pod's command (the launcher, `--nproc-per-node 2`): torchrun alone would turn the
+    workers' exit 2 into 1, and the Job's podFailurePolicy would retry invalid input."""
+    from kubetune_trainer.contract import launch_command
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no response here"}\n')
+    cfg = base_config(str(tiny_model_dir), str(bad), str(tmp_path / "out"))
+    args = launch_command(2, "CONFIG", "TERMINATION")
+    node = TrainerProcess(cfg, tmp_path, "bad", {"OMP_NUM_THREADS": "1"}, args=args[args.index("TERMINATION") + 1 :])
+    try:
+        assert node.wait(timeout=240) == 2, node.log()[-3000:]
+    finally:
+        node.kill()
+    assert node.result()["error"]["reason"] == "InvalidDataset"
