@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kubetune_operator import API_GROUP, API_VERSION, KIND
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
-    INT64_MAX,
+    INTEGER_MAX,
     QUANTITY,
     ApiModel,
     ModelSpec,
@@ -132,7 +132,7 @@ class Toleration(ApiModel):
         default=None, description="Taint effect to tolerate; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, ge=-INT64_MAX - 1, le=INT64_MAX, description="NoExecute only: how long to stay bound."
+        default=None, ge=-INTEGER_MAX, le=INTEGER_MAX, description="NoExecute only: how long to stay bound."
     )
 
 
@@ -171,7 +171,7 @@ class RunPolicy(ApiModel):
         description="Failed attempts before the run fails. Preemptions and evictions do not count.",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, le=INT64_MAX, description="Wall-clock limit for the whole run, retries included."
+        default=None, ge=1, le=INTEGER_MAX, description="Wall-clock limit for the whole run, retries included."
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,

@@ -27,8 +27,11 @@ _LOCAL = r"(file://)?/.*"
 MODEL_URI = rf"^({_S3}|{_HF}|{_LOCAL})$"
 DATA_URI = rf"^({_S3}|{_LOCAL})$"
 QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-# The API server stores integers as int64: a larger value is refused there, so the models refuse it too.
-INT64_MAX = 2**63 - 1
+# The bound of every integer field. The API server stores integers as int64, but it reads a schema's bounds as
+# JSON numbers (float64): 2**63 - 1 becomes 2**63, which is no int64, and a CRD whose defaults are checked against
+# it is refused ("Maximum boundary value must be of type integer"). 2**53 - 1 is the largest integer a JSON
+# number holds exactly; the models refuse what the API server would.
+INTEGER_MAX = 2**53 - 1
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -300,7 +303,7 @@ class TrainingSpec(ApiModel):
         description=f"Passes over the data ({DEFAULT_EPOCHS} when maxSteps is not set).",
     )
     max_steps: int | None = Field(
-        default=None, ge=1, le=INT64_MAX, description="Optimizer steps to run, instead of epochs."
+        default=None, ge=1, le=INTEGER_MAX, description="Optimizer steps to run, instead of epochs."
     )
     learning_rate: float = Field(
         default=2e-4,
@@ -338,16 +341,16 @@ class TrainingSpec(ApiModel):
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order, splits and init.")
     log_every_steps: int = Field(
-        default=10, ge=1, le=INT64_MAX, description="Steps between log lines and progress updates."
+        default=10, ge=1, le=INTEGER_MAX, description="Steps between log lines and progress updates."
     )
     eval_every_steps: int = Field(
-        default=100, ge=1, le=INT64_MAX, description="Steps between evaluations (and at the end)."
+        default=100, ge=1, le=INTEGER_MAX, description="Steps between evaluations (and at the end)."
     )
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop when eval loss stops improving. Off when absent."
     )
     checkpoint_every_steps: int = Field(
-        default=200, ge=1, le=INT64_MAX, description="Steps between checkpoints under <destination>/checkpoints/."
+        default=200, ge=1, le=INTEGER_MAX, description="Steps between checkpoints under <destination>/checkpoints/."
     )
     checkpoints_to_keep: int = Field(default=2, ge=1, le=100, description="Newest complete checkpoints kept.")
 
