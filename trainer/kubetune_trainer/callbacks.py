@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class EvalLossCallback(TrainerCallback):  # type: ignore[misc]
-    """A callback that reacts to the eval loss of each evaluation (`on_eval_loss`)."""
+class EvalLossCallback(TrainerCallback, ABC):  # type: ignore[misc]
+    """A callback that reacts to the eval loss of each evaluation (`on_eval_loss`, which subclasses define)."""
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
@@ -41,8 +42,8 @@ class EvalLossCallback(TrainerCallback):  # type: ignore[misc]
         if loss is not None:
             self.on_eval_loss(float(loss), state, control)
 
-    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def on_eval_loss(self, loss: float, state: Any, control: Any) -> None: ...
 
 
 class StopOnSignal(TrainerCallback):  # type: ignore[misc]
