@@ -28,7 +28,15 @@ import yaml
 from kubetune_cli.local import free_port
 from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMessage
 from tests.api.rbac import GRANTED, Grant
-from tests.cluster.controlplane import LOCAL_QUEUE, ControlPlane, die_with_parent, kubeconfig, local_queue
+from tests.cluster.controlplane import (
+    LOCAL_QUEUE,
+    ControlPlane,
+    cluster_queue,
+    die_with_parent,
+    http_ok,
+    kubeconfig,
+    local_queue,
+)
 from tests.objects import finetunejob_body
 from tests.support import waiting
 
@@ -74,6 +82,15 @@ class Kube:
     def plain(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
 
+    def read(self, read: Callable[..., Any], *args: str) -> dict[str, Any] | None:
+        """One object as plain JSON, or None where the API answers 404."""
+        try:
+            return self.plain(read(*args))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
     def kubectl(
         self, *args: str, check: bool = True, input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -85,12 +102,7 @@ class Kube:
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)  # type: ignore[no-any-return]
 
     def ftj(self, ns: str, name: str = "run") -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)  # type: ignore[no-any-return]
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return self.read(self.custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name)
 
     def status(self, ns: str, name: str = "run") -> dict[str, Any]:
         return (self.ftj(ns, name) or {}).get("status") or {}
@@ -116,23 +128,13 @@ class Kube:
 
     # ---- children --------------------------------------------------------------------------------------
     def job(self, ns: str, name: str = "run") -> dict[str, Any] | None:
-        try:
-            return self.plain(self.batch.read_namespaced_job(name, ns))
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return self.read(self.batch.read_namespaced_job, name, ns)
 
     def wait_job(self, ns: str, name: str = "run", timeout: float = 30) -> dict[str, Any]:
         return wait_for(lambda: self.job(ns, name), timeout, f"Job {ns}/{name}")
 
     def configmap(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.plain(self.core.read_namespaced_config_map(name, ns))
-        except kubernetes.client.ApiException as error:
-            if error.status == 404:
-                return None
-            raise
+        return self.read(self.core.read_namespaced_config_map, name, ns)
 
     def pods(self, ns: str, name: str = "run") -> list[dict[str, Any]]:
         listed = self.core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={name}")
@@ -302,14 +304,7 @@ class OperatorProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             pytest.fail(f"the operator exited with {self.process.returncode}:\n{self.log_tail()}")
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.env['KUBETUNE_HEALTH_PORT']}/healthz", timeout=1):
-                return True
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"http://127.0.0.1:{self.env['KUBETUNE_HEALTH_PORT']}/healthz")
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as when a node dies under the operator."""
@@ -363,14 +358,17 @@ def ns(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     kube.core.delete_namespace(name)
 
 
+@pytest.fixture
+def eight_gpu_queue(kube: Kube, ns: str) -> Iterator[str]:
+    """A LocalQueue in `ns` whose ClusterQueue (8 GPUs) serves only `ns`: quota still held by an earlier test's
+    runs never decides this one's. Yields the LocalQueue's name."""
+    kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, "eight", cluster_queue_name=ns)])
+    yield "eight"
+    kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
+
+
 def _has_default_service_account(kube: Kube, namespace: str) -> bool:
-    try:
-        kube.core.read_namespaced_service_account("default", namespace)
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:
-            return False
-        raise
-    return True
+    return kube.read(kube.core.read_namespaced_service_account, "default", namespace) is not None
 
 
 # ---- the apiserver's audit log -----------------------------------------------------------------------------

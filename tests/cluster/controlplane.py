@@ -336,7 +336,7 @@ class ControlPlane:
             ],
             tie_to_parent,
         )
-        self._wait(etcd, lambda: _http_ok(f"{client}/health"))
+        self._wait(etcd, lambda: http_ok(f"{client}/health"))
 
     # ---- kube-apiserver ----------------------------------------------------------------------------------
     def _start_apiserver(self, tie_to_parent: bool) -> None:
@@ -387,18 +387,24 @@ class ControlPlane:
     def _start_controllers(self, tie_to_parent: bool) -> None:
         kc = str(self._component_kubeconfig)
         serving = self._ca.issue("components-serving", "kubetune-test-components", hosts=("127.0.0.1", "localhost"))
-        tls = [f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}"]
-        manager = self._launch(
-            "kube-controller-manager",
-            [
-                str(self.binaries.bin("kube-controller-manager")),
+
+        def serving_flags(port: str) -> list[str]:  # what the controller-manager and the scheduler share
+            return [
                 f"--kubeconfig={kc}",
                 f"--authentication-kubeconfig={kc}",
                 f"--authorization-kubeconfig={kc}",
                 "--bind-address=127.0.0.1",
-                f"--secure-port={self.ports['controller_manager']}",
-                *tls,
+                f"--secure-port={self.ports[port]}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
                 "--leader-elect=false",
+            ]
+
+        manager = self._launch(
+            "kube-controller-manager",
+            [
+                str(self.binaries.bin("kube-controller-manager")),
+                *serving_flags("controller_manager"),
                 "--use-service-account-credentials=false",
                 # What a FineTuneJob's life touches: Jobs and their pods, ownership, TTL, namespaces, the default
                 # ServiceAccount every pod needs, and EndpointSlices for the multi-node headless Service.
@@ -413,13 +419,7 @@ class ControlPlane:
             "kube-scheduler",
             [
                 str(self.binaries.bin("kube-scheduler")),
-                f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}",
-                f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.ports['scheduler']}",
-                *tls,
-                "--leader-elect=false",
+                *serving_flags("scheduler"),
             ],
             tie_to_parent,
         )
@@ -439,9 +439,9 @@ class ControlPlane:
             ],
             tie_to_parent,
         )
-        self._wait(manager, lambda: _https_ok(f"https://127.0.0.1:{self.ports['controller_manager']}/healthz", self.ca))
-        self._wait(scheduler, lambda: _https_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", self.ca))
-        self._wait(kwok, lambda: _http_ok(f"http://127.0.0.1:{self.ports['kwok']}/healthz"))
+        self._wait(manager, lambda: http_ok(f"https://127.0.0.1:{self.ports['controller_manager']}/healthz", self.ca))
+        self._wait(scheduler, lambda: http_ok(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", self.ca))
+        self._wait(kwok, lambda: http_ok(f"http://127.0.0.1:{self.ports['kwok']}/healthz"))
         self._wait(manager, lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") is not None)
 
     def _create_nodes(self) -> None:
@@ -497,7 +497,7 @@ class ControlPlane:
             tie_to_parent,
             env={"NAMESPACE": KUEUE_NAMESPACE},
         )
-        self._wait(kueue, lambda: _http_ok(f"http://127.0.0.1:{self.ports['kueue_health']}/readyz"))
+        self._wait(kueue, lambda: http_ok(f"http://127.0.0.1:{self.ports['kueue_health']}/readyz"))
         self.kubectl_apply(kueue_queues())
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -544,16 +544,9 @@ class ControlPlane:
         )
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _https_ok(url: str, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
+def http_ok(url: str, ca: Path | None = None) -> bool:
+    """Whether `url` answers 200 (an https one checked against `ca`)."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
         with urllib.request.urlopen(url, context=context, timeout=2) as response:
             return bool(response.status == 200)

@@ -4,24 +4,14 @@ namespace only), so quota still held by an earlier test's runs never decides thi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster.conftest import Kube, succeeded_message, wait_for
-from tests.cluster.controlplane import cluster_queue, local_queue
 
-pytestmark = pytest.mark.usefixtures("operator", "quota")
+pytestmark = pytest.mark.usefixtures("operator", "eight_gpu_queue")
 
-QUEUE = "eight-gpus"
-EIGHT_GPUS = {"resources": {"gpus": 8}, "scheduling": {"queueName": QUEUE}}
-
-
-@pytest.fixture
-def quota(kube: Kube, ns: str) -> Iterator[None]:
-    kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, QUEUE, cluster_queue_name=ns)])
-    yield
-    kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
+EIGHT_GPUS = {"resources": {"gpus": 8}, "scheduling": {"queueName": "eight"}}  # the eight_gpu_queue fixture
 
 
 def workload(kube: Kube, ns: str, job_name: str) -> dict | None:

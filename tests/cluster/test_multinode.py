@@ -6,14 +6,12 @@ Kueue admitting the whole gang or none of it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import kubernetes
 import pytest
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK, TerminationMessage
 from tests.cluster.conftest import Kube, succeeded_message, wait_for
-from tests.cluster.controlplane import cluster_queue, local_queue
 from tests.cluster.test_lifecycle import invalid_input_message
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -86,13 +84,6 @@ def test_invalid_input_on_one_node_fails_the_whole_run_once(kube: Kube, ns: str)
     assert {pod["metadata"]["name"] for pod in kube.pods(ns)} <= original, "exit 2 must not be retried"
     warnings = [e for e in kube.events(ns) if e.get("type") == "Warning" and e.get("reason") == "InvalidInput"]
     assert warnings and "node 1" in warnings[-1]["message"]
-
-
-@pytest.fixture
-def eight_gpu_queue(kube: Kube, ns: str) -> Iterator[str]:
-    kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, "eight", cluster_queue_name=ns)])
-    yield "eight"
-    kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
 
 
 def test_kueue_keeps_a_gang_larger_than_the_quota_queued_whole(kube: Kube, ns: str, eight_gpu_queue: str) -> None:

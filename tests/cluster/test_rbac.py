@@ -20,38 +20,33 @@ from tests.cluster.conftest import (
     succeeded_message,
     wait_for,
 )
-from tests.cluster.controlplane import cluster_queue, local_queue
 
 
 def test_every_call_is_granted_and_every_grant_is_used(
-    kube: Kube, ns: str, operator: OperatorProcess, installed: Installation
+    kube: Kube, ns: str, operator: OperatorProcess, installed: Installation, eight_gpu_queue: str
 ) -> None:
-    kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, "mine", cluster_queue_name=ns)])
-    try:
-        queued = {"resources": {"gpus": 8}, "scheduling": {"queueName": "mine"}}
-        kube.apply(ns, "queued", spec={**queued, "runPolicy": {"ttlSecondsAfterFinished": 1}})
-        first = kube.wait_running_pod(ns, "queued")["metadata"]["name"]
-        kube.patch_spec(ns, {"runPolicy": {"suspend": True}}, "queued")  # the Job and Kueue's Workload are patched
-        kube.wait_phase(ns, "Suspended", "queued")
-        kube.patch_spec(ns, {"runPolicy": {"suspend": False}}, "queued")
-        kube.run_pod_to(ns, 0, succeeded_message(), "queued", exclude={first})
-        kube.wait_phase(ns, "Succeeded", "queued", timeout=90)
-        wait_for(lambda: kube.ftj(ns, "queued") is None, 30, "the TTL to delete the FineTuneJob")
-        # Not queued: Kueue 0.17 may not readmit a Job recreated under the same name at once (see the closing note).
-        kube.apply(ns)
-        kube.wait_running_pod(ns)
-        old = kube.job(ns)["metadata"]["uid"]
-        kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")  # someone deletes it mid-run
-        # recreated beside the ConfigMap that stayed, which is read and adopted (get after a 409)
-        wait_for(lambda: (j := kube.job(ns)) and j["metadata"]["uid"] != old, 30, "the Job recreated")
-        # A multi-node run has a headless Service too: created, and read and adopted when its Job is recreated.
-        kube.apply(ns, "gang", spec={"resources": {"gpus": 8, "nodes": 2}})
-        old = kube.wait_job(ns, "gang")["metadata"]["uid"]
-        kube.batch.delete_namespaced_job("gang", ns, propagation_policy="Background")
-        wait_for(lambda: (j := kube.job(ns, "gang")) and j["metadata"]["uid"] != old, 30, "the gang's Job recreated")
-        kube.delete_ftj(ns, "gang")
-    finally:
-        kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
+    queued = {"resources": {"gpus": 8}, "scheduling": {"queueName": eight_gpu_queue}}
+    kube.apply(ns, "queued", spec={**queued, "runPolicy": {"ttlSecondsAfterFinished": 1}})
+    first = kube.wait_running_pod(ns, "queued")["metadata"]["name"]
+    kube.patch_spec(ns, {"runPolicy": {"suspend": True}}, "queued")  # the Job and Kueue's Workload are patched
+    kube.wait_phase(ns, "Suspended", "queued")
+    kube.patch_spec(ns, {"runPolicy": {"suspend": False}}, "queued")
+    kube.run_pod_to(ns, 0, succeeded_message(), "queued", exclude={first})
+    kube.wait_phase(ns, "Succeeded", "queued", timeout=90)
+    wait_for(lambda: kube.ftj(ns, "queued") is None, 30, "the TTL to delete the FineTuneJob")
+    # Not queued: Kueue 0.17 may not readmit a Job recreated under the same name at once (see the closing note).
+    kube.apply(ns)
+    kube.wait_running_pod(ns)
+    old = kube.job(ns)["metadata"]["uid"]
+    kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")  # someone deletes it mid-run
+    # recreated beside the ConfigMap that stayed, which is read and adopted (get after a 409)
+    wait_for(lambda: (j := kube.job(ns)) and j["metadata"]["uid"] != old, 30, "the Job recreated")
+    # A multi-node run has a headless Service too: created, and read and adopted when its Job is recreated.
+    kube.apply(ns, "gang", spec={"resources": {"gpus": 8, "nodes": 2}})
+    old = kube.wait_job(ns, "gang")["metadata"]["uid"]
+    kube.batch.delete_namespaced_job("gang", ns, propagation_policy="Background")
+    wait_for(lambda: (j := kube.job(ns, "gang")) and j["metadata"]["uid"] != old, 30, "the gang's Job recreated")
+    kube.delete_ftj(ns, "gang")
     calls = audited_calls(kube.plane, installed.username)
     assert_granted(calls)
     unused = GRANTED - NEEDED_BY_ADMISSION - {c.grant for c in calls}
