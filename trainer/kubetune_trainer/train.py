@@ -168,6 +168,7 @@ class Prepared:
     resume_dir: Path | None
     trainer: Any
     callbacks: Any  # callbacks.RunCallbacks (that module imports transformers)
+    trackers: Any = None  # tracking.Trackers: MLflow and W&B runs (spec.tracking)
 
 
 @dataclass
@@ -301,6 +302,9 @@ def setup(ctx: Context) -> Prepared:
     from kubetune_trainer.callbacks import run_callbacks
 
     callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
+    from kubetune_trainer.tracking import Trackers
+
+    trackers = Trackers.start(cfg, ctx.telemetry, ctx.workdir, is_main=dist.is_main)
     trainer = Trainer(
         model=model,
         args=args,
@@ -308,7 +312,7 @@ def setup(ctx: Context) -> Prepared:
         eval_dataset=eval_features,
         data_collator=data_mod.Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks.in_order(),
+        callbacks=[*callbacks.in_order(), *trackers.callbacks],  # trackers last: they log what ProgressReport adds
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
     return Prepared(
@@ -322,6 +326,7 @@ def setup(ctx: Context) -> Prepared:
         resume_dir,
         trainer,
         callbacks,
+        trackers,
     )
 
 
@@ -430,8 +435,13 @@ def run(
     if finished is not None:
         return finished
     prepared = setup(ctx)
-    trained = train(ctx, prepared)
+    try:
+        trained = train(ctx, prepared)
+    except BaseException:
+        prepared.trackers.abort()
+        raise
     if prepared.callbacks.stop.preempted:
+        prepared.trackers.abort()
         checkpoint = prepared.callbacks.checkpoints.last_checkpoint
         return Outcome(
             "preempted",
@@ -519,6 +529,8 @@ def _write_artifacts(ctx: Context, prepared: Prepared, metrics: dict[str, Any], 
         artifacts.merged = join(destination, "merged") + "/"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(art.model_card(cfg, metrics))
+    # Before the upload: a W&B offline run directory (under out/wandb/) goes up with the artifacts.
+    prepared.trackers.finish(outcome.result, artifacts, [out / "metrics.json", out / "README.md"])
     telemetry.set_stage("uploading")
     storage.upload_dir(out, destination)
     outcome.artifacts = artifacts
