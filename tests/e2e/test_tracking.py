@@ -102,7 +102,9 @@ def test_a_run_reports_to_mlflow_and_to_wandb_offline(
 def test_a_tracking_server_that_is_down_costs_the_run_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     path = tracked_job(tmp_path, tiny_model_dir, {"mlflow": {"trackingUri": down}})
-    result = kubetune("run", str(path), "--workdir", str(tmp_path / "work"), env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    result = kubetune(
+        "run", str(path), "--workdir", str(tmp_path / "work"), env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    )
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     status = status_of(result.stdout)
     assert status["phase"] == "Succeeded" and status["result"]["steps"] == STEPS

@@ -74,12 +74,12 @@ def peak_rss_bytes() -> int:
 # -- factories -------------------------------------------------------------------------------------
 
 
-def optimizer_name(cfg: TrainerConfig) -> str:
+def optimizer_name(cfg: TrainerConfig, *, cuda: bool | None = None) -> str:
     import torch
 
     if cfg.training.optimizer != "auto":
         return cfg.training.optimizer
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         # QLoRA paper: paged optimizers absorb memory spikes on long sequences.
         return "paged_adamw_8bit" if cfg.method.type == "qlora" else "adamw_torch_fused"
     return "adamw_torch"
@@ -220,17 +220,6 @@ def _download_model(storage: Storage, source: str, target: Path) -> Path:
     return target
 
 
-def _rows(ctx: Context) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
-    cfg = ctx.cfg
-    spec = cfg.dataset
-    train_rows = data_mod.load_rows(ctx.storage, spec.train, ctx.workdir)
-    if spec.eval:
-        return train_rows, data_mod.load_rows(ctx.storage, spec.eval, ctx.workdir)
-    if not train_rows:
-        return train_rows, []
-    return data_mod.split_eval(train_rows, spec.eval_split, cfg.training.seed)
-
-
 def finished_outcome(ctx: Context) -> Outcome | None:
     """The outcome of a run already finished at this destination, or None. Cheapest checks first, so a bad
     destination fails before any download."""
@@ -257,7 +246,7 @@ def setup(ctx: Context) -> Prepared:
             f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
             field="method.type",
         )
-    rows_train, rows_eval = _rows(ctx)
+    rows_train, rows_eval = data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
     args = training_arguments(cfg, ctx.workdir / "trainer", precision, has_eval=bool(rows_eval))
     model_dir = _local_model(ctx, args)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
