@@ -27,7 +27,7 @@ import math
 import random
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from kubetune_trainer import data as data_mod
@@ -122,6 +122,7 @@ class Spread:
 class DataPlan:
     train_rows: int
     eval_rows: int
+    packing: bool
     examples: int  # trained on, after dropping those truncated to nothing
     dropped: int
     truncated: int
@@ -176,6 +177,7 @@ def plan_data(
     plan = DataPlan(
         train_rows=len(train_rows),
         eval_rows=len(eval_rows),
+        packing=spec.packing,
         examples=len(train.examples),
         dropped=train.dropped,
         truncated=train.truncated,
@@ -449,9 +451,7 @@ class Fit:
     verdict: str
 
 
-def fit(
-    cfg: TrainerConfig, shape: ModelShape, target: Target, estimate: MemoryEstimate, world_size: int
-) -> Fit | None:
+def fit(cfg: TrainerConfig, shape: ModelShape, target: Target, estimate: MemoryEstimate, world_size: int) -> Fit | None:
     if target.memory_bytes is None:
         return None
     reserve = CUDA_RESERVE_BYTES if target.cuda else 0
@@ -464,12 +464,12 @@ def fit(
     for smaller in (batch // 2**k for k in range(1, 13)):
         if smaller < 1:
             break
-        trial = estimate_memory(cfg, shape, target, smaller, tokens, world_size, checkpointing=estimate.gradient_checkpointing)
+        trial = estimate_memory(
+            cfg, shape, target, smaller, tokens, world_size, checkpointing=estimate.gradient_checkpointing
+        )
         if trial.peak_bytes + reserve <= target.memory_bytes:
             keep = cfg.training.gradient_accumulation_steps * batch // smaller
-            advice.append(
-                f"lower batchSize to {smaller} (gradientAccumulationSteps {keep} keeps the global batch)"
-            )
+            advice.append(f"lower batchSize to {smaller} (gradientAccumulationSteps {keep} keeps the global batch)")
             break
     if not estimate.gradient_checkpointing:
         trial = estimate_memory(cfg, shape, target, batch, tokens, world_size, checkpointing=True)
@@ -494,9 +494,7 @@ class Eta:
     seconds: tuple[float, float]  # fastest, slowest
 
 
-def eta(
-    cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: DataPlan, checkpointing: bool
-) -> Eta:
+def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: DataPlan, checkpointing: bool) -> Eta:
     """Training FLOPs over the GPUs' peak at an assumed utilisation. A forward pass costs 2 FLOPs per weight
     per token (plus attention, 4 x layers x q_dim x the mean context); backward costs twice that for full
     fine-tuning, about once for (Q)LoRA (gradients of the activations only, the base is frozen); gradient
@@ -515,14 +513,72 @@ def eta(
 
 def as_json(value: Any) -> Any:
     """Dataclasses to plain JSON values."""
-    if hasattr(value, "__dataclass_fields__"):
-        out = asdict(value)
-        for name in dir(type(value)):
+    if is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: as_json(getattr(value, f.name)) for f in fields(value)}
+        for name in dir(type(value)):  # derived numbers too (packing efficiency, peak bytes)
             if isinstance(getattr(type(value), name, None), property):
-                out[name] = getattr(value, name)
-        return as_json(out)
+                out[name] = as_json(getattr(value, name))
+        return out
     if isinstance(value, dict):
         return {k: as_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [as_json(v) for v in value]
     return value
+
+
+# -- the whole plan --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    target: Target
+    data: DataPlan | None
+    rejected: list[str]  # the trainer's messages for the first bad rows (the run would stop at the first)
+    rejected_count: int
+    schedule: Schedule | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+    memory: MemoryEstimate | None = None
+    fit: Fit | None = None
+    eta: Eta | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected_count == 0
+
+
+REJECTED_SHOWN = 5
+
+
+def make_plan(
+    cfg: TrainerConfig,
+    train_rows: list[data_mod.Row],
+    eval_rows: list[data_mod.Row],
+    tokenizer: Any,
+    model_config: Any,
+    target: Target,
+    world_size: int = 1,
+) -> Plan:
+    """Everything `kubetune plan` reports. Bad rows give a plan with `rejected` set and nothing else."""
+    from kubetune_trainer.errors import InvalidInput
+
+    try:
+        data, _ = plan_data(cfg, train_rows, eval_rows, tokenizer)
+    except InvalidInput as exc:
+        if exc.error.line is None:  # not a row's fault (empty data, no chat template, maxLength): as it is
+            return Plan(target, None, [exc.error.message], 1)
+        shown, count = rejected_rows([*train_rows, *eval_rows], cfg, tokenizer, REJECTED_SHOWN)
+        return Plan(target, None, shown or [exc.error.message], max(count, 1))
+    run = schedule(cfg, data.sequences, world_size, has_eval=bool(eval_rows))
+    shape = model_shape(model_config)
+    estimate = estimate_memory(cfg, shape, target, cfg.training.batch_size, data.longest_sequence, world_size)
+    return Plan(
+        target,
+        data,
+        [],
+        0,
+        run,
+        {"total": shape.total_params, "trainable": trainable_parameters(cfg, shape)},
+        estimate,
+        fit(cfg, shape, target, estimate, world_size),
+        eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
+    )
