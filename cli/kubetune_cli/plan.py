@@ -48,13 +48,6 @@ def gib(value: float) -> str:
     return f"{value / 1024**2:.1f} MiB"
 
 
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def render_example(segments: list[dict[str, Any]], color: bool) -> str:
     """The example with its trained tokens marked: green on a terminal, else between [[ and ]]."""
     out = []
@@ -68,6 +61,7 @@ def render_example(segments: list[dict[str, Any]], color: bool) -> str:
 
 
 def print_table(plan: Any, out: IO[str], color: bool) -> None:
+    from kubetune_trainer.callbacks import format_seconds
     from kubetune_trainer.plan import as_json
 
     d, run, memory = plan.data, plan.schedule, plan.memory
@@ -118,7 +112,7 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
             ("compute", f"{e.flops_per_token / 1e9:.3g} GFLOP/token x {e.tokens:,} tokens"),
             (
                 "ETA",
-                f"{duration(e.seconds[0])} to {duration(e.seconds[1])} "
+                f"{format_seconds(e.seconds[0])} to {format_seconds(e.seconds[1])} "
                 f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's bf16 peak)",
             ),
         ]
