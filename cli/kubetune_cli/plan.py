@@ -92,9 +92,8 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
         ("evaluations", str(run.evaluations)),
         ("checkpoints", f"{run.checkpoints_written} written, newest {run.checkpoints_kept} kept"),
     ]
-    section(
-        f"memory per GPU ({memory.precision}, gradient checkpointing {'on' if memory.gradient_checkpointing else 'off'}, {memory.optimizer})"
-    )
+    checkpointing = "on" if memory.gradient_checkpointing else "off"
+    section(f"memory per GPU ({memory.precision}, gradient checkpointing {checkpointing}, {memory.optimizer})")
     rows.append(("parameters", f"{plan.parameters['total']:,} ({plan.parameters['trainable']:,} trainable)"))
     batch, tokens = memory.batch_shape
     for name, value in memory.parts.items():
