@@ -213,3 +213,27 @@ def test_bad_options_name_what_is_valid(tmp_path: Path, plan_model: Path) -> Non
     assert code == 1 and "H100-80GB" in err
     code, _, err = plan_command(str(job), "--gpu-memory", "lots")
     assert code == 1 and "24Gi" in err
+
+
+def test_plan_reads_s3_and_never_downloads_the_weights(
+    tmp_path: Path, tiny_model_s3: str, s3_moto: Any, s3_bucket_name: str, s3_credentials: Any, monkeypatch: Any
+) -> None:
+    from kubetune_trainer.storage import Storage
+
+    s3_credentials(s3_moto)
+    client = s3_moto.client()
+    client.upload_file(str(DATA / "support-instructions.jsonl"), s3_bucket_name, "data/train.jsonl")
+    fetched: list[str] = []
+    download = Storage.download
+    monkeypatch.setattr(Storage, "download", lambda self, uri, to: fetched.append(uri) or download(self, uri, to))
+    job = write_job(tmp_path / "job.yaml", Path("/unused"), f"s3://{s3_bucket_name}/data/train.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["model"]["source"] = tiny_model_s3 + "/"
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "T4-16GB", "--s3-endpoint", s3_moto.url, "-o", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["data"]["train_rows"] + document["data"]["eval_rows"] == 300
+    assert document["memory"]["precision"] == "fp16"  # a T4 has no bf16: the trainer's choice there
+    assert any(uri.endswith("config.json") for uri in fetched) and any("tokenizer" in uri for uri in fetched)
+    assert not [uri for uri in fetched if uri.endswith(".safetensors")], fetched
