@@ -37,19 +37,23 @@ QUALIFIED_NAME = (
 IMMUTABLE_SECTIONS = ("model", "dataset", "method", "training", "evaluation", "output", "storage", "resources", "image")
 
 
-class SecretKeyRef(ApiModel):
-    """A key in a Secret in the FineTuneJob's namespace."""
+class SecretRef(ApiModel):
+    """A Secret in the FineTuneJob's namespace."""
 
     name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+
+
+class SecretKeyRef(SecretRef):
+    """A key in a Secret in the FineTuneJob's namespace."""
+
     key: str = Field(
         default="token", min_length=1, max_length=253, description="Key in the Secret that holds the value."
     )
 
 
-class S3CredentialsRef(ApiModel):
+class S3CredentialsRef(SecretRef):
     """A Secret holding S3 credentials; they reach the trainer as environment variables, never in config."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
     access_key_id_key: str = Field(
         default="AWS_ACCESS_KEY_ID",
         min_length=1,
@@ -92,12 +96,6 @@ class FineTuneStorageSpec(StorageSpec):
         default=None,
         description="Secret with the S3 credentials. Absent: the pod's own identity (IRSA, instance role).",
     )
-
-
-class SecretRef(ApiModel):
-    """A Secret in the FineTuneJob's namespace."""
-
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
 
 
 class FineTuneMlflowSpec(MlflowSpec):
