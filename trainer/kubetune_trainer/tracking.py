@@ -239,7 +239,9 @@ class Trackers:
         if is_main and cfg.tracking.mlflow is not None:
             trackers.append(MlflowTracker())
         if is_main and cfg.tracking.wandb is not None:
-            trackers.append(WandbTracker(workdir / "output", cfg.output.destination))
+            # Offline, the run directory goes up with the artifacts (output/ is uploaded to the destination).
+            where = workdir / ("output" if cfg.tracking.wandb.mode == "offline" else "wandb")
+            trackers.append(WandbTracker(where, cfg.output.destination))
         self = cls(trackers, telemetry)
         run_name = os.environ.get(RUN_NAME_ENV) or "kubetune"
         for tracker in trackers:
