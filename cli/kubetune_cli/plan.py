@@ -151,7 +151,26 @@ def run_plan(
 
     from kubetune_trainer import plan as plan_mod
 
-    logging.getLogger("kubetune_trainer").setLevel(logging.ERROR)  # the table says what its warnings would
+    trainer_log = logging.getLogger("kubetune_trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(logging.ERROR)  # the table says what the data's warnings would
+    try:
+        return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
+    finally:
+        trainer_log.setLevel(level)
+
+
+def _plan(
+    path: Path,
+    job: Any,
+    config: Any,
+    plan_mod: Any,
+    *,
+    gpu: str | None,
+    gpu_memory: str | None,
+    output: str,
+    out: IO[str],
+) -> int:
     try:
         target = plan_target(job, plan_mod, gpu, gpu_memory)
     except plan_mod.PlanError as error:
@@ -180,11 +199,12 @@ def run_plan(
             return failure.exit_code
     if not plan.ok:
         for message in plan.rejected:
-            print(f"InvalidDataset: {message}", file=sys.stderr)
+            print(f"invalid input: {message}", file=sys.stderr)
         more = plan.rejected_count - len(plan.rejected)
         if more > 0:
             print(f"... and {more} more rejected rows", file=sys.stderr)
-        print(f"{plan.rejected_count} rows rejected: the trainer would stop at the first (exit 2)", file=sys.stderr)
+        if plan.rejected_count > 1:
+            print(f"{plan.rejected_count} rows rejected: the trainer stops at the first (exit 2)", file=sys.stderr)
     if output == "json":
         document = plan_mod.as_json(plan)
         document["file"] = str(path)

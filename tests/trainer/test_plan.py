@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,10 @@ def plan_command(*args: str) -> tuple[int, str, str]:
     from kubetune_cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
+    level = logging.getLogger("kubetune_trainer").level
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["plan", *args])
+    assert logging.getLogger("kubetune_trainer").level == level  # quietened for the command only
     return code, out.getvalue(), err.getvalue()
 
 
@@ -205,6 +208,16 @@ def test_bad_rows_exit_2_with_the_trainers_messages(tmp_path: Path, plan_model: 
     trainer = run_in_process(base_config(str(plan_model), str(train), str(tmp_path / "t-out")), tmp_path)
     assert trainer.code == InvalidInput.exit_code
     assert trainer.termination["error"]["message"] in err  # the first rejection, word for word
+
+
+def test_an_unknown_target_module_is_refused_as_the_trainer_refuses_it(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["method"] = {"type": "lora", "lora": {"targetModules": ["q_proj", "query_key_value"]}}
+    job.write_text(yaml.safe_dump(spec))
+    code, _, err = plan_command(str(job))
+    assert code == 2
+    assert "method.lora.targetModules ['query_key_value'] not in the model" in err and "q_proj" in err
 
 
 def test_bad_options_name_what_is_valid(tmp_path: Path, plan_model: Path) -> None:

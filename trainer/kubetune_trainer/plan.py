@@ -272,12 +272,15 @@ class ModelShape:
         return sum(i * o for _, i, o in self.linear)
 
 
-def model_shape(model_config: Any) -> ModelShape:
+def model_shape(model_config: Any, cfg: TrainerConfig | None = None) -> ModelShape:
+    """With `cfg`, its LoRA target modules are checked against the model as the trainer checks them."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
+    if cfg is not None:
+        model_mod.lora_config(cfg.method, model)  # InvalidInput for a target module the model lacks
     head = model.get_output_embeddings()
     linear = [
         (name.rsplit(".", 1)[-1], m.in_features, m.out_features)
@@ -346,20 +349,20 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
-def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
-    lora = cfg.method.effective_lora()
-    if lora is None:
-        return shape.total_params
-    targets = None if "all-linear" in lora.target_modules else set(lora.target_modules)
-    return sum(lora.r * (i + o) for name, i, o in shape.linear if targets is None or name in targets)
-
-
 def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int, int]]:
+    """The linear layers that get adapters (all-linear: every one but the head, as PEFT does)."""
     lora = cfg.method.effective_lora()
     if lora is None:
         return []
     targets = None if "all-linear" in lora.target_modules else set(lora.target_modules)
     return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
+
+
+def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
+    lora = cfg.method.effective_lora()
+    if lora is None:
+        return shape.total_params
+    return sum(lora.r * (i + o) for _, i, o in _lora_modules(cfg, shape))
 
 
 def weight_bytes(cfg: TrainerConfig, shape: ModelShape, precision: str) -> int:
@@ -569,7 +572,10 @@ def make_plan(
         shown, count = rejected_rows([*train_rows, *eval_rows], cfg, tokenizer, REJECTED_SHOWN)
         return Plan(target, None, shown or [exc.error.message], max(count, 1))
     run = schedule(cfg, data.sequences, world_size, has_eval=bool(eval_rows))
-    shape = model_shape(model_config)
+    try:
+        shape = model_shape(model_config, cfg)
+    except InvalidInput as exc:
+        return Plan(target, data, [exc.error.message], 1)
     estimate = estimate_memory(cfg, shape, target, cfg.training.batch_size, data.longest_sequence, world_size)
     return Plan(
         target,
