@@ -22,7 +22,7 @@ from tests.trainer.conftest import DATA, LIBRARY_WARNINGS, base_config, slice_js
 
 pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
 
-# The estimate is within this fraction of the measured peak (measured: 0.93-1.09 over the cases below).
+# The estimate is within this fraction of the measured peak (measured: -7.0% to -0.5% over the cases below).
 TOLERANCE = 0.15
 
 
@@ -82,7 +82,7 @@ def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path
     method, training = CASES[case]
     if method["type"] != "full":
         method.setdefault("lora", {"r": 16, "alpha": 32, "dropout": 0.0})
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 24)
     cfg = TrainerConfig.model_validate(
         base_config(
             str(plan_model),
