@@ -9,7 +9,7 @@ as in the CPU bench (`bench/trainer/workload.py`). Steps:
 2. kubetune's trainer with its defaults (QLoRA nf4 + double quant, bf16, LoRA r 16 all-linear,
    gradient checkpointing, paged 8-bit AdamW) on sequences packed to 2048, for a fixed number of steps:
    real tokens/s, model FLOPs utilization (6 x parameters per token over the GPU's dense bf16 peak),
-   peak GPU memory (torch.cuda.max_memory_allocated).
+   peak GPU memory (torch.cuda.max_memory_allocated), beside `kubetune plan`'s estimate of it.
 3. The seed recipe (8-bit, r 8 on q/v, padded to 512) on the same GPU and data: real tokens/s, and the ratio.
 Also a 2-process all-reduce through torchrun (NCCL on a machine with two GPUs, gloo on the CPU), the collective
 multi-node runs depend on; a one-GPU machine records why NCCL was not run.
@@ -147,6 +147,38 @@ def distributed_check(cuda: bool, work: Path) -> dict[str, Any]:
     return result
 
 
+def planned_memory(run: dict[str, Any], model_dir: Path, device: str, cuda: bool) -> dict[str, Any]:
+    """`kubetune plan`'s estimate of the run's peak GPU memory, beside the peak it measured
+    (torch.cuda.max_memory_allocated): the estimate's error on a real GPU."""
+    from transformers import AutoConfig
+
+    from kubetune_trainer import plan
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.data import train_eval_rows
+    from kubetune_trainer.model import load_tokenizer
+    from kubetune_trainer.storage import Storage
+
+    cfg = TrainerConfig.model_validate(run["config"])
+    rows = train_eval_rows(Storage(cfg.storage), cfg.dataset, cfg.training.seed, model_dir.parent)
+    target = plan.Target(
+        cuda=cuda, memory_bytes=None, gpu=next((g for g in plan.GPUS.values() if g.name.split("-")[0] in device), None)
+    )
+    result = plan.make_plan(cfg, *rows, load_tokenizer(model_dir, False), AutoConfig.from_pretrained(model_dir), target)
+    assert result.memory is not None, result.rejected
+    estimate, measured = result.memory.peak_bytes, run.get("peak_gpu_memory_bytes")
+    return {
+        "estimated_peak_bytes": estimate,
+        "measured_peak_bytes": measured,
+        "error": round(estimate / measured - 1, 4) if measured else None,
+        "parts": result.memory.parts,
+        "precision": result.memory.precision,
+        "gradient_checkpointing": result.memory.gradient_checkpointing,
+        "optimizer": result.memory.optimizer,
+        "batch_shape": result.memory.batch_shape,
+        "planned_steps": result.schedule.total_steps if result.schedule else None,
+    }
+
+
 def reset_gpu() -> None:
     import torch
 
@@ -209,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     kubetune["real_tokens_per_second"] = kubetune["real_tokens"] / kubetune["train_seconds"]
     if peak:
         kubetune["mfu"] = kubetune["real_tokens_per_second"] * 6 * params["matmul"] / peak
+    kubetune["plan"] = planned_memory(kubetune, workload.model_dir, report["device"], cuda)
     report["kubetune"] = kubetune
     print("kubetune:", {k: kubetune.get(k) for k in ("real_tokens_per_second", "mfu", "peak_gpu_memory_bytes")})
+    print("plan:", kubetune["plan"], flush=True)
 
     # The seed recipe on the same GPU (8-bit, r 8 q/v, 512-padded), on fewer examples: it is slower.
     reset_gpu()

@@ -355,6 +355,11 @@ def _run_locked(
     notes = [f"{', '.join(ignored)} ignored"] if ignored else []
     if job.spec.storage.credentials_secret_ref:
         notes.append("S3 credentials come from the standard AWS environment, not the Secret")
+    tracking = job.spec.tracking
+    if (tracking.mlflow and tracking.mlflow.credentials_secret_ref) or (
+        tracking.wandb and tracking.wandb.api_key_secret_ref
+    ):
+        notes.append("tracker credentials come from MLFLOW_TRACKING_* and WANDB_API_KEY here, not the Secrets")
     if notes:
         print(f"note: running locally: {'; '.join(notes)}", file=out)
     code, status = execute(run, out)

@@ -47,6 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_file(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kubetune_cli.plan import run_plan
+
+    return run_plan(
+        args.file, gpu=args.gpu, gpu_memory=args.gpu_memory, output=args.output, s3_endpoint=args.s3_endpoint
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kubetune_cli.demo import run_demo
 
@@ -149,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="override training: stop after N optimizer steps")
     run.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
     run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser(
+        "plan",
+        help="what a FineTuneJob will do: data, steps, GPU memory, ETA (no weights loaded)",
+        description="Read a FineTuneJob's data through the trainer's own code and its model's config and tokenizer "
+        "(never the weights), and report the data (rows, rejections, token counts, truncation, packing, one "
+        "example with its label mask), the run (steps, warm-up, checkpoints), an estimate of peak GPU memory per "
+        "GPU with a verdict, and an ETA range. Exits 2 with the trainer's messages on input it would reject, "
+        "1 for an invalid file.",
+    )
+    plan.add_argument("file", type=Path, metavar="FILE")
+    plan.add_argument("--gpu", help="GPU by name, e.g. H100-80GB, A100-40GB, L4-24GB (memory and peak FLOPs)")
+    plan.add_argument("--gpu-memory", help="GPU memory, e.g. 24Gi (overrides --gpu's; no ETA without --gpu)")
+    plan.add_argument("-o", "--output", choices=["table", "json"], default="table", help="table (default) or json")
+    plan.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
+    plan.set_defaults(handler=cmd_plan)
 
     demo = commands.add_parser(
         "demo",

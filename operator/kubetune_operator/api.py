@@ -18,12 +18,15 @@ from kubetune_trainer.config import (
     INTEGER_MAX,
     QUANTITY,
     ApiModel,
+    MlflowSpec,
     ModelSpec,
     Rule,
     StorageSpec,
+    TrackingSpec,
     TrainerConfig,
+    WandbSpec,
 )
-from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result
+from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result, TrackingRun
 
 MAX_NAME_LENGTH = 63  # the Job is named after the FineTuneJob, and Job names end up in pod labels
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # RFC 1123 label: names and namespaces
@@ -34,19 +37,23 @@ QUALIFIED_NAME = (
 IMMUTABLE_SECTIONS = ("model", "dataset", "method", "training", "evaluation", "output", "storage", "resources", "image")
 
 
-class SecretKeyRef(ApiModel):
-    """A key in a Secret in the FineTuneJob's namespace."""
+class SecretRef(ApiModel):
+    """A Secret in the FineTuneJob's namespace."""
 
     name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
+
+
+class SecretKeyRef(SecretRef):
+    """A key in a Secret in the FineTuneJob's namespace."""
+
     key: str = Field(
         default="token", min_length=1, max_length=253, description="Key in the Secret that holds the value."
     )
 
 
-class S3CredentialsRef(ApiModel):
+class S3CredentialsRef(SecretRef):
     """A Secret holding S3 credentials; they reach the trainer as environment variables, never in config."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
     access_key_id_key: str = Field(
         default="AWS_ACCESS_KEY_ID",
         min_length=1,
@@ -91,8 +98,48 @@ class FineTuneStorageSpec(StorageSpec):
     )
 
 
+class FineTuneMlflowSpec(MlflowSpec):
+    """An MLflow tracking server the run reports to (transformers' MLflowCallback)."""
+
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret whose keys MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth) or "
+        "MLFLOW_TRACKING_TOKEN (bearer token) reach the trainer as those environment variables; each key is "
+        "optional. Absent: no credentials.",
+    )
+
+
+class FineTuneWandbSpec(WandbSpec):
+    """A Weights & Biases project the run reports to (transformers' WandbCallback)."""
+
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the W&B API key (WANDB_API_KEY). Needed with mode online."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.mode == 'offline' || has(self.apiKeySecretRef)",
+            "tracking.wandb.apiKeySecretRef is required with mode online (or set mode offline)",
+            lambda w: w.mode == "offline" or w.api_key_secret_ref is not None,
+            ".apiKeySecretRef",
+        ),
+    )
+
+
+class FineTuneTrackingSpec(TrackingSpec):
+    """Experiment trackers that receive the run's config, per-step metrics, final result and model card.
+    Off when absent. A tracker that cannot be reached never fails the run: status.tracking says so."""
+
+    mlflow: FineTuneMlflowSpec | None = Field(default=None, description="Report to an MLflow tracking server.")
+    wandb: FineTuneWandbSpec | None = Field(default=None, description="Report to Weights & Biases.")
+
+
 # What the FineTuneJob adds inside the trainer's own sections: Kubernetes-only, never in config.json.
-KUBERNETES_ONLY_FIELDS: dict[str, set[str]] = {"model": {"token_secret_ref"}, "storage": {"credentials_secret_ref"}}
+KUBERNETES_ONLY_FIELDS: dict[str, Any] = {
+    "model": {"token_secret_ref"},
+    "storage": {"credentials_secret_ref"},
+    "tracking": {"mlflow": {"credentials_secret_ref"}, "wandb": {"api_key_secret_ref"}},
+}
 
 
 class Resources(ApiModel):
@@ -188,6 +235,9 @@ class FineTuneJobSpec(TrainerConfig):
     storage: FineTuneStorageSpec = Field(
         default_factory=FineTuneStorageSpec, description="S3 endpoint, region and credentials."
     )
+    tracking: FineTuneTrackingSpec = Field(
+        default_factory=FineTuneTrackingSpec, description="MLflow and W&B; off by default."
+    )
     resources: Resources = Field(default_factory=Resources, description="GPUs, CPU, memory and nodes.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, Kueue.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadlines, clean-up.")
@@ -248,6 +298,9 @@ class FineTuneJobStatus(ApiModel):
     checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint.")
     result: Result | None = Field(default=None, description="Final numbers of a succeeded run.")
     artifacts: Artifacts | None = Field(default=None, description="Where the outputs are.")
+    tracking: list[TrackingRun] | None = Field(
+        default=None, description="The run in each experiment tracker (spec.tracking): id and URL, or why it failed."
+    )
     reason: str | None = Field(default=None, description="Cause of the current phase, e.g. InvalidInput.")
     message: str | None = Field(default=None, description="Human-readable explanation of the phase.")
 

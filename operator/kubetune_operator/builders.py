@@ -170,6 +170,23 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     token = job.spec.model.token_secret_ref
     if token is not None:
         env.append(_secret_env("HF_TOKEN", token.name, token.key))
+    return env + _tracking_env(job)
+
+
+MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def _tracking_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """The trackers' credentials, from Secret references only (config.json holds where, never who)."""
+    env: list[dict[str, Any]] = []
+    mlflow, wandb = job.spec.tracking.mlflow, job.spec.tracking.wandb
+    if mlflow is not None and mlflow.credentials_secret_ref is not None:
+        for key in MLFLOW_CREDENTIAL_KEYS:  # basic auth or a token: whichever keys the Secret holds
+            entry = _secret_env(key, mlflow.credentials_secret_ref.name, key)
+            entry["valueFrom"]["secretKeyRef"]["optional"] = True
+            env.append(entry)
+    if wandb is not None and wandb.api_key_secret_ref is not None:
+        env.append(_secret_env("WANDB_API_KEY", wandb.api_key_secret_ref.name, wandb.api_key_secret_ref.key))
     return env
 
 

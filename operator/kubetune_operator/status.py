@@ -87,11 +87,17 @@ class Ending(Outcome):
     result: dict[str, Any] | None = None
     artifacts: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None
+    tracking: list[dict[str, Any]] | None = None
 
     def status(self) -> dict[str, Any]:
         """The status fields this ending sets."""
         fields = {"phase": self.phase, "reason": self.reason, "message": self.message}
-        extra = {"result": self.result, "artifacts": self.artifacts, "checkpoint": self.checkpoint}
+        extra = {
+            "result": self.result,
+            "artifacts": self.artifacts,
+            "checkpoint": self.checkpoint,
+            "tracking": self.tracking,
+        }
         return {**fields, **{key: copy.deepcopy(value) for key, value in extra.items() if value is not None}}
 
 
@@ -115,6 +121,7 @@ def trainer_ending(message: TerminationMessage | None, exit_code: int | None, lo
         "result": message.result.wire() if message is not None and message.result is not None else None,
         "artifacts": message.artifacts.wire() if message is not None and message.artifacts is not None else None,
         "checkpoint": message.checkpoint.wire() if message is not None and message.checkpoint is not None else None,
+        "tracking": [run.wire() for run in message.tracking] if message is not None and message.tracking else None,
     }
     error = message.error if message is not None else None
     tail = log_tail.strip().splitlines()
@@ -458,8 +465,11 @@ def compute_status(
     checkpoint = _newest_checkpoint(pods, previous)
     if checkpoint:
         status["checkpoint"] = checkpoint
+    ending = pod_ending(outcome.terminal_pod) if outcome.terminal_pod is not None else None
+    tracking = (ending.tracking if ending is not None else None) or previous.get("tracking")
+    if tracking:  # the trackers' runs: from the ending trainer, else as last reported
+        status["tracking"] = copy.deepcopy(tracking)
     if outcome.phase == "Succeeded":
-        ending = pod_ending(outcome.terminal_pod) if outcome.terminal_pod is not None else None
         if ending is not None and ending.result is not None:
             status["result"] = ending.result
         if ending is not None and ending.artifacts is not None:

@@ -27,6 +27,10 @@ def test_dry_run_writes_the_report(tmp_path):
     assert distributed["ok"] is True and distributed["backend"] == "gloo" and distributed["world_size"] == 2
     assert report["kubetune"]["optimizer_steps"] == 2 and report["kubetune"]["real_tokens"] > 0
     assert report["seed"]["real_tokens"] > 0 and report["ratio_kubetune_vs_seed"] > 0
+    # `kubetune plan`'s estimate of the run's memory is recorded (on a GPU, beside the measured peak).
+    planned = report["kubetune"]["plan"]
+    assert planned["estimated_peak_bytes"] > 0 and planned["planned_steps"] == 2
+    assert planned["measured_peak_bytes"] is None and planned["error"] is None  # the CPU has no GPU peak
 
 
 def test_peak_table_matches_device_names():

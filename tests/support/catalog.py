@@ -132,10 +132,35 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "targetModules",
     ),
     ("max-steps-beyond-int64", with_changes(("spec.training", {"maxSteps": 10**32})), "spec.training.maxSteps"),
+    (
+        "wandb-online-without-api-key",
+        with_changes(("spec.tracking", {"wandb": {"project": "support"}})),
+        "tracking.wandb.apiKeySecretRef is required with mode online",
+    ),
+    (
+        "mlflow-uri-not-http",
+        with_changes(("spec.tracking", {"mlflow": {"trackingUri": "mlflow.mlflow:5000"}})),
+        "spec.tracking.mlflow.trackingUri",
+    ),
+    ("mlflow-without-uri", with_changes(("spec.tracking", {"mlflow": {"experiment": "x"}})), "trackingUri"),
+    ("wandb-bad-mode", with_changes(("spec.tracking", {"wandb": {"project": "p", "mode": "cloud"}})), "mode"),
 ]
 
 GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("defaults-only", BASE),
+    (
+        "tracking-both",
+        with_changes(
+            (
+                "spec.tracking",
+                {
+                    "mlflow": {"trackingUri": "http://mlflow.mlflow:5000", "credentialsSecretRef": {"name": "mlflow"}},
+                    "wandb": {"project": "support", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}},
+                },
+            )
+        ),
+    ),
+    ("tracking-wandb-offline-no-key", with_changes(("spec.tracking", {"wandb": {"project": "p", "mode": "offline"}}))),
     ("eval-split-zero", with_changes(("spec.dataset.evalSplit", 0))),
     ("eval-split-just-below-half", with_changes(("spec.dataset.evalSplit", 0.4999))),
     ("max-steps-only", with_changes(("spec.training", {"maxSteps": 1}))),

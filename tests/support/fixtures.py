@@ -9,6 +9,7 @@
   servers live for the whole session, so tests keep apart by bucket, never by server.
 - `tiny_model_dir`: a tiny Llama and its tokenizer written once per session (read-only by convention).
 - `tiny_model_s3`: that model uploaded to a fresh bucket on moto; the `s3://bucket/prefix` URI.
+- `mlflow_tracking`: the session's MLflow tracking server (`MlflowServer`), started on first use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.s3 import S3Endpoint, bucket_name_for, moto_server, seaweedfs_server
+from tests.support.trackers import MlflowServer, mlflow_server
 
 
 class SeaweedfsService:
@@ -93,3 +95,10 @@ def tiny_model_s3(tiny_model_dir: Path, s3_moto: S3Endpoint, s3_bucket_name: str
     s3_moto.make_bucket(s3_bucket_name)
     s3_moto.upload_dir(tiny_model_dir, s3_bucket_name, prefix)
     return f"s3://{s3_bucket_name}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The session's MLflow tracking server on loopback (SQLite store, temporary artifact root)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

@@ -29,7 +29,16 @@ from tests.objects import finetunejob
 
 SETTINGS = Settings(trainer_image="registry.example/kubetune/trainer:test")
 KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
-SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
+SECRET_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
+)
 
 CASES: dict[str, dict[str, Any]] = {
     "minimal": {},
@@ -63,6 +72,10 @@ CASES: dict[str, dict[str, Any]] = {
         },
         "serviceAccountName": "s3-reader",
         "image": "registry.example/custom-trainer:2",
+        "tracking": {
+            "mlflow": {"trackingUri": "https://mlflow.example", "credentialsSecretRef": {"name": "mlflow-auth"}},
+            "wandb": {"project": "support", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}},
+        },
     },
 }
 
@@ -171,6 +184,8 @@ def test_rendered_config_json_holds_no_secret_reference() -> None:
     text = configmap["data"]["config.json"]
     assert not [key for key in keys_of(json.loads(text)) if key.endswith("SecretRef")]
     assert "s3-credentials" not in text and "hf-token" not in text
+    assert "mlflow-auth" not in text and '"wandb"' in text and "api-key" not in text  # where, never who
+    assert json.loads(text)["tracking"]["mlflow"] == {"trackingUri": "https://mlflow.example", "experiment": "kubetune"}
     # The spec still accepts and keeps them: the CRD shape users write is unchanged.
     spec = finetunejob(spec=CASES["secrets"]).spec
     assert spec.storage.credentials_secret_ref is not None and spec.model.token_secret_ref is not None
@@ -431,3 +446,13 @@ def test_a_suspended_queued_run_deactivates_its_kueue_workload_and_only_reactiva
     assert workload_activation_patch(suspended, ours) is None  # already so
     assert workload_activation_patch(running, active) is None
     assert workload_activation_patch(finetunejob(spec={"runPolicy": {"suspend": True}}), active) is None  # no queue
+
+
+def test_tracker_credentials_come_from_their_secrets_only() -> None:
+    _, job = built("secrets")
+    variables = env(job)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        # Basic auth or a token: the Secret holds one or the other, so each key is optional.
+        assert variables[key] == {"secretKeyRef": {"name": "mlflow-auth", "key": key, "optional": True}}
+    assert variables["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+    assert not {"MLFLOW_TRACKING_URI", "WANDB_PROJECT"} & set(variables)  # the rest is config.json's

@@ -17,7 +17,7 @@ from kubetune_operator.status import (
     phase_event,
     status_patch,
 )
-from kubetune_trainer.contract import Artifacts, CheckpointRef, Result, TerminationMessage, TrainerError
+from kubetune_trainer.contract import Artifacts, CheckpointRef, Result, TerminationMessage, TrackingRun, TrainerError
 from tests.objects import finetunejob
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -361,3 +361,18 @@ def test_multi_node_invalid_input_on_any_node_is_the_cause_and_names_the_node() 
     status = compute_status(finetunejob(spec=MULTI_NODE), observed, pods, {}, NOW)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidInput")
     assert status["message"].startswith("node 1 (pod support-bot-1-abcde): InvalidDataset: dataset.fields.prompt")
+
+
+def test_tracking_runs_reach_the_status_and_outlive_the_job() -> None:
+    tracking = [
+        TrackingRun(
+            backend="mlflow", state="finished", run_id="abc", url="https://mlflow.example/#/experiments/1/runs/abc"
+        ),
+        TrackingRun(backend="wandb", state="failed", message="cannot start a run in wandb: CommError: 401"),
+    ]
+    message = TerminationMessage(outcome="succeeded", exit_code=0, tracking=tracking).encode()
+    observed = job(("Complete", "CompletionsReached", ""), succeeded=1)
+    status = compute_status(finetunejob(), observed, [terminated_pod(0, message)], {}, NOW)
+    assert status["phase"] == "Succeeded"  # a tracker that failed never fails the run
+    assert status["tracking"] == [run.wire() for run in tracking]
+    assert compute_status(finetunejob(), None, [], status, LATER)["tracking"] == status["tracking"]

@@ -232,21 +232,21 @@ def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: 
         outcome = train.run(cfg, workdir, telemetry=telemetry, stop=stop)
     except Preempted:
         telemetry.set_stage("done")
-        write_termination(termination, TerminationMessage(outcome="preempted", exit_code=EXIT_PREEMPTED))
+        write_termination(termination, _message(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED))
         return EXIT_PREEMPTED
     except TrainerFailure as exc:
         telemetry.set_stage("failed")
         log.error("%s: %s", exc.error.reason, exc.error.message)
         outcome_name = "invalid" if exc.exit_code == EXIT_INVALID_INPUT else "failed"
         write_termination(
-            termination, TerminationMessage(outcome=outcome_name, exit_code=exc.exit_code, error=exc.error)
+            termination, _message(telemetry, outcome=outcome_name, exit_code=exc.exit_code, error=exc.error)
         )
         return exc.exit_code
     except Exception as exc:
         telemetry.set_stage("failed")
         log.exception("training failed")
         error = TrainerError(reason=type(exc).__name__, message=str(exc)[:2000] or type(exc).__name__)
-        write_termination(termination, TerminationMessage(outcome="failed", exit_code=EXIT_FAILED, error=error))
+        write_termination(termination, _message(telemetry, outcome="failed", exit_code=EXIT_FAILED, error=error))
         return EXIT_FAILED
     finally:
         stop.finish()
@@ -258,15 +258,20 @@ def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: 
         log.warning("preempted; resume from %s", outcome.checkpoint.uri if outcome.checkpoint else "nothing")
         write_termination(
             termination,
-            TerminationMessage(outcome="preempted", exit_code=EXIT_PREEMPTED, checkpoint=outcome.checkpoint),
+            _message(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED, checkpoint=outcome.checkpoint),
         )
         return EXIT_PREEMPTED
     telemetry.set_stage("done")
     write_termination(
         termination,
-        TerminationMessage(outcome="succeeded", exit_code=EXIT_OK, result=outcome.result, artifacts=outcome.artifacts),
+        _message(telemetry, outcome="succeeded", exit_code=EXIT_OK, result=outcome.result, artifacts=outcome.artifacts),
     )
     return EXIT_OK
+
+
+def _message(telemetry: Any, **fields: Any) -> TerminationMessage:
+    """A termination message with the trackers' runs as they stand (status.tracking)."""
+    return TerminationMessage(**fields, tracking=telemetry.progress().tracking)
 
 
 if __name__ == "__main__":

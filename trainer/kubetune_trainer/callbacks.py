@@ -210,6 +210,7 @@ class ProgressReport(EvalLossCallback):
         )
         if grad_norm is not None:
             telemetry.child(telemetry.grad_norm).set(grad_norm)
+        logs["tokens_per_second"] = round(tok_rate, 1)  # for the trackers' callbacks, which come after this one
         if self.dist.is_main:
             log.info(
                 "train step %d/%d loss %.4f lr %.3g grad_norm %s tok/s %.0f eta %s epoch %.2f",

@@ -405,10 +405,54 @@ class StorageSpec(ApiModel):
     region: str = Field(default="us-east-1", min_length=1, max_length=64, description="S3 region.")
 
 
+class MlflowSpec(ApiModel):
+    """An MLflow tracking server the run reports to (transformers' MLflowCallback)."""
+
+    tracking_uri: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^(https?://\S+|databricks(://\S+)?)$",
+        description="MLflow tracking server, e.g. http://mlflow.mlflow:5000 (or databricks).",
+    )
+    experiment: str = Field(
+        default="kubetune",
+        min_length=1,
+        max_length=500,
+        description="Experiment the run is logged under; created when missing.",
+    )
+    run_name: str | None = Field(
+        default=None, min_length=1, max_length=250, description="Name of the MLflow run. Default: the job's name."
+    )
+
+
+class WandbSpec(ApiModel):
+    """A Weights & Biases project the run reports to (transformers' WandbCallback)."""
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project.")
+    entity: str | None = Field(default=None, min_length=1, max_length=128, description="W&B team or user.")
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="online: send to W&B as the run goes; offline: write the run directory only (uploaded to "
+        "<destination>/wandb/, to push later with `wandb sync`).",
+    )
+    run_name: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Name of the W&B run. Default: the job's name."
+    )
+
+
+class TrackingSpec(ApiModel):
+    """Experiment trackers that receive the run's config, per-step metrics, final result and model card.
+    Off when absent. A tracker that cannot be reached never fails the run: status.tracking says so."""
+
+    mlflow: MlflowSpec | None = Field(default=None, description="Report to an MLflow tracking server.")
+    wandb: WandbSpec | None = Field(default=None, description="Report to Weights & Biases.")
+
+
 class TrainerConfig(ApiModel):
     """The training part of a FineTuneJob: everything the trainer reads, and nothing secret.
 
-    Secret references (model.tokenSecretRef, storage.credentialsSecretRef) are the FineTuneJob's: the
+    Secret references (model.tokenSecretRef, storage.credentialsSecretRef, the trackers' credentials) are the
+    FineTuneJob's: the
     operator turns them into env from Secrets, and the trainer reads the standard variables."""
 
     model: ModelSpec = Field(description="The base model.")
@@ -418,6 +462,7 @@ class TrainerConfig(ApiModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Sample generations.")
     output: OutputSpec = Field(description="Where checkpoints and artifacts are written.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow and W&B; off by default.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -190,6 +190,22 @@ class ContractModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+class TrackingRun(ContractModel):
+    """The run in one experiment tracker (spec.tracking): where to look, or why it is not there."""
+
+    backend: Literal["mlflow", "wandb"] = Field(description="mlflow or wandb.")
+    state: Literal["reporting", "finished", "failed"] = Field(
+        description="reporting while the run goes; finished once the final result is logged; failed when the "
+        "tracker could not be reached (training goes on without it)."
+    )
+    run_id: str | None = Field(default=None, description="The tracker's run id.")
+    url: str | None = Field(default=None, description="The run's page (W&B offline: none).")
+    location: str | None = Field(
+        default=None, description="W&B offline: where the run directory is uploaded, for `wandb sync`."
+    )
+    message: str | None = Field(default=None, description="Why reporting failed.")
+
+
 class Progress(ContractModel):
     """Live progress of a run: what the trainer serves at /progress, mirrored into status.progress."""
 
@@ -209,6 +225,7 @@ class Progress(ContractModel):
     storage_retry: str | None = Field(
         default=None, description="A storage write being retried through an outage, and why; none once it went through."
     )
+    tracking: list[TrackingRun] | None = Field(default=None, description="The experiment-tracking runs.")
     updated_at: str | None = Field(default=None, description="When the trainer last updated this (RFC 3339).")
 
 
@@ -259,6 +276,7 @@ class TerminationMessage(ContractModel):
     artifacts: Artifacts | None = None
     checkpoint: CheckpointRef | None = None
     error: TrainerError | None = None
+    tracking: list[TrackingRun] | None = None
 
     def encode(self) -> str:
         """JSON under TERMINATION_MESSAGE_MAX_BYTES: the error message is shortened if needed."""

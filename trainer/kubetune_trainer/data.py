@@ -50,6 +50,9 @@ class TokenizedData:
     truncated: int = 0  # examples cut to maxLength
     dropped: int = 0  # examples with no trainable token left after truncation
     tokens: int = field(default=0)
+    lost_response_tokens: int = 0  # trained (labelled) tokens cut off by truncation
+    # (untrained, trained) tokens of every row before truncation, in row order: what `kubetune plan` reports
+    lengths: list[tuple[int, int]] = field(default_factory=list)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -152,6 +155,16 @@ def _object(name: str, number: int, value: Any) -> Row:
             line=number,
         )
     return Row(value, name, number)
+
+
+def train_eval_rows(storage: Storage, spec: DatasetSpec, seed: int, workdir: Path) -> tuple[list[Row], list[Row]]:
+    """The rows a run trains and evaluates on: dataset.eval, else a seeded evalSplit of dataset.train."""
+    train_rows = load_rows(storage, spec.train, workdir)
+    if spec.eval:
+        return train_rows, load_rows(storage, spec.eval, workdir)
+    if not train_rows:
+        return train_rows, []
+    return split_eval(train_rows, spec.eval_split, seed)
 
 
 def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -294,8 +307,11 @@ def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = 
     out = TokenizedData([])
     for row in rows:
         example = encode_row(row, spec, tokenizer)
+        trained = sum(label != IGNORE_INDEX for label in example.labels)
+        out.lengths.append((len(example.labels) - trained, trained))
         if len(example.input_ids) > spec.max_length:
             out.truncated += 1
+            out.lost_response_tokens += sum(label != IGNORE_INDEX for label in example.labels[spec.max_length :])
             example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length])
         if all(label == IGNORE_INDEX for label in example.labels):
             out.dropped += 1

@@ -44,21 +44,23 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def precision(spec: TrainingSpec) -> str:
-    """auto: bf16 on GPUs that support it, fp16 on other GPUs; bf16 on CPUs with native bf16, else fp32."""
+def precision(spec: TrainingSpec, *, cuda: bool | None = None, bf16_supported: bool | None = None) -> str:
+    """auto: bf16 on GPUs that support it, fp16 on other GPUs; bf16 on CPUs with native bf16, else fp32.
+    `cuda` and `bf16_supported` name another machine than this one (`kubetune plan` for a GPU)."""
     if spec.precision != "auto":
         return spec.precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if torch.cuda.is_available() if cuda is None else cuda:
+        supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        return "bf16" if supported else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def gradient_checkpointing(spec: TrainingSpec) -> bool:
+def gradient_checkpointing(spec: TrainingSpec, *, cuda: bool | None = None) -> bool:
     """Unset: on with CUDA (it trades ~1/3 more compute for much less GPU memory), off on CPU (RAM is
     rarely the limit there, and the recomputed forward pass measured ~25-50% of a step's time)."""
     if spec.gradient_checkpointing is not None:
         return spec.gradient_checkpointing
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() if cuda is None else cuda
 
 
 def bitsandbytes_problem() -> str | None:

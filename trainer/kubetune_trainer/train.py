@@ -74,12 +74,12 @@ def peak_rss_bytes() -> int:
 # -- factories -------------------------------------------------------------------------------------
 
 
-def optimizer_name(cfg: TrainerConfig) -> str:
+def optimizer_name(cfg: TrainerConfig, *, cuda: bool | None = None) -> str:
     import torch
 
     if cfg.training.optimizer != "auto":
         return cfg.training.optimizer
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         # QLoRA paper: paged optimizers absorb memory spikes on long sequences.
         return "paged_adamw_8bit" if cfg.method.type == "qlora" else "adamw_torch_fused"
     return "adamw_torch"
@@ -168,6 +168,7 @@ class Prepared:
     resume_dir: Path | None
     trainer: Any
     callbacks: Any  # callbacks.RunCallbacks (that module imports transformers)
+    trackers: Any = None  # tracking.Trackers: MLflow and W&B runs (spec.tracking)
 
 
 @dataclass
@@ -219,17 +220,6 @@ def _download_model(storage: Storage, source: str, target: Path) -> Path:
     return target
 
 
-def _rows(ctx: Context) -> tuple[list[data_mod.Row], list[data_mod.Row]]:
-    cfg = ctx.cfg
-    spec = cfg.dataset
-    train_rows = data_mod.load_rows(ctx.storage, spec.train, ctx.workdir)
-    if spec.eval:
-        return train_rows, data_mod.load_rows(ctx.storage, spec.eval, ctx.workdir)
-    if not train_rows:
-        return train_rows, []
-    return data_mod.split_eval(train_rows, spec.eval_split, cfg.training.seed)
-
-
 def finished_outcome(ctx: Context) -> Outcome | None:
     """The outcome of a run already finished at this destination, or None. Cheapest checks first, so a bad
     destination fails before any download."""
@@ -256,7 +246,7 @@ def setup(ctx: Context) -> Prepared:
             f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
             field="method.type",
         )
-    rows_train, rows_eval = _rows(ctx)
+    rows_train, rows_eval = data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
     args = training_arguments(cfg, ctx.workdir / "trainer", precision, has_eval=bool(rows_eval))
     model_dir = _local_model(ctx, args)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
@@ -301,6 +291,9 @@ def setup(ctx: Context) -> Prepared:
     from kubetune_trainer.callbacks import run_callbacks
 
     callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
+    from kubetune_trainer.tracking import Trackers
+
+    trackers = Trackers.start(cfg, ctx.telemetry, ctx.workdir, is_main=dist.is_main)
     trainer = Trainer(
         model=model,
         args=args,
@@ -308,7 +301,7 @@ def setup(ctx: Context) -> Prepared:
         eval_dataset=eval_features,
         data_collator=data_mod.Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks.in_order(),
+        callbacks=[*callbacks.in_order(), *trackers.callbacks],  # trackers last: they log what ProgressReport adds
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
     return Prepared(
@@ -322,6 +315,7 @@ def setup(ctx: Context) -> Prepared:
         resume_dir,
         trainer,
         callbacks,
+        trackers,
     )
 
 
@@ -430,8 +424,13 @@ def run(
     if finished is not None:
         return finished
     prepared = setup(ctx)
-    trained = train(ctx, prepared)
+    try:
+        trained = train(ctx, prepared)
+    except BaseException:
+        prepared.trackers.abort()
+        raise
     if prepared.callbacks.stop.preempted:
+        prepared.trackers.abort()
         checkpoint = prepared.callbacks.checkpoints.last_checkpoint
         return Outcome(
             "preempted",
@@ -519,6 +518,8 @@ def _write_artifacts(ctx: Context, prepared: Prepared, metrics: dict[str, Any], 
         artifacts.merged = join(destination, "merged") + "/"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(art.model_card(cfg, metrics))
+    # Before the upload: a W&B offline run directory (under out/wandb/) goes up with the artifacts.
+    prepared.trackers.finish(outcome.result, artifacts, [out / "metrics.json", out / "README.md"])
     telemetry.set_stage("uploading")
     storage.upload_dir(out, destination)
     outcome.artifacts = artifacts

@@ -1,0 +1,225 @@
+"""`kubetune plan FILE`: what a FineTuneJob will do, before it takes a GPU.
+
+It reads the job as `kubetune run` does (local paths, file://, s3:// with the standard AWS environment), fetches
+the model's config and tokenizer only (never the weights), reads the data through the trainer's own code, and
+prints the data, the run's schedule, the memory estimate against a GPU, and an ETA range
+(`kubetune_trainer.plan` computes them). Exit codes as `kubetune run`: 2 for input the trainer would reject
+(with the trainer's messages), 1 for an invalid file or option.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK
+
+EXIT_INVALID_FILE = 1
+# What a model directory holds besides weights: the config, the tokenizer, the chat template, code.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def fetch_model_files(storage: Any, source: str, target: Path) -> Path:
+    """A local directory with the model's config and tokenizer files, without downloading the weights."""
+    from kubetune_trainer.storage import join, parse_uri
+
+    loc = parse_uri(source)
+    if loc.scheme == "file":
+        return Path(loc.path)
+    if loc.scheme == "hf":
+        from huggingface_hub import snapshot_download
+
+        ignored = [f"*{suffix}" for suffix in WEIGHT_SUFFIXES]
+        return Path(snapshot_download(loc.path, revision=loc.revision, local_dir=target, ignore_patterns=ignored))
+    prefix = source if source.endswith("/") else source + "/"
+    for uri in storage.list(prefix):
+        if not uri.endswith(WEIGHT_SUFFIXES) and not uri.endswith("/"):
+            relative = uri[len(prefix) :]
+            storage.download(join(prefix, relative), (target / relative).parent)
+    return target
+
+
+def gib(value: float) -> str:
+    if value >= 1024**3:
+        return f"{value / 1024**3:.2f} GiB"
+    return f"{value / 1024**2:.1f} MiB"
+
+
+def render_example(segments: list[dict[str, Any]], color: bool) -> str:
+    """The example with its trained tokens marked: green on a terminal, else between [[ and ]]."""
+    out = []
+    for segment in segments:
+        text = segment["text"]
+        if segment["trained"]:
+            out.append(f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]")
+        else:
+            out.append(text)
+    return "".join(out)
+
+
+def print_table(plan: Any, out: IO[str], color: bool) -> None:
+    from kubetune_trainer.callbacks import format_seconds
+    from kubetune_trainer.plan import as_json
+
+    d, run, memory = plan.data, plan.schedule, plan.memory
+    rows: list[tuple[str, str] | str] = []  # a str is a section title
+
+    def section(title: str) -> None:
+        rows.append(title)
+
+    def spread(s: Any) -> str:
+        return f"min {s.min}  median {s.median:g}  p95 {s.p95:g}  max {s.max}"
+
+    section("data")
+    rows += [
+        ("rows", f"{d.train_rows} train, {d.eval_rows} eval"),
+        ("rejected", "0"),
+        ("examples trained on", f"{d.examples} ({d.dropped} dropped: truncated to no response token)"),
+        ("prompt tokens", spread(d.prompt_tokens)),
+        ("response tokens", spread(d.response_tokens)),
+        ("truncated at maxLength", f"{d.truncated} examples, {d.lost_response_tokens} response tokens lost"),
+        ("sequences per epoch", f"{d.sequences}{' (packed)' if d.packing else ''}, longest {d.longest_sequence}"),
+        ("packing efficiency", f"{d.packing_efficiency:.1%} ({d.real_tokens} real / {d.processed_tokens} processed)"),
+    ]
+    section("run")
+    rows += [
+        ("global batch", f"{run.global_batch} sequences ({run.world_size} GPU{'s' if run.world_size > 1 else ''})"),
+        ("steps", f"{run.total_steps} ({run.steps_per_epoch} per epoch, {run.epochs:g} epochs)"),
+        ("warm-up steps", str(run.warmup_steps)),
+        ("evaluations", str(run.evaluations)),
+        ("checkpoints", f"{run.checkpoints_written} written, newest {run.checkpoints_kept} kept"),
+    ]
+    checkpointing = "on" if memory.gradient_checkpointing else "off"
+    section(f"memory per GPU ({memory.precision}, gradient checkpointing {checkpointing}, {memory.optimizer})")
+    rows.append(("parameters", f"{plan.parameters['total']:,} ({plan.parameters['trainable']:,} trainable)"))
+    batch, tokens = memory.batch_shape
+    for name, value in memory.parts.items():
+        label = f"{name} ({batch} x {tokens} tokens)" if name == "activations" else name
+        rows.append((label, gib(value)))
+    rows.append(("peak allocated", gib(memory.peak_bytes)))
+    if plan.fit is not None:
+        gpu = plan.target.gpu.name if plan.target.gpu is not None else "GPU"
+        rows.append(("with CUDA context", f"{gib(plan.fit.needed_bytes)} of {gib(plan.fit.memory_bytes)} ({gpu})"))
+        rows.append(("verdict", plan.fit.verdict))
+    if plan.eta is not None:
+        e = plan.eta
+        section("time")
+        rows += [
+            ("compute", f"{e.flops_per_token / 1e9:.3g} GFLOP/token x {e.tokens:,} tokens"),
+            (
+                "ETA",
+                f"{format_seconds(e.seconds[0])} to {format_seconds(e.seconds[1])} "
+                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's bf16 peak)",
+            ),
+        ]
+    width = max(len(row[0]) for row in rows if isinstance(row, tuple))
+    for row in rows:
+        if isinstance(row, str):
+            print(f"\n{row}", file=out)
+        else:
+            print(f"  {row[0]:<{width}}  {row[1]}", file=out)
+    print("\none example (trained tokens " + ("in green" if color else "between [[ ]]") + "):", file=out)
+    print(render_example(as_json(d.example), color).rstrip("\n"), file=out)
+
+
+def run_plan(
+    path: Path,
+    *,
+    gpu: str | None,
+    gpu_memory: str | None,
+    output: str,
+    s3_endpoint: str | None,
+    out: IO[str] | None = None,
+) -> int:
+    from kubetune_cli.local import local_config
+    from kubetune_cli.manifests import load_finetunejob
+    from kubetune_operator.api import SpecError
+
+    out = out or sys.stdout
+
+    try:
+        job = load_finetunejob(path)
+        config = local_config(job, s3_endpoint=s3_endpoint)
+    except SpecError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID_FILE
+    import logging
+
+    from kubetune_trainer import plan as plan_mod
+
+    trainer_log = logging.getLogger("kubetune_trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(logging.ERROR)  # the table says what the data's warnings would
+    try:
+        return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
+    finally:
+        trainer_log.setLevel(level)
+
+
+def _plan(
+    path: Path,
+    job: Any,
+    config: Any,
+    plan_mod: Any,
+    *,
+    gpu: str | None,
+    gpu_memory: str | None,
+    output: str,
+    out: IO[str],
+) -> int:
+    try:
+        target = plan_target(job, plan_mod, gpu, gpu_memory)
+    except plan_mod.PlanError as error:
+        print(f"kubetune plan: {error}", file=sys.stderr)
+        return EXIT_INVALID_FILE
+    from kubetune_trainer import data as data_mod
+    from kubetune_trainer import model as model_mod
+    from kubetune_trainer.errors import TrainerFailure
+    from kubetune_trainer.storage import Storage
+
+    resources = job.spec.resources
+    world = max(resources.gpus, 1) * resources.nodes
+    with tempfile.TemporaryDirectory(prefix="kubetune-plan-") as scratch:
+        try:
+            storage = Storage(config.storage)
+            model_dir = fetch_model_files(storage, config.model.source, Path(scratch) / "model")
+            model_mod.check_model_dir(model_dir, config.model.source)
+            tokenizer = model_mod.load_tokenizer(model_dir, config.model.trust_remote_code)
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+            rows = data_mod.train_eval_rows(storage, config.dataset, config.training.seed, Path(scratch))
+            plan = plan_mod.make_plan(config, *rows, tokenizer, model_config, target, world)
+        except TrainerFailure as failure:
+            print(f"{failure.error.reason}: {failure.error.message}", file=sys.stderr)
+            return failure.exit_code
+    if not plan.ok:
+        for message in plan.rejected:
+            print(f"invalid input: {message}", file=sys.stderr)
+        more = plan.rejected_count - len(plan.rejected)
+        if more > 0:
+            print(f"... and {more} more rejected rows", file=sys.stderr)
+        if plan.rejected_count > 1:
+            print(f"{plan.rejected_count} rows rejected: the trainer stops at the first (exit 2)", file=sys.stderr)
+    if output == "json":
+        document = plan_mod.as_json(plan)
+        document["file"] = str(path)
+        document["name"] = job.metadata.name
+        print(json.dumps(document, indent=2), file=out)
+    elif plan.ok:
+        print(f"{path}: FineTuneJob {job.metadata.name}", file=out)
+        print_table(plan, out, color=out.isatty())
+    return EXIT_OK if plan.ok else EXIT_INVALID_INPUT
+
+
+def plan_target(job: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None) -> Any:
+    """The GPU the plan is for: --gpu NAME (memory and peak FLOPs from the table), --gpu-memory SIZE (memory
+    only: no ETA), or, without either, a GPU of unknown size (a CPU for resources.gpus 0)."""
+    chosen = plan_mod.find_gpu(gpu) if gpu else None
+    memory = plan_mod.parse_memory(gpu_memory) if gpu_memory else (chosen.memory_bytes if chosen else None)
+    cuda = chosen is not None or memory is not None or job.spec.resources.gpus > 0
+    return plan_mod.Target(cuda=cuda, memory_bytes=memory, gpu=chosen)

@@ -1,0 +1,252 @@
+"""`kubetune plan`: its memory estimate against the peak a real run allocates, its schedule against the loop's,
+and the command's output and exit codes.
+
+The peak is measured on the CPU with torch's profiler, which records every tensor allocation and free: the
+tensors alive when training starts (parameters and buffers) plus the highest running total of what training
+allocates is what `torch.cuda.max_memory_allocated` reports on a GPU. The tiny model here is wider than the
+suite's usual one (hidden 128, 3 layers, GQA) so that every term of the estimate is visible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.trainer.conftest import DATA, LIBRARY_WARNINGS, base_config, slice_jsonl
+
+pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
+
+# The estimate is within this fraction of the measured peak (measured: -7.0% to -0.5% over the cases below).
+TOLERANCE = 0.15
+
+
+@pytest.fixture(scope="module")
+def plan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kubetune_trainer.tiny import write_tiny_model
+
+    return write_tiny_model(
+        tmp_path_factory.mktemp("plan-model"),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
+
+
+def measured_peak(prepared: Any) -> int:
+    """Peak bytes of tensors during `trainer.train()`, as torch allocates them (CPU profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = prepared.trainer.model
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    alive = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prepared.trainer.train()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return alive + peak
+
+
+CASES = {
+    "qlora-fp32": ({"type": "qlora"}, {"precision": "fp32"}),
+    "qlora-bf16-checkpointing": ({"type": "qlora"}, {"precision": "bf16", "gradientCheckpointing": True}),
+    "lora-bf16-dropout": ({"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}, {"precision": "bf16"}),
+    "full-fp32": ({"type": "full"}, {"precision": "fp32"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path, plan_model: Path) -> None:
+    from transformers import AutoConfig
+
+    from kubetune_trainer import plan
+    from kubetune_trainer import train as train_mod
+    from kubetune_trainer.checkpoints import StopRequest
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.server import Telemetry
+    from kubetune_trainer.storage import Storage
+
+    method, training = CASES[case]
+    if method["type"] != "full":
+        method.setdefault("lora", {"r": 16, "alpha": 32, "dropout": 0.0})
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 24)
+    cfg = TrainerConfig.model_validate(
+        base_config(
+            str(plan_model),
+            str(train),
+            str(tmp_path / "out"),
+            method=method,
+            dataset={"maxLength": 256, "evalSplit": 0.1},
+            training={"maxSteps": None, "epochs": 1.0, "batchSize": 4, "warmupRatio": 0.3, **training},
+        )
+    )
+    ctx = train_mod.Context(
+        cfg, tmp_path / "work", Storage(cfg.storage), Telemetry(), StopRequest(), train_mod.Distributed()
+    )
+    prepared = train_mod.setup(ctx)
+    peak = measured_peak(prepared)
+
+    rows = train_mod.data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
+    target = plan.Target(cuda=False, memory_bytes=None)
+    result = plan.make_plan(cfg, *rows, prepared.tokenizer, AutoConfig.from_pretrained(plan_model), target)
+    assert result.memory is not None and result.schedule is not None and result.data is not None
+    error = result.memory.peak_bytes / peak - 1
+    print(f"{case}: estimate {result.memory.peak_bytes} measured {peak} error {error:+.1%}")
+    assert abs(error) <= TOLERANCE, (case, result.memory.parts, peak)
+
+    state = prepared.trainer.state
+    assert result.schedule.total_steps == state.max_steps == state.global_step
+    assert result.schedule.warmup_steps == prepared.trainer.args.get_warmup_steps(state.max_steps)
+    assert result.data.examples == len(prepared.train_data.examples)
+    assert result.data.sequences == len(prepared.trainer.train_dataset)
+    assert result.data.real_tokens == state.num_input_tokens_seen  # one epoch: every real token once
+    trainable, _ = train_mod.model_mod.trainable_parameters(prepared.trainer.model)
+    assert result.parameters["trainable"] == trainable
+
+
+def write_job(path: Path, model: Path, train: str, **dataset: Any) -> Path:
+    job = {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "planned"},
+        "spec": {
+            "model": {"source": str(model)},
+            "dataset": {"train": train, "maxLength": 128, **dataset},
+            "training": {"epochs": 2.0, "batchSize": 4, "gradientAccumulationSteps": 2, "checkpointEverySteps": 20},
+            "output": {"destination": str(path.parent / "out")},
+        },
+    }
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def plan_command(*args: str) -> tuple[int, str, str]:
+    import contextlib
+
+    from kubetune_cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    level = logging.getLogger("kubetune_trainer").level
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["plan", *args])
+    assert logging.getLogger("kubetune_trainer").level == level  # quietened for the command only
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_plan_prints_the_data_the_run_and_the_fit(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    code, out, err = plan_command(str(job), "--gpu", "L4-24GB")
+    assert code == 0, err
+    for line in ("rows", "prompt tokens", "truncated at maxLength", "packing efficiency", "warm-up steps", "verdict"):
+        assert f"  {line}" in out, out
+    assert "fits with" in out and "GiB to spare" in out
+    assert "[[" in out  # the example's trained tokens are marked
+
+    code, out, err = plan_command(str(job), "--gpu", "L4-24GB", "-o", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    data, run = document["data"], document["schedule"]
+    assert data["train_rows"] + data["eval_rows"] == 300 and document["rejected_count"] == 0
+    assert data["truncated"] > 0 and data["lost_response_tokens"] > 0
+    assert data["response_tokens"]["max"] > 128 - data["prompt_tokens"]["min"]  # before truncation
+    assert 0 < data["packing_efficiency"] <= 1
+    assert run["total_steps"] == 2 * run["steps_per_epoch"] and run["global_batch"] == 8
+    assert run["checkpoints_written"] == run["total_steps"] // 20
+    assert any(s["trained"] for s in data["example"]) and any(not s["trained"] for s in data["example"])
+    assert document["fit"]["fits"] is True and document["eta"]["seconds"][0] < document["eta"]["seconds"][1]
+    # The trainer's defaults on a GPU: bf16, gradient checkpointing, paged 8-bit AdamW for QLoRA.
+    assert document["memory"]["precision"] == "bf16" and document["memory"]["gradient_checkpointing"] is True
+    assert document["memory"]["optimizer"] == "paged_adamw_8bit"
+
+
+def test_a_gpu_too_small_gets_advice_that_fits(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["training"].update({"batchSize": 64, "gradientCheckpointing": False})
+    job.write_text(yaml.safe_dump(spec))
+    code, out, _ = plan_command(str(job), "--gpu-memory", "1.2Gi", "-o", "json")
+    assert code == 0
+    document = json.loads(out)
+    verdict = document["fit"]["verdict"]
+    assert document["fit"]["fits"] is False and verdict.startswith("does not fit"), verdict
+    assert "lower batchSize to " in verdict and "gradientCheckpointing" in verdict
+    smaller = int(verdict.split("lower batchSize to ")[1].split()[0])
+    spec["spec"]["training"]["batchSize"] = smaller
+    job.write_text(yaml.safe_dump(spec))
+    _, out, _ = plan_command(str(job), "--gpu-memory", "1.2Gi", "-o", "json")
+    assert json.loads(out)["fit"]["fits"] is True
+
+
+def test_bad_rows_exit_2_with_the_trainers_messages(tmp_path: Path, plan_model: Path) -> None:
+    good = {"prompt": "How do I reset my password?", "response": "Open Settings, then Security."}
+    rows = [good, {"question": "no prompt here"}, good, {"prompt": 3, "response": "x"}, good]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = write_job(tmp_path / "job.yaml", plan_model, str(train), evalSplit=0.0)
+    code, _, err = plan_command(str(job))
+    assert code == 2
+    assert f"{train}:2: missing field 'prompt' (prompt; fields present: question)" in err
+    assert f"{train}:4: field 'prompt' must be a str, got int" in err
+    assert "2 rows rejected" in err
+
+    from kubetune_trainer.errors import InvalidInput
+    from tests.trainer.conftest import base_config, run_in_process
+
+    trainer = run_in_process(base_config(str(plan_model), str(train), str(tmp_path / "t-out")), tmp_path)
+    assert trainer.code == InvalidInput.exit_code
+    assert trainer.termination["error"]["message"] in err  # the first rejection, word for word
+
+
+def test_an_unknown_target_module_is_refused_as_the_trainer_refuses_it(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["method"] = {"type": "lora", "lora": {"targetModules": ["q_proj", "query_key_value"]}}
+    job.write_text(yaml.safe_dump(spec))
+    code, _, err = plan_command(str(job))
+    assert code == 2
+    assert "method.lora.targetModules ['query_key_value'] not in the model" in err and "q_proj" in err
+
+
+def test_bad_options_name_what_is_valid(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    code, _, err = plan_command(str(job), "--gpu", "H100")
+    assert code == 1 and "H100-80GB" in err
+    code, _, err = plan_command(str(job), "--gpu-memory", "lots")
+    assert code == 1 and "24Gi" in err
+
+
+def test_plan_reads_s3_and_never_downloads_the_weights(
+    tmp_path: Path, tiny_model_s3: str, s3_moto: Any, s3_bucket_name: str, s3_credentials: Any, monkeypatch: Any
+) -> None:
+    from kubetune_trainer.storage import Storage
+
+    s3_credentials(s3_moto)
+    client = s3_moto.client()
+    client.upload_file(str(DATA / "support-instructions.jsonl"), s3_bucket_name, "data/train.jsonl")
+    fetched: list[str] = []
+    download = Storage.download
+    monkeypatch.setattr(Storage, "download", lambda self, uri, to: fetched.append(uri) or download(self, uri, to))
+    job = write_job(tmp_path / "job.yaml", Path("/unused"), f"s3://{s3_bucket_name}/data/train.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["model"]["source"] = tiny_model_s3 + "/"
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "T4-16GB", "--s3-endpoint", s3_moto.url, "-o", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["data"]["train_rows"] + document["data"]["eval_rows"] == 300
+    assert document["memory"]["precision"] == "fp16"  # a T4 has no bf16: the trainer's choice there
+    assert any(uri.endswith("config.json") for uri in fetched) and any("tokenizer" in uri for uri in fetched)
+    assert not [uri for uri in fetched if uri.endswith(".safetensors")], fetched

@@ -1,0 +1,590 @@
+"""What a run will do, before it takes a GPU (`kubetune plan`): the data as the trainer reads it, the step
+schedule, an estimate of peak GPU memory per GPU, and an ETA range.
+
+The data side is the trainer's own code (`data.train_eval_rows`, `tokenize`, `as_features`), so the counts
+are the run's. The model is built on the meta device from its config alone (no weights read, no memory
+used) to get every parameter's shape; the precision, gradient checkpointing and optimizer defaults are the
+trainer's factories asked about the target GPU rather than this machine.
+
+The memory estimate sums what a training step holds at its peak (the start of the backward pass):
+- weights at their stored size: 4-bit NF4/FP4 linear layers with their quantization constants (bitsandbytes'
+  block size 64; double quantization stores them in 8 bits with fp32 constants per 256 blocks), 8-bit
+  layers with their row scales; for k-bit training, `prepare_model_for_kbit_training` casts every other
+  parameter (embeddings, norms, the head) to fp32;
+- trainable parameters (LoRA's A and B, in fp32; every weight for full fine-tuning), their gradients and
+  the optimizer's state (AdamW: two fp32 moments; 8-bit AdamW: two 8-bit moments);
+- activations saved for backward at the largest batch the data makes (batch size x the longest sequence),
+  counted per decoder layer from the tensors autograd keeps for a Llama-style block (RMSNorm, attention,
+  gated MLP, LoRA's low-rank intermediates and dropout copies); with gradient checkpointing only each layer's
+  input is kept, plus one layer recomputed at a time;
+- the logits and the loss: the head's output, its fp32 copy and log-softmax, and their gradient.
+Not counted: the CUDA context and the allocator's fragmentation, reported apart as a fixed reserve.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from kubetune_trainer import data as data_mod
+from kubetune_trainer import model as model_mod
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.train import optimizer_name
+
+GIB = 1024**3
+MIB = 1024**2
+# Not in torch.cuda.max_memory_allocated: the CUDA context, cuBLAS/cuDNN workspaces and the caching
+# allocator's fragmentation. About 1 GiB is what a CUDA 12 context takes on Hopper/Ampere GPUs.
+CUDA_RESERVE_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int  # as CUDA reports it (a little under the marketed size)
+    bf16_tflops: float  # dense peak, no sparsity (fp16 on GPUs without bf16)
+    bf16: bool = True
+
+
+# Vendor data sheets: memory as nvidia-smi shows it (MiB), dense 16-bit tensor-core peak.
+GPUS: dict[str, Gpu] = {
+    gpu.name.lower(): gpu
+    for gpu in (
+        Gpu("H200-141GB", 143771 * MIB, 989),
+        Gpu("H100-80GB", 81559 * MIB, 989),
+        Gpu("H100-PCIe-80GB", 81559 * MIB, 756),
+        Gpu("A100-80GB", 81920 * MIB, 312),
+        Gpu("A100-40GB", 40960 * MIB, 312),
+        Gpu("L40S-48GB", 46068 * MIB, 362),
+        Gpu("A10G-24GB", 23028 * MIB, 70),
+        Gpu("L4-24GB", 23034 * MIB, 121),
+        Gpu("RTX4090-24GB", 24564 * MIB, 165),
+        Gpu("V100-32GB", 32768 * MIB, 125, bf16=False),
+        Gpu("T4-16GB", 15360 * MIB, 65, bf16=False),
+    )
+}
+
+# Assumed model FLOPs utilisation (share of the GPU's peak a step achieves), low and high. QLoRA pays for
+# dequantizing every weight in forward and backward; LoRA and full fine-tuning run plain 16-bit matmuls.
+UTILISATION = {"qlora": (0.15, 0.35), "lora": (0.25, 0.45), "full": (0.30, 0.50)}
+
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_FACTORS = {
+    None: 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+    "Ki": 1024, "KiB": 1024, "Mi": MIB, "MiB": MIB, "Gi": GIB, "GiB": GIB, "Ti": 1024**4, "TiB": 1024**4,
+}  # fmt: skip
+
+
+class PlanError(ValueError):
+    """A plan option that is wrong; the message says what would be valid."""
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a memory size written as Kubernetes writes it (24Gi, 80G) or with a B (24GiB)."""
+    match = _QUANTITY.match(text)
+    if not match:
+        raise PlanError(f"--gpu-memory {text!r}: expected a size such as 24Gi, 80G or 40GiB")
+    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+
+
+def find_gpu(name: str) -> Gpu:
+    gpu = GPUS.get(name.lower())
+    if gpu is None:
+        known = ", ".join(g.name for g in GPUS.values())
+        raise PlanError(f"--gpu {name!r}: not a GPU this table knows ({known}); or give --gpu-memory")
+    return gpu
+
+
+# -- the data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spread:
+    min: int
+    median: float
+    p95: float
+    max: int
+
+    @classmethod
+    def of(cls, values: list[int]) -> Spread:
+        if not values:
+            return cls(0, 0, 0, 0)
+        ordered = sorted(values)
+        p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+        return cls(ordered[0], statistics.median(ordered), p95, ordered[-1])
+
+
+@dataclass
+class DataPlan:
+    train_rows: int
+    eval_rows: int
+    packing: bool
+    examples: int  # trained on, after dropping those truncated to nothing
+    dropped: int
+    truncated: int
+    lost_response_tokens: int
+    prompt_tokens: Spread  # before truncation; chat: every token not trained on
+    response_tokens: Spread  # before truncation; the tokens trained on
+    real_tokens: int  # per epoch, after truncation
+    processed_tokens: int  # per epoch, padding included
+    sequences: int  # per epoch: packed bins or examples
+    longest_sequence: int
+    example: list[dict[str, Any]] = field(default_factory=list)  # [{text, trained}] segments of one example
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.real_tokens / self.processed_tokens if self.processed_tokens else 0.0
+
+
+def rendered_example(example: data_mod.Example, tokenizer: Any) -> list[dict[str, Any]]:
+    """One example as runs of text, each marked trained (its tokens carry labels) or not."""
+    segments: list[dict[str, Any]] = []
+    start = 0
+    ids, trained = example.input_ids, [label != data_mod.IGNORE_INDEX for label in example.labels]
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or trained[end] != trained[start]:
+            segments.append({"text": tokenizer.decode(ids[start:end]), "trained": trained[start]})
+            start = end
+    return segments
+
+
+def processed_tokens(features: list[dict[str, list[int]]], batch_size: int, seed: int) -> int:
+    """Tokens the model processes in one epoch, padding included: the Collator pads each batch to its
+    longest sequence, and the loop draws batches in a seeded random order (this is one such order)."""
+    order = list(range(len(features)))
+    random.Random(seed).shuffle(order)
+    total = 0
+    for start in range(0, len(order), batch_size):
+        widths = [len(features[i]["input_ids"]) for i in order[start : start + batch_size]]
+        total += max(widths) * len(widths)
+    return total
+
+
+def plan_data(
+    cfg: TrainerConfig, train_rows: list[data_mod.Row], eval_rows: list[data_mod.Row], tokenizer: Any
+) -> tuple[DataPlan, data_mod.TokenizedData]:
+    """The data as the trainer tokenizes, truncates and packs it; raises the trainer's InvalidInput."""
+    spec = cfg.dataset
+    train = data_mod.tokenize(train_rows, spec, tokenizer, name="train")
+    if eval_rows:
+        data_mod.tokenize(eval_rows, spec, tokenizer, name="eval")  # the trainer rejects bad eval rows too
+    features = data_mod.as_features(train.examples, spec.max_length, spec.packing)
+    real = sum(len(e.input_ids) for e in train.examples)
+    plan = DataPlan(
+        train_rows=len(train_rows),
+        eval_rows=len(eval_rows),
+        packing=spec.packing,
+        examples=len(train.examples),
+        dropped=train.dropped,
+        truncated=train.truncated,
+        lost_response_tokens=train.lost_response_tokens,
+        prompt_tokens=Spread.of([untrained for untrained, _ in train.lengths]),
+        response_tokens=Spread.of([trained for _, trained in train.lengths]),
+        real_tokens=real,
+        processed_tokens=processed_tokens(features, cfg.training.batch_size, cfg.training.seed),
+        sequences=len(features),
+        longest_sequence=max(len(f["input_ids"]) for f in features),
+        example=rendered_example(train.examples[0], tokenizer),
+    )
+    return plan, train
+
+
+def rejected_rows(rows: list[data_mod.Row], cfg: TrainerConfig, tokenizer: Any, limit: int) -> tuple[list[str], int]:
+    """The trainer stops at the first bad row; this goes on: the first `limit` messages and how many."""
+    from kubetune_trainer.errors import InvalidInput
+
+    messages: list[str] = []
+    count = 0
+    for row in rows:
+        try:
+            data_mod.encode_row(row, cfg.dataset, tokenizer)
+        except InvalidInput as exc:
+            count += 1
+            if len(messages) < limit:
+                messages.append(exc.error.message)
+    return messages, count
+
+
+# -- the schedule ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    world_size: int
+    global_batch: int  # sequences per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    evaluations: int
+    checkpoints_written: int
+    checkpoints_kept: int
+
+
+def schedule(cfg: TrainerConfig, sequences: int, world_size: int, has_eval: bool) -> Schedule:
+    """The loop's own arithmetic (transformers' Trainer): a distributed sampler gives each rank
+    ceil(sequences / world) sequences, the loader ceil(that / batchSize) micro-batches, and an epoch is
+    ceil(micro-batches / gradientAccumulationSteps) optimizer steps; warm-up is ceil(steps x warmupRatio)."""
+    t = cfg.training
+    per_rank = math.ceil(sequences / world_size)
+    micro_batches = math.ceil(per_rank / t.batch_size)
+    per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
+    total = t.max_steps if t.max_steps is not None else math.ceil(t.effective_epochs() * per_epoch)
+    written = total // t.checkpoint_every_steps
+    return Schedule(
+        world_size=world_size,
+        global_batch=t.batch_size * t.gradient_accumulation_steps * world_size,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        epochs=round(total / per_epoch, 3),
+        warmup_steps=math.ceil(total * t.warmup_ratio),
+        evaluations=(total // t.eval_every_steps + (total % t.eval_every_steps > 0)) if has_eval else 0,
+        checkpoints_written=written,
+        checkpoints_kept=min(written, t.checkpoints_to_keep),
+    )
+
+
+# -- the model's shape -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs of the model, read from a meta-device instance built from its config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    linear: list[tuple[str, int, int]]  # (leaf name, in, out) of every linear layer but the head
+    head_params: int  # the output layer (stays unquantized)
+    other_params: int  # embeddings, norms: neither linear nor the head
+    total_params: int
+
+    @property
+    def linear_params(self) -> int:
+        return sum(i * o for _, i, o in self.linear)
+
+
+def model_shape(model_config: Any, cfg: TrainerConfig | None = None) -> ModelShape:
+    """With `cfg`, its LoRA target modules are checked against the model as the trainer checks them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    if cfg is not None:
+        model_mod.lora_config(cfg.method, model)  # InvalidInput for a target module the model lacks
+    head = model.get_output_embeddings()
+    linear = [
+        (name.rsplit(".", 1)[-1], m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+    total = sum(p.numel() for p in model.parameters())
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    if getattr(model_config, "tie_word_embeddings", False):
+        head_params = 0  # shared with the input embedding, counted there
+    linear_params = sum(i * o for _, i, o in linear)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelShape(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        q_dim=heads * head_dim,
+        kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        vocab=text.vocab_size,
+        linear=linear,
+        head_params=head_params,
+        other_params=total - linear_params - head_params,
+        total_params=total,
+    )
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZER_STATE_BYTES = {
+    "adamw_torch": 8,
+    "adamw_torch_fused": 8,
+    "paged_adamw_32bit": 8,
+    "adamw_8bit": 2,
+    "paged_adamw_8bit": 2,
+}
+
+
+@dataclass
+class Target:
+    """The machine a plan is for: a GPU (by name, or memory alone) or this CPU."""
+
+    cuda: bool
+    memory_bytes: int | None
+    gpu: Gpu | None = None
+
+    @property
+    def bf16(self) -> bool:
+        return self.gpu.bf16 if self.gpu is not None else True
+
+
+@dataclass
+class MemoryEstimate:
+    precision: str
+    gradient_checkpointing: bool
+    optimizer: str
+    batch_shape: tuple[int, int]  # (sequences, tokens) of the largest micro-batch
+    parts: dict[str, int]  # bytes per component
+
+    @property
+    def peak_bytes(self) -> int:
+        """What torch allocates at the peak (torch.cuda.max_memory_allocated)."""
+        return sum(self.parts.values())
+
+
+def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int, int]]:
+    """The linear layers that get adapters (all-linear: every one but the head, as PEFT does)."""
+    lora = cfg.method.effective_lora()
+    if lora is None:
+        return []
+    targets = None if "all-linear" in lora.target_modules else set(lora.target_modules)
+    return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
+
+
+def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
+    lora = cfg.method.effective_lora()
+    if lora is None:
+        return shape.total_params
+    return sum(lora.r * (i + o) for _, i, o in _lora_modules(cfg, shape))
+
+
+def weight_bytes(cfg: TrainerConfig, shape: ModelShape, precision: str) -> int:
+    quant = cfg.method.effective_quantization()
+    unquantized = shape.other_params + shape.head_params
+    if quant is None:
+        # Full fine-tuning keeps fp32 master weights; LoRA's frozen base is held in the compute dtype.
+        per = 4 if cfg.method.type == "full" else DTYPE_BYTES[precision]
+        return (shape.linear_params + unquantized) * per
+    if quant.bits == 8:
+        quantized = shape.linear_params + sum(4 * o for _, _, o in shape.linear)  # int8 + fp32 row scales
+    else:
+        blocks = shape.linear_params / 64
+        constants = blocks * 1 + blocks / 256 * 4 if quant.double_quant else blocks * 4
+        quantized = int(shape.linear_params / 2 + constants)
+    return quantized + unquantized * 4  # prepare_model_for_kbit_training casts the rest to fp32
+
+
+def activation_bytes(
+    cfg: TrainerConfig, shape: ModelShape, precision: str, checkpointing: bool, batch: int, tokens: int, cuda: bool
+) -> dict[str, int]:
+    """Saved activations and the loss's tensors for a micro-batch of `batch` sequences of `tokens` tokens."""
+    e = DTYPE_BYTES[precision]  # activations are in the compute dtype (autocast for full fine-tuning)
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    n = batch * tokens
+    kbit = cfg.method.effective_quantization() is not None
+    # k-bit training casts embeddings, norms and the head to fp32 (prepare_model_for_kbit_training), so the
+    # residual stream is fp32 and each quantized layer fed from it (q, k, v, gate, up) keeps its own copy of
+    # its input cast to the compute dtype.
+    stream = 4 if kbit else e
+    casts = 5 * e * h if kbit and e != 4 else 0
+    norm = 4 * h + stream * h  # RMSNorm: its fp32 input and its normalized output
+    attention = e * (3 * q + 2 * kv)  # q, k, v after RoPE for attention; its output twice (sdpa, o_proj input)
+    mlp = e * 4 * i  # gate (SiLU input), SiLU output, up, their product (down_proj input)
+    lora = cfg.method.effective_lora()
+    adapters = 0
+    if lora is not None:
+        modules = _lora_modules(cfg, shape)
+        per_layer = modules[: max(1, len(modules) // max(shape.layers, 1))]  # one decoder layer's adapters
+        adapters = sum(4 * lora.r for _ in per_layer)  # A's output, fp32, the input of B
+        if lora.dropout > 0:  # each adapter's dropout keeps its own copy of the input and a mask
+            adapters += sum((e + 1) * fan_in for _, fan_in, _ in per_layer)
+    layer = 2 * norm + attention + mlp + adapters + casts
+    # CPU attention with a mask (packing or padding) materializes one layer's fp32 scores at a time
+    # (measured: they are not kept for backward); CUDA's fused kernels never do.
+    scores = 0 if cuda else batch * shape.heads * tokens * tokens * 4
+    head = n * (norm + stream * h)  # the final norm and the head's input
+    # The loss upcasts the head's output to fp32 (a copy unless it is fp32 already); log-softmax keeps its
+    # output for backward, whose first gradient is as large.
+    logits = n * shape.vocab * (8 + (stream if stream != 4 else 0))
+    if checkpointing:
+        # Each layer's input is kept; backward recomputes one layer at a time, after the loss's tensors are
+        # freed, so the peak is the larger of the two.
+        inputs = n * shape.layers * stream * h
+        return {"activations": inputs + head + max(0, n * layer + scores - logits), "logits": logits}
+    return {"activations": n * shape.layers * layer + scores + head, "logits": logits}
+
+
+def estimate_memory(
+    cfg: TrainerConfig,
+    shape: ModelShape,
+    target: Target,
+    batch: int,
+    tokens: int,
+    world_size: int = 1,
+    *,
+    checkpointing: bool | None = None,
+) -> MemoryEstimate:
+    precision = model_mod.precision(cfg.training, cuda=target.cuda, bf16_supported=target.bf16)
+    gc = model_mod.gradient_checkpointing(cfg.training, cuda=target.cuda) if checkpointing is None else checkpointing
+    optimizer = optimizer_name(cfg, cuda=target.cuda)
+    trainable = trainable_parameters(cfg, shape)
+    parts = {"weights": weight_bytes(cfg, shape, precision)}
+    if cfg.method.type != "full":
+        parts["adapter"] = trainable * 4  # LoRA's A and B stay fp32
+    parts["gradients"] = trainable * 4
+    parts["optimizer"] = trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+    if world_size > 1:
+        parts["ddp buckets"] = trainable * 4  # DDP's flat copy of the gradients for all-reduce
+    parts.update(activation_bytes(cfg, shape, precision, gc, batch, tokens, target.cuda))
+    return MemoryEstimate(precision, gc, optimizer, (batch, tokens), parts)
+
+
+@dataclass
+class Fit:
+    memory_bytes: int
+    needed_bytes: int  # the estimate plus the CUDA reserve
+    fits: bool
+    verdict: str
+
+
+def fit(cfg: TrainerConfig, shape: ModelShape, target: Target, estimate: MemoryEstimate, world_size: int) -> Fit | None:
+    if target.memory_bytes is None:
+        return None
+    reserve = CUDA_RESERVE_BYTES if target.cuda else 0
+    needed = estimate.peak_bytes + reserve
+    spare = target.memory_bytes - needed
+    if spare >= 0:
+        return Fit(target.memory_bytes, needed, True, f"fits with {spare / GIB:.1f} GiB to spare")
+    batch, tokens = estimate.batch_shape
+    advice = []
+    for smaller in (batch // 2**k for k in range(1, 13)):
+        if smaller < 1:
+            break
+        trial = estimate_memory(
+            cfg, shape, target, smaller, tokens, world_size, checkpointing=estimate.gradient_checkpointing
+        )
+        if trial.peak_bytes + reserve <= target.memory_bytes:
+            keep = cfg.training.gradient_accumulation_steps * batch // smaller
+            advice.append(f"lower batchSize to {smaller} (gradientAccumulationSteps {keep} keeps the global batch)")
+            break
+    if not estimate.gradient_checkpointing:
+        trial = estimate_memory(cfg, shape, target, batch, tokens, world_size, checkpointing=True)
+        if trial.peak_bytes + reserve <= target.memory_bytes:
+            advice.append("turn on gradientCheckpointing")
+    if cfg.method.type != "qlora":
+        advice.append("use method.type qlora")
+    if not advice:
+        advice.append("lower dataset.maxLength, or use a GPU with more memory")
+    short = -spare / GIB
+    return Fit(target.memory_bytes, needed, False, f"does not fit ({short:.1f} GiB short): {' or '.join(advice)}")
+
+
+# -- time ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eta:
+    flops_per_token: float
+    tokens: int  # processed over the whole run, padding included
+    utilisation: tuple[float, float]
+    seconds: tuple[float, float]  # fastest, slowest
+
+
+def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: DataPlan, checkpointing: bool) -> Eta:
+    """Training FLOPs over the GPUs' peak at an assumed utilisation. A forward pass costs 2 FLOPs per weight
+    per token (plus attention, 4 x layers x q_dim x the mean context); backward costs twice that for full
+    fine-tuning, about once for (Q)LoRA (gradients of the activations only, the base is frozen); gradient
+    checkpointing adds one more forward."""
+    matmul = shape.linear_params + (shape.head_params or shape.vocab * shape.hidden)
+    context = data.real_tokens / max(data.examples, 1) / 2  # causal: a token attends to half its example
+    forward = 2 * matmul + 4 * shape.layers * shape.q_dim * context
+    passes = (3 if cfg.method.type == "full" else 2) + (1 if checkpointing else 0)
+    per_token = forward * passes
+    tokens_per_step = data.processed_tokens / max(data.sequences, 1) * run.global_batch
+    tokens = int(tokens_per_step * run.total_steps)
+    low, high = UTILISATION[cfg.method.type]
+    peak = gpu.bf16_tflops * 1e12 * run.world_size
+    return Eta(per_token, tokens, (low, high), (per_token * tokens / (peak * high), per_token * tokens / (peak * low)))
+
+
+def as_json(value: Any) -> Any:
+    """Dataclasses to plain JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: as_json(getattr(value, f.name)) for f in fields(value)}
+        for name in dir(type(value)):  # derived numbers too (packing efficiency, peak bytes)
+            if isinstance(getattr(type(value), name, None), property):
+                out[name] = as_json(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(v) for v in value]
+    return value
+
+
+# -- the whole plan --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    target: Target
+    data: DataPlan | None
+    rejected: list[str]  # the trainer's messages for the first bad rows (the run would stop at the first)
+    rejected_count: int
+    schedule: Schedule | None = None
+    parameters: dict[str, int] = field(default_factory=dict)
+    memory: MemoryEstimate | None = None
+    fit: Fit | None = None
+    eta: Eta | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected_count == 0
+
+
+REJECTED_SHOWN = 5
+
+
+def make_plan(
+    cfg: TrainerConfig,
+    train_rows: list[data_mod.Row],
+    eval_rows: list[data_mod.Row],
+    tokenizer: Any,
+    model_config: Any,
+    target: Target,
+    world_size: int = 1,
+) -> Plan:
+    """Everything `kubetune plan` reports. Bad rows give a plan with `rejected` set and nothing else."""
+    from kubetune_trainer.errors import InvalidInput
+
+    try:
+        data, _ = plan_data(cfg, train_rows, eval_rows, tokenizer)
+    except InvalidInput as exc:
+        if exc.error.line is None:  # not a row's fault (empty data, no chat template, maxLength): as it is
+            return Plan(target, None, [exc.error.message], 1)
+        shown, count = rejected_rows([*train_rows, *eval_rows], cfg, tokenizer, REJECTED_SHOWN)
+        return Plan(target, None, shown or [exc.error.message], max(count, 1))
+    run = schedule(cfg, data.sequences, world_size, has_eval=bool(eval_rows))
+    try:
+        shape = model_shape(model_config, cfg)
+    except InvalidInput as exc:
+        return Plan(target, data, [exc.error.message], 1)
+    estimate = estimate_memory(cfg, shape, target, cfg.training.batch_size, data.longest_sequence, world_size)
+    return Plan(
+        target,
+        data,
+        [],
+        0,
+        run,
+        {"total": shape.total_params, "trainable": trainable_parameters(cfg, shape)},
+        estimate,
+        fit(cfg, shape, target, estimate, world_size),
+        eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
+    )
