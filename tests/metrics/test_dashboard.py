@@ -12,7 +12,8 @@ scheduler and kubelet, via `tests.kubeapi.cluster`, as the API tests do):
 - Prometheus, with static targets relabelled exactly as prometheus-operator does for the chart's rendered
   PodMonitor and ServiceMonitor (the target labels, the chart's relabelings, metricRelabelings, honorLabels).
 
-GPU panels: see `dashboard.GPU_ONLY_PANELS`; on CPU their queries must succeed and be empty.
+GPU panels: see `dashboard.GPU_ONLY_PANELS`; on CPU their queries must succeed and be empty. The preference
+panels (`dashboard.DPO_PANELS`) must be empty for this SFT run; a DPO run, watched the same way, shows them.
 """
 
 from __future__ import annotations
@@ -396,7 +397,9 @@ def check_expositions(trainer_port: int, operator_port: int) -> None:
         assert lint.returncode == 0 and not lint.stdout.strip(), f"promtool on :{port}: {lint.stdout}{lint.stderr}"
 
 
-def check_queries(prometheus: Prometheus, started: float) -> None:
+def check_queries(prometheus: Prometheus, started: float, *, dpo_run: bool = False) -> None:
+    """An SFT run: every panel but the GPU and DPO ones has data, those have none. A DPO run: the DPO panels
+    have data."""
     board = dash.load()
     end = time.time()
     choices = {}
@@ -410,8 +413,10 @@ def check_queries(prometheus: Prometheus, started: float) -> None:
         "All": {"namespace": ".*", "finetunejob": ".*", **builtins},
         "this run": {"namespace": NAMESPACE, "finetunejob": RUN, **builtins},
     }
-    empty, gpu_nonempty = [], []
+    empty, gpu_nonempty, dpo_nonempty = [], [], []
     for query in dash.queries(board):
+        if dpo_run and not query.dpo_only:
+            continue
         for selection, variables in selections.items():
             expr = dash.substitute(query.expr, variables)
             result = (
@@ -423,9 +428,81 @@ def check_queries(prometheus: Prometheus, started: float) -> None:
             if query.gpu_only:
                 if result:
                     gpu_nonempty.append(where)
+            elif query.dpo_only and not dpo_run:
+                if result:
+                    dpo_nonempty.append(where)
             elif not finite_values(result):
                 empty.append(f"{where}\n    -> {json.dumps(result)[:300]}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
     assert not gpu_nonempty, "GPU-only panels with data on a CPU run (update GPU_ONLY_PANELS):\n" + "\n".join(
         gpu_nonempty
     )
+    assert not dpo_nonempty, "DPO panels with data from an SFT run (update DPO_PANELS):\n" + "\n".join(dpo_nonempty)
+
+
+def preference_data(tmp_path: Path) -> tuple[Path, Path]:
+    preferences = (REPO_ROOT / "examples" / "data" / "preferences.jsonl").read_text().splitlines(True)
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(preferences[:32]))
+    evaluation.write_text("".join(preferences[32:]))
+    return train, evaluation
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_preference_panels_show_a_dpo_run(operator: Operator, cluster: Cluster, tmp_path: Path) -> None:
+    """objective dpo through the operator (its config.json, its Job's environment), scraped by Prometheus: the
+    reward panels have data, and the operator's status.progress carries the reward metrics."""
+    require_prometheus()
+    started = time.time()
+    model = tmp_path / "model"
+    builder = subprocess.Popen(
+        [sys.executable, "-c", f"from kubetune_trainer.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "trainer")},
+    )
+    trainer_process: subprocess.Popen[bytes] | None = None
+    prometheus: Prometheus | None = None
+    try:
+        train, evaluation = preference_data(tmp_path)
+        spec = run_spec(model, train, evaluation, tmp_path / "out")
+        spec["dataset"] = {"train": str(train), "eval": str(evaluation), "maxLength": 64, "format": "preference"}
+        spec["objective"] = {"type": "dpo"}
+        cluster.apply(RUN, spec=spec)
+        job = cluster.wait_job(RUN)
+        trainer_port = free_port()
+        pod = start_pod(with_metrics_port(job, trainer_port))
+        operator_port = int(operator.env["KUBETUNE_METRICS_PORT"])
+        prometheus = Prometheus(
+            scrape_configs(render_monitors(), (trainer_port, pod["metadata"]["name"]), operator_port)
+        ).start()
+        cluster.wait_phase("Running", RUN)
+        config = tmp_path / "config.json"
+        config.write_text(cluster.configmap(f"{RUN}-trainer")["data"]["config.json"])
+        assert json.loads(config.read_text())["objective"]["type"] == "dpo"
+        assert builder.wait(timeout=60) == 0, "building the tiny model failed"
+        trainer_process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "kubetune_trainer", "--config", str(config)),
+                *("--termination-log", str(tmp_path / "termination-log"), "--workdir", str(tmp_path / "work")),
+            ],
+            env=trainer_environment(job, trainer_port),
+        )
+        run = f'namespace="{NAMESPACE}", finetunejob="{RUN}"'
+        prometheus.wait_for(f"kubetune_trainer_step{{{run}}} >= 5", timeout=90, what="five scraped steps")
+        prometheus.wait_for(f"kubetune_trainer_eval_reward_accuracy{{{run}}}", timeout=30)
+        prometheus.wait_for(f"changes(kubetune_trainer_reward_margin{{{run}}}[15s]) >= 1", timeout=20)
+        time.sleep(2 * SCRAPE_INTERVAL_SECONDS)
+        assert trainer_process.poll() is None, "the trainer ended before the checks; see its log above"
+        check_queries(prometheus, started, dpo_run=True)
+        deadline = time.monotonic() + 20
+        while "rewardAccuracy" not in cluster.status(RUN).get("progress", {}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        progress = cluster.status(RUN)["progress"]
+        assert 0 <= progress["rewardAccuracy"] <= 1 and "rewardMargin" in progress, progress
+    finally:
+        for child in (builder, trainer_process):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+        if prometheus is not None:
+            prometheus.stop()
