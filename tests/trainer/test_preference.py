@@ -273,3 +273,20 @@ def test_sigterm_checkpoint_then_resume_keeps_the_reward_trajectory(
         assert after[s]["reward_margin"] == pytest.approx(reference[s]["reward_margin"], abs=0.02, rel=0.02), s
         assert after[s]["reward_accuracy"] == pytest.approx(reference[s]["reward_accuracy"], abs=0.26), s
     assert resumed["reward_margin"] == pytest.approx(uninterrupted["reward_margin"], abs=0.02, rel=0.02)
+
+
+def test_dpo_settings_reach_trl(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from trl import DPOConfig
+
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.train import training_arguments
+
+    objective = {"dpo": {"loss": "robust", "beta": 0.25, "sftWeight": 0.5}}
+    cfg = TrainerConfig.model_validate(dpo_config(tiny_model_dir, "/d.jsonl", "/out", objective=objective))
+    args = training_arguments(cfg, tmp_path, "fp32", has_eval=False)
+    assert isinstance(args, DPOConfig)
+    assert (args.beta, args.loss_type, args.loss_weights) == (0.25, ["robust", "sft"], [1.0, 0.5])
+    assert args.label_smoothing == 0.1  # robust's default, the Robust DPO paper's
+    # The shared settings are the SFT path's, not TRL's defaults.
+    assert (args.learning_rate, args.per_device_train_batch_size, args.max_steps) == (0.005, 4, 12)
+    assert args.gradient_checkpointing is False and args.bf16 is False
