@@ -19,9 +19,9 @@ from tests.trainer.conftest import LIBRARY_WARNINGS, TrainerProcess, base_config
 
 pytestmark = [*(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
 
-TRAIN_WORDS = "cats dogs rain tea maps ships bread music snow trains books rivers".split()
-EVAL_WORDS = "lamps coins stars hills clocks roads".split()
-VERBS = "likes needs finds keeps wants sees".split()
+TRAIN_WORDS = ["cats", "dogs", "rain", "tea", "maps", "ships", "bread", "music", "snow", "trains", "books", "rivers"]
+EVAL_WORDS = ["lamps", "coins", "stars", "hills", "clocks", "roads"]
+VERBS = ["likes", "needs", "finds", "keeps", "wants", "sees"]
 
 
 def preference_rows(words: list[str], n: int, seed: int) -> list[dict[str, str]]:
