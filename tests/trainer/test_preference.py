@@ -290,3 +290,25 @@ def test_dpo_settings_reach_trl(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The shared settings are the SFT path's, not TRL's defaults.
     assert (args.learning_rate, args.per_device_train_batch_size, args.max_steps) == (0.005, 4, 12)
     assert args.gradient_checkpointing is False and args.bf16 is False
+
+
+@pytest.mark.slow
+def test_full_dpo_trains_against_a_frozen_copy_of_the_base(
+    tmp_path: Path, tiny_model_dir: Path, preference_files: tuple[str, str]
+) -> None:
+    train, _ = preference_files
+    cfg = dpo_config(
+        tiny_model_dir,
+        train,
+        str(tmp_path / "out"),
+        method={"type": "full"},
+        training={"maxSteps": 3, "evalEverySteps": 100, "learningRate": 1e-3},
+    )
+    result = run_in_process(cfg, tmp_path)
+    assert result.code == 0, result.termination
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["dpo"]["reference_model"] == "frozen copy of the base model"
+    assert metrics["reward_history"][0]["reward_margin"] == 0.0  # the copy is the policy at step 0
+    assert metrics["reward_history"][-1]["reward_margin"] != 0.0
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert result.termination["artifacts"]["merged"].endswith("/model/")

@@ -142,9 +142,7 @@ def check_row(row: Row, cfg: TrainerConfig) -> PreferenceRow:
         return PreferenceRow(prompt, chosen, rejected)
     assert isinstance(rejected, list)
     if prompt is None:  # implicit prompt: the messages both conversations start with
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
+        shared = _common_prefix(chosen, rejected)
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise _bad(
@@ -172,7 +170,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prom
     return list(out["input_ids"])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: list[Any], b: list[Any]) -> int:
+    """How many items `a` and `b` share from the start."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -293,31 +292,18 @@ def dpo_arguments(cfg: TrainerConfig) -> tuple[type, dict[str, Any]]:
 
 
 def load_reference_model(model_dir: Path, cfg: TrainerConfig, compute: str, device_index: int | None) -> Any:
-    """objective.dpo.referenceModel, frozen: quantized like the base for qlora, else in the compute dtype."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """objective.dpo.referenceModel, frozen, loaded as the base is (quantized for qlora), without an adapter."""
     from kubetune_trainer import model as model_mod
 
     dpo = cfg.objective.effective_dpo()
     assert dpo is not None and dpo.reference_model is not None
-    kwargs: dict[str, Any] = {
-        "dtype": torch.float32 if cfg.method.type == "full" else model_mod.DTYPES[compute],
-        "trust_remote_code": dpo.reference_model.trust_remote_code,
-    }
-    if (quant := model_mod.quantization_config(cfg.method, compute)) is not None:
-        kwargs["quantization_config"] = quant
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": device_index or 0}
+    as_base = cfg.model_copy(update={"model": dpo.reference_model})
     try:
-        reference = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(
-            "InvalidModel",
-            f"cannot load objective.dpo.referenceModel {dpo.reference_model.source}: {exc}",
-            field="objective.dpo.referenceModel.source",
-        ) from exc
-    reference.config.use_cache = False
+        reference = model_mod.load_model(model_dir, as_base, compute, device_index=device_index, with_adapter=False)
+    except InvalidInput as exc:
+        if exc.error.field == "model.source":  # the failure is the reference model's, not model.source's
+            exc.error.field = "objective.dpo.referenceModel.source"
+        raise
     reference.eval()
     reference.requires_grad_(False)
     return reference
@@ -338,29 +324,6 @@ def preference_trainer_class() -> type:
 
         _PreferenceTrainer.cls = PreferenceTrainer
     return _PreferenceTrainer.cls
-
-
-def dpo_trainer(
-    *,
-    model: Any,
-    reference: Any,
-    peft_config: Any,
-    args: Any,
-    train_features: Any,
-    eval_features: Any,
-    tokenizer: Any,
-    callbacks: list[Any],
-) -> Any:
-    return preference_trainer_class()(
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=train_features,
-        eval_dataset=eval_features,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
 
 
 class RewardReport(TrainerCallback):  # type: ignore[misc]

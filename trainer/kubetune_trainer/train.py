@@ -324,17 +324,25 @@ def setup(ctx: Context) -> Prepared:
     callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
     if dpo is not None:
         reference = None
+        if cfg.method.type == "full" and dpo.reference_model is None:
+            _, total = model_mod.trainable_parameters(model)
+            log.warning(
+                "objective dpo with method full: the reference is a frozen copy of the base, %.2f GB more memory "
+                "(set objective.dpo.referenceModel, or use lora/qlora, whose reference is the base with the "
+                "adapter disabled)",
+                total * next(model.parameters()).element_size() / 1e9,
+            )
         if dpo.reference_model is not None:
             reference_dir = _local_model(ctx, args, dpo.reference_model.source, "reference-model")
             reference = preference.load_reference_model(reference_dir, cfg, precision, dist.local_rank)
-        trainer = preference.dpo_trainer(
+        trainer = preference.preference_trainer_class()(
             model=model,
-            reference=reference,
-            peft_config=model_mod.lora_config(cfg.method, model),
+            ref_model=reference,
             args=args,
-            train_features=train_features,
-            eval_features=eval_features,
-            tokenizer=tokenizer,
+            train_dataset=train_features,
+            eval_dataset=eval_features,
+            processing_class=tokenizer,
+            peft_config=model_mod.lora_config(cfg.method, model),
             callbacks=[*callbacks.in_order(), preference.RewardReport(ctx.telemetry, dist)],
         )
         trainable, total = model_mod.trainable_parameters(trainer.model)
