@@ -309,9 +309,6 @@ def setup(ctx: Context) -> Prepared:
     model = model_mod.load_model(
         model_dir, cfg, precision, device_index=dist.local_rank, with_adapter=dpo is None or cfg.method.type == "full"
     )
-    if dpo is None or cfg.method.type == "full":
-        trainable, total = model_mod.trainable_parameters(model)
-        log.info("model: %s, %d of %d parameters trainable", cfg.method.type, trainable, total)
     if ctx.stop.requested:
         raise ckpt.Preempted("SIGTERM before training started")
     if cfg.training.early_stopping and not eval_features:
@@ -323,37 +320,8 @@ def setup(ctx: Context) -> Prepared:
 
     callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
     if dpo is not None:
-        reference = None
-        if cfg.method.type == "full" and dpo.reference_model is None:
-            _, total = model_mod.trainable_parameters(model)
-            log.warning(
-                "objective dpo with method full: the reference is a frozen copy of the base, %.2f GB more memory "
-                "(set objective.dpo.referenceModel, or use lora/qlora, whose reference is the base with the "
-                "adapter disabled)",
-                total * next(model.parameters()).element_size() / 1e9,
-            )
-        if dpo.reference_model is not None:
-            reference_dir = _local_model(ctx, args, dpo.reference_model.source, "reference-model")
-            reference = preference.load_reference_model(reference_dir, cfg, precision, dist.local_rank)
-        trainer = preference.preference_trainer_class()(
-            model=model,
-            ref_model=reference,
-            args=args,
-            train_dataset=train_features,
-            eval_dataset=eval_features,
-            processing_class=tokenizer,
-            peft_config=model_mod.lora_config(cfg.method, model),
-            callbacks=[*callbacks.in_order(), preference.RewardReport(ctx.telemetry, dist)],
-        )
-        trainable, total = model_mod.trainable_parameters(trainer.model)
-        log.info(
-            "model: %s, objective dpo (%s, beta %g, reference: %s), %d of %d parameters trainable",
-            cfg.method.type,
-            dpo.loss,
-            dpo.beta,
-            dpo.reference_model.source if dpo.reference_model else "the base model",
-            trainable,
-            total,
+        trainer = _preference_trainer(
+            ctx, args, precision, model, tokenizer, (train_features, eval_features), callbacks
         )
     else:
         trainer = Trainer(
@@ -366,6 +334,10 @@ def setup(ctx: Context) -> Prepared:
             callbacks=callbacks.in_order(),
         )
     trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
+    trainable, total = model_mod.trainable_parameters(trainer.model)
+    log.info(
+        "model: %s, objective %s, %d of %d parameters trainable", cfg.method.type, cfg.objective.type, trainable, total
+    )
     return Prepared(
         precision,
         model_dir,
@@ -377,6 +349,45 @@ def setup(ctx: Context) -> Prepared:
         resume_dir,
         trainer,
         callbacks,
+    )
+
+
+def _preference_trainer(
+    ctx: Context, args: Any, precision: str, model: Any, tokenizer: Any, features: tuple[Any, Any], callbacks: Any
+) -> Any:
+    """objective dpo's loop: TRL's DPOTrainer with the run's callbacks, its reference policy as configured."""
+    from kubetune_trainer import preference
+
+    cfg = ctx.cfg
+    dpo = cfg.objective.effective_dpo()
+    assert dpo is not None
+    reference = None
+    if dpo.reference_model is not None:
+        reference_dir = _local_model(ctx, args, dpo.reference_model.source, "reference-model")
+        reference = preference.load_reference_model(reference_dir, cfg, precision, ctx.dist.local_rank)
+    elif cfg.method.type == "full":
+        _, total = model_mod.trainable_parameters(model)
+        log.warning(
+            "objective dpo with method full: the reference is a frozen copy of the base, %.2f GB more memory "
+            "(set objective.dpo.referenceModel, or use lora/qlora, whose reference is the base with the "
+            "adapter disabled)",
+            total * next(model.parameters()).element_size() / 1e9,
+        )
+    log.info(
+        "objective dpo: loss %s, beta %g, reference %s",
+        dpo.loss,
+        dpo.beta,
+        dpo.reference_model.source if dpo.reference_model else "the base model",
+    )
+    return preference.preference_trainer_class()(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=features[0],
+        eval_dataset=features[1],
+        processing_class=tokenizer,
+        peft_config=model_mod.lora_config(cfg.method, model),  # TRL adds the adapter: None for full
+        callbacks=[*callbacks.in_order(), preference.RewardReport(ctx.telemetry, ctx.dist)],
     )
 
 
