@@ -83,8 +83,30 @@ def run_one(kind: str, model: Path, rows: dict[str, Path], work: Path, steps: in
         "tokens_per_second": round(metrics["trained_tokens"] / seconds, 1),
         "sequences_per_second": round(metrics["steps"] * 4 / seconds, 2),
         "peak_rss_mb": round(metrics["peak_rss_bytes"] / 2**20, 1),
+        # With CUDA: the trainer's torch.cuda.max_memory_allocated per device (none on a CPU).
+        "peak_gpu_mb": {d: round(b / 2**20, 1) for d, b in metrics["peak_gpu_memory_bytes"].items()} or None,
         "precision": metrics["precision"],
     }
+
+
+KEYS = ("tokens_per_second", "sequences_per_second", "peak_rss_mb")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per contender, and dpo/sft ratios: of the medians, and within each round (the fairer one on a
+    shared machine, where the load moves between rounds)."""
+    summary: dict[str, Any] = {}
+    for kind in ("sft", "sft-packed", "dpo"):
+        mine = [r for r in runs if r["kind"] == kind]
+        summary[kind] = {key: statistics.median(r[key] for r in mine) for key in KEYS}
+    for key in KEYS:
+        summary[f"dpo/sft {key}"] = round(summary["dpo"][key] / summary["sft"][key], 3)
+    by_round = {}
+    for n in sorted({r["rep"] for r in runs}):
+        one = {r["kind"]: r for r in runs if r["rep"] == n}
+        by_round[n] = {key: round(one["dpo"][key] / one["sft"][key], 3) for key in KEYS}
+    summary["dpo/sft by round"] = by_round
+    return summary
 
 
 def main() -> None:
@@ -107,15 +129,7 @@ def main() -> None:
         for kind in ("sft", "sft-packed", "dpo") if n % 2 == 0 else ("dpo", "sft-packed", "sft"):
             runs.append(run_one(kind, model, rows, work, args.steps, n))
             print(json.dumps(runs[-1]), flush=True)
-    summary: dict[str, Any] = {}
-    for kind in ("sft", "sft-packed", "dpo"):
-        mine = [r for r in runs if r["kind"] == kind]
-        summary[kind] = {
-            key: statistics.median(r[key] for r in mine)
-            for key in ("tokens_per_second", "sequences_per_second", "peak_rss_mb")
-        }
-    for key in ("tokens_per_second", "sequences_per_second", "peak_rss_mb"):
-        summary[f"dpo/sft {key}"] = round(summary["dpo"][key] / summary["sft"][key], 3)
+    summary = summarize(runs)
     result = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", "bench/trainer/dpo_vs_sft.py", *sys.argv[1:]]),

@@ -312,3 +312,45 @@ def test_full_dpo_trains_against_a_frozen_copy_of_the_base(
     assert metrics["reward_history"][-1]["reward_margin"] != 0.0
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert result.termination["artifacts"]["merged"].endswith("/model/")
+
+
+def test_preference_rows_from_parquet_chat_and_csv_text(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kubetune_trainer import preference
+    from kubetune_trainer.config import StorageSpec, TrainerConfig
+    from kubetune_trainer.data import load_rows
+    from kubetune_trainer.errors import InvalidInput
+    from kubetune_trainer.model import load_tokenizer
+    from kubetune_trainer.storage import Storage
+
+    tokenizer = load_tokenizer(tiny_model_dir, False)
+    storage = Storage(StorageSpec())
+    user = [{"role": "user", "content": "Where are the logs?"}]
+    table = pa.Table.from_pylist(
+        [
+            {
+                "question": user,
+                "good": [{"role": "assistant", "content": "Under Help."}],
+                "bad": [{"role": "assistant", "content": "Nowhere."}],
+            }
+        ]
+        * 3
+    )
+    pq.write_table(table, tmp_path / "prefs.parquet")
+    fields = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    cfg = TrainerConfig.model_validate(
+        dpo_config(tiny_model_dir, str(tmp_path / "prefs.parquet"), "/out", dataset={"fields": fields})
+    )
+    data = preference.tokenize(load_rows(storage, cfg.dataset.train, tmp_path), cfg, tokenizer)
+    assert data.conversational and len(data.examples) == 3
+    assert "Under Help." in tokenizer.decode(data.examples[0].chosen_ids)
+
+    (tmp_path / "prefs.csv").write_text('prompt,chosen,rejected\nHi?, Hello., Go.\n"Bye?", Bye!,\n')
+    cfg = TrainerConfig.model_validate(dpo_config(tiny_model_dir, str(tmp_path / "prefs.csv"), "/out"))
+    rows = load_rows(storage, cfg.dataset.train, tmp_path)
+    assert not preference.tokenize(rows[:1], cfg, tokenizer).conversational
+    with pytest.raises(InvalidInput, match=r"prefs.csv:3: field 'rejected' is empty") as failure:
+        preference.tokenize(rows, cfg, tokenizer)
+    assert failure.value.error.line == 3
