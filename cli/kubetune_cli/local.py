@@ -170,6 +170,8 @@ def progress_line(progress: Progress) -> str:
         parts.append(f"loss {progress.train_loss:.4f}")
     if progress.eval_loss is not None:
         parts.append(f"eval {progress.eval_loss:.4f}")
+    if progress.reward_accuracy is not None:  # objective dpo
+        parts.append(f"reward acc {progress.reward_accuracy:.2f} margin {progress.reward_margin or 0:.3f}")
     if progress.tokens_per_second:
         parts.append(f"{progress.tokens_per_second:,.0f} tok/s")
     if progress.eta:

@@ -34,7 +34,18 @@ QUALIFIED_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 # The trainer-facing sections are immutable: a running trainer resumes only into the same run.
-IMMUTABLE_SECTIONS = ("model", "dataset", "method", "training", "evaluation", "output", "storage", "resources", "image")
+IMMUTABLE_SECTIONS = (
+    "model",
+    "dataset",
+    "method",
+    "objective",
+    "training",
+    "evaluation",
+    "output",
+    "storage",
+    "resources",
+    "image",
+)
 
 
 class SecretRef(ApiModel):

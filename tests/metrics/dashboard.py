@@ -15,6 +15,9 @@ DATASOURCE_UID = "${datasource}"
 # Panels whose metrics a trainer exports only with CUDA (kubetune_trainer_gpu_memory_*): on this CPU-only
 # machine their queries must be valid and come back empty. Every other panel must show data.
 GPU_ONLY_PANELS = frozenset({"GPU memory"})
+# Panels of the metrics only an objective dpo run exports (kubetune_trainer_reward_*): empty for an SFT run,
+# shown by a DPO run (`test_preference_panels_show_a_dpo_run`).
+DPO_PANELS = frozenset({"Reward accuracy", "Reward margin", "Chosen and rejected rewards"})
 
 # PromQL function names and keywords, so that what is left of an expression are metric names.
 _NOT_METRICS = frozenset(
@@ -41,6 +44,10 @@ class Query:
     @property
     def gpu_only(self) -> bool:
         return self.panel in GPU_ONLY_PANELS
+
+    @property
+    def dpo_only(self) -> bool:
+        return self.panel in DPO_PANELS
 
 
 def load() -> dict[str, Any]:

@@ -12,11 +12,13 @@ scheduler and kubelet, via `tests.kubeapi.cluster`, as the API tests do):
 - Prometheus, with static targets relabelled exactly as prometheus-operator does for the chart's rendered
   PodMonitor and ServiceMonitor (the target labels, the chart's relabelings, metricRelabelings, honorLabels).
 
-GPU panels: see `dashboard.GPU_ONLY_PANELS`; on CPU their queries must succeed and be empty.
+GPU panels: see `dashboard.GPU_ONLY_PANELS`; on CPU their queries must succeed and be empty. The preference
+panels (`dashboard.DPO_PANELS`) must be empty for this SFT run; a DPO run, watched the same way, shows them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +26,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -305,24 +309,55 @@ def finite_values(result: list[dict[str, Any]]) -> list[float]:
     return [float(v) for _, v in points if math.isfinite(float(v))]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_every_dashboard_query_returns_data_from_a_real_run(
-    operator: Operator, cluster: Cluster, tmp_path: Path
-) -> None:
-    require_prometheus()
-    started = time.time()
+@dataclass
+class WatchedRun:
+    """A FineTuneJob the operator made a Job (and a running pod at 127.0.0.1) for, with Prometheus scraping the
+    trainer's port and the operator; `start_trainer` runs the trainer with the operator's config.json."""
+
+    cluster: Cluster
+    job: dict[str, Any]
+    pod: dict[str, Any]
+    spec: dict[str, Any]
+    trainer_port: int
+    operator_port: int
+    prometheus: Prometheus
+    builder: subprocess.Popen[bytes]
+    tmp_path: Path
+    trainer: subprocess.Popen[bytes] | None = None
+
+    @property
+    def termination(self) -> Path:
+        return self.tmp_path / "termination-log"
+
+    def start_trainer(self) -> subprocess.Popen[bytes]:
+        config = self.tmp_path / "config.json"
+        config.write_text(self.cluster.configmap(f"{RUN}-trainer")["data"]["config.json"])
+        assert self.builder.wait(timeout=60) == 0, "building the tiny model failed"
+        self.trainer = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "kubetune_trainer", "--config", str(config)),
+                *("--termination-log", str(self.termination), "--workdir", str(self.tmp_path / "work")),
+            ],
+            env=trainer_environment(self.job, self.trainer_port),
+        )
+        return self.trainer
+
+
+@contextlib.contextmanager
+def watched_run(
+    operator: Operator, cluster: Cluster, tmp_path: Path, spec_for: Callable[[Path], dict[str, Any]]
+) -> Iterator[WatchedRun]:
+    """`spec_for(model dir)` applied as the FineTuneJob RUN, its pod running, Prometheus watching it."""
     model = tmp_path / "model"
     # The tiny model is built in a child process, while the rest starts.
     builder = subprocess.Popen(
         [sys.executable, "-c", f"from kubetune_trainer.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "trainer")},
     )
-    trainer_process: subprocess.Popen[bytes] | None = None
+    run: WatchedRun | None = None
     prometheus: Prometheus | None = None
     try:
-        train, evaluation = write_data(tmp_path)
-        spec = run_spec(model, train, evaluation, tmp_path / "out")
+        spec = spec_for(model)
         cluster.apply(RUN, spec=spec)
         job = cluster.wait_job(RUN)
         trainer_port = free_port()
@@ -332,22 +367,35 @@ def test_every_dashboard_query_returns_data_from_a_real_run(
             scrape_configs(render_monitors(), (trainer_port, pod["metadata"]["name"]), operator_port)
         ).start()
         cluster.wait_phase("Running", RUN)
+        run = WatchedRun(cluster, job, pod, spec, trainer_port, operator_port, prometheus, builder, tmp_path)
+        yield run
+    finally:
+        for child in (builder, run.trainer if run else None):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+        if prometheus is not None:
+            prometheus.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_every_dashboard_query_returns_data_from_a_real_run(
+    operator: Operator, cluster: Cluster, tmp_path: Path
+) -> None:
+    require_prometheus()
+    started = time.time()
+    train, evaluation = write_data(tmp_path)
+    with watched_run(
+        operator, cluster, tmp_path, lambda model: run_spec(model, train, evaluation, tmp_path / "out")
+    ) as watched:
+        prometheus = watched.prometheus
         # A failed run while Prometheus watches, after it has two scrapes of the operator: rate() and increase()
         # need a sample from before an observation.
         prometheus.wait_for('count_over_time(up{job="kubetune"}[1m]) >= 2', timeout=20, what="operator scrapes")
-        fail_a_run(cluster, spec)
+        fail_a_run(cluster, watched.spec)
 
-        config = tmp_path / "config.json"
-        config.write_text(cluster.configmap(f"{RUN}-trainer")["data"]["config.json"])
-        assert builder.wait(timeout=60) == 0, "building the tiny model failed"
-        termination = tmp_path / "termination-log"
-        trainer_process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "kubetune_trainer", "--config", str(config)),
-                *("--termination-log", str(termination), "--workdir", str(tmp_path / "work")),
-            ],
-            env=trainer_environment(job, trainer_port),
-        )
+        trainer_process = watched.start_trainer()
         run = f'namespace="{NAMESPACE}", finetunejob="{RUN}"'
         # Enough for every panel: several scraped steps, two evaluations, a few checkpoint uploads (a labelled
         # histogram's first observation creates its series, so rate() needs the ones after), status progress.
@@ -360,20 +408,13 @@ def test_every_dashboard_query_returns_data_from_a_real_run(
         time.sleep(2 * SCRAPE_INTERVAL_SECONDS)  # the newest samples lie inside the range queries' last step
         assert trainer_process.poll() is None, "the trainer ended before the checks; see its log above"
 
-        check_target_labels(prometheus, pod["metadata"]["name"])
-        check_expositions(trainer_port, operator_port)
+        check_target_labels(prometheus, watched.pod["metadata"]["name"])
+        check_expositions(watched.trainer_port, watched.operator_port)
         check_queries(prometheus, started)
 
         trainer_process.send_signal(signal.SIGTERM)  # a preemption: it saves a checkpoint and exits 3
         assert trainer_process.wait(timeout=60) == 3
-        assert json.loads(termination.read_text())["outcome"] == "preempted"
-    finally:
-        for child in (builder, trainer_process):
-            if child is not None and child.poll() is None:
-                child.kill()
-                child.wait()
-        if prometheus is not None:
-            prometheus.stop()
+        assert json.loads(watched.termination.read_text())["outcome"] == "preempted"
     assert time.time() - started < 90, f"took {time.time() - started:.0f} s; the budget is 90 s"
 
 
@@ -396,7 +437,9 @@ def check_expositions(trainer_port: int, operator_port: int) -> None:
         assert lint.returncode == 0 and not lint.stdout.strip(), f"promtool on :{port}: {lint.stdout}{lint.stderr}"
 
 
-def check_queries(prometheus: Prometheus, started: float) -> None:
+def check_queries(prometheus: Prometheus, started: float, *, dpo_run: bool = False) -> None:
+    """An SFT run: every panel but the GPU and DPO ones has data, those have none. A DPO run: the DPO panels
+    have data."""
     board = dash.load()
     end = time.time()
     choices = {}
@@ -410,8 +453,10 @@ def check_queries(prometheus: Prometheus, started: float) -> None:
         "All": {"namespace": ".*", "finetunejob": ".*", **builtins},
         "this run": {"namespace": NAMESPACE, "finetunejob": RUN, **builtins},
     }
-    empty, gpu_nonempty = [], []
+    empty, gpu_nonempty, dpo_nonempty = [], [], []
     for query in dash.queries(board):
+        if dpo_run and not query.dpo_only:
+            continue
         for selection, variables in selections.items():
             expr = dash.substitute(query.expr, variables)
             result = (
@@ -423,9 +468,55 @@ def check_queries(prometheus: Prometheus, started: float) -> None:
             if query.gpu_only:
                 if result:
                     gpu_nonempty.append(where)
+            elif query.dpo_only and not dpo_run:
+                if result:
+                    dpo_nonempty.append(where)
             elif not finite_values(result):
                 empty.append(f"{where}\n    -> {json.dumps(result)[:300]}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
     assert not gpu_nonempty, "GPU-only panels with data on a CPU run (update GPU_ONLY_PANELS):\n" + "\n".join(
         gpu_nonempty
     )
+    assert not dpo_nonempty, "DPO panels with data from an SFT run (update DPO_PANELS):\n" + "\n".join(dpo_nonempty)
+
+
+def preference_data(tmp_path: Path) -> tuple[Path, Path]:
+    preferences = (REPO_ROOT / "examples" / "data" / "preferences.jsonl").read_text().splitlines(True)
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(preferences[:32]))
+    evaluation.write_text("".join(preferences[32:]))
+    return train, evaluation
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_preference_panels_show_a_dpo_run(operator: Operator, cluster: Cluster, tmp_path: Path) -> None:
+    """objective dpo through the operator (its config.json, its Job's environment), scraped by Prometheus: the
+    reward panels have data, and the operator's status.progress carries the reward metrics."""
+    require_prometheus()
+    started = time.time()
+    train, evaluation = preference_data(tmp_path)
+
+    def dpo_spec(model: Path) -> dict[str, Any]:
+        spec = run_spec(model, train, evaluation, tmp_path / "out")
+        spec["dataset"] = {"train": str(train), "eval": str(evaluation), "maxLength": 64, "format": "preference"}
+        spec["objective"] = {"type": "dpo"}
+        return spec
+
+    with watched_run(operator, cluster, tmp_path, dpo_spec) as watched:
+        trainer_process = watched.start_trainer()
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert config["objective"] == {"type": "dpo"}
+        run = f'namespace="{NAMESPACE}", finetunejob="{RUN}"'
+        prometheus = watched.prometheus
+        prometheus.wait_for(f"kubetune_trainer_step{{{run}}} >= 5", timeout=90, what="five scraped steps")
+        prometheus.wait_for(f"kubetune_trainer_eval_reward_accuracy{{{run}}}", timeout=30)
+        prometheus.wait_for(f"changes(kubetune_trainer_reward_margin{{{run}}}[15s]) >= 1", timeout=20)
+        time.sleep(2 * SCRAPE_INTERVAL_SECONDS)
+        assert trainer_process.poll() is None, "the trainer ended before the checks; see its log above"
+        check_queries(prometheus, started, dpo_run=True)
+        deadline = time.monotonic() + 20
+        while "rewardAccuracy" not in cluster.status(RUN).get("progress", {}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        progress = cluster.status(RUN)["progress"]
+        assert 0 <= progress["rewardAccuracy"] <= 1 and "rewardMargin" in progress, progress

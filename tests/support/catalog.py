@@ -37,6 +37,11 @@ def with_changes(*changes: tuple[str, Any]) -> dict[str, Any]:
     return obj
 
 
+def _dpo(settings: dict[str, Any]) -> dict[str, Any]:
+    """BASE as a DPO run on preference data, with these objective.dpo settings."""
+    return with_changes(("spec.dataset.format", "preference"), ("spec.objective", {"type": "dpo", "dpo": settings}))
+
+
 # (id, object, text that both error messages must contain: the field's path or name)
 BAD: list[tuple[str, dict[str, Any], str]] = [
     ("missing-spec", with_changes(("spec", ...)), "spec"),
@@ -144,6 +149,51 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("mlflow-without-uri", with_changes(("spec.tracking", {"mlflow": {"experiment": "x"}})), "trackingUri"),
     ("wandb-bad-mode", with_changes(("spec.tracking", {"wandb": {"project": "p", "mode": "cloud"}})), "mode"),
+    # objective dpo: its settings and the rules tying it to preference data.
+    ("bad-objective", with_changes(("spec.objective", {"type": "ppo"})), "spec.objective.type"),
+    (
+        "dpo-without-preference-data",
+        with_changes(("spec.objective", {"type": "dpo"})),
+        "objective.type dpo needs dataset.format preference",
+    ),
+    (
+        "preference-data-without-dpo",
+        with_changes(("spec.dataset.format", "preference")),
+        "dataset.format preference needs objective.type dpo",
+    ),
+    (
+        "dpo-settings-with-sft",
+        with_changes(("spec.objective", {"type": "sft", "dpo": {"beta": 0.5}})),
+        "objective.dpo is only valid with objective.type dpo",
+    ),
+    ("dpo-beta-zero", _dpo({"beta": 0}), "spec.objective.dpo.beta"),
+    ("dpo-beta-string", _dpo({"beta": "0.1"}), "spec.objective.dpo.beta"),
+    ("dpo-bad-loss", _dpo({"loss": "orpo"}), "spec.objective.dpo.loss"),
+    ("dpo-negative-sft-weight", _dpo({"sftWeight": -1}), "spec.objective.dpo.sftWeight"),
+    ("dpo-label-smoothing-half", _dpo({"loss": "robust", "labelSmoothing": 0.5}), "spec.objective.dpo.labelSmoothing"),
+    (
+        "dpo-label-smoothing-with-sigmoid",
+        _dpo({"labelSmoothing": 0.1}),
+        "objective.dpo.labelSmoothing is only valid with objective.dpo.loss robust or exo_pair",
+    ),
+    (
+        "dpo-prompt-fills-max-length",
+        _dpo({"maxPromptLength": 2048}),
+        "objective.dpo.maxPromptLength must be less than dataset.maxLength",
+    ),
+    ("dpo-zero-prompt-length", _dpo({"maxPromptLength": 0}), "spec.objective.dpo.maxPromptLength"),
+    (
+        "dpo-reference-bad-uri",
+        _dpo({"referenceModel": {"source": "gs://models/ref/"}}),
+        "spec.objective.dpo.referenceModel.source",
+    ),
+    (
+        "dpo-reference-revision-without-hf",
+        _dpo({"referenceModel": {"source": "s3://models/ref/", "revision": "main"}}),
+        "model.revision is only valid with an hf:// source",
+    ),
+    ("dpo-unknown-field", _dpo({"refModel": "s3://models/ref/"}), "refModel"),
+    ("preference-field-empty", with_changes(("spec.dataset.fields", {"chosen": ""})), "spec.dataset.fields.chosen"),
 ]
 
 GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
@@ -175,6 +225,35 @@ GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("multiline-template", with_changes(("spec.dataset.template", "<s>[INST] {prompt} [/INST]\n\n{response}"))),
     ("exists-toleration", with_changes(("spec.scheduling", {"tolerations": [{"operator": "Exists"}]}))),
     ("affinity-passthrough", with_changes(("spec.scheduling", {"affinity": {"nodeAffinity": {"x": 1}}}))),
+    ("dpo-defaults", _dpo({})),
+    (
+        "dpo-every-setting",
+        _dpo(
+            {
+                "beta": 0.05,
+                "loss": "robust",
+                "labelSmoothing": 0.2,
+                "maxPromptLength": 2047,
+                "sftWeight": 1.0,
+                "referenceModel": {"source": "hf://org/sft-model", "revision": "v2"},
+            }
+        ),
+    ),
+    (
+        "dpo-full",
+        with_changes(
+            ("spec.method", {"type": "full"}), ("spec.dataset.format", "preference"), ("spec.objective.type", "dpo")
+        ),
+    ),
+    (
+        "dpo-preference-columns",
+        with_changes(
+            ("spec.dataset.train", "s3://datasets/prefs.parquet"),
+            ("spec.dataset.format", "preference"),
+            ("spec.dataset.fields", {"chosen": "good", "rejected": "bad"}),
+            ("spec.objective", {"type": "dpo"}),
+        ),
+    ),
 ]
 
 
@@ -184,6 +263,7 @@ IMMUTABLE_CHANGES: list[tuple[str, Any]] = [
     ("dataset", {"train": "s3://datasets/other.jsonl"}),
     ("training", {"learningRate": 1e-3}),
     ("method", {"type": "lora"}),
+    ("objective", {"type": "dpo"}),
     ("output", {"destination": "s3://artifacts/elsewhere/"}),
     ("image", "registry.example/trainer:2"),
 ]

@@ -42,19 +42,20 @@ def save_weights(model: Any, tokenizer: Any, directory: Path, *, full: bool) -> 
     tokenizer.save_pretrained(directory)
 
 
-def prompt_text(cfg: TrainerConfig, tokenizer: Any, prompt: str) -> str:
+def prompt_text(cfg: TrainerConfig, tokenizer: Any, prompt: str, *, chat: bool = False) -> str:
+    """The prompt as the model saw prompts in training; `chat`: preference rows were message lists."""
     from kubetune_trainer.data import instruction_prompt
 
     if cfg.dataset.format == "instruction":
         return instruction_prompt(cfg.dataset, prompt)
-    if cfg.dataset.format == "chat":
+    if cfg.dataset.format == "chat" or chat:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
 
 
-def generate_samples(model: Any, tokenizer: Any, cfg: TrainerConfig) -> list[dict[str, str]]:
+def generate_samples(model: Any, tokenizer: Any, cfg: TrainerConfig, *, chat: bool = False) -> list[dict[str, str]]:
     """Greedy generations for evaluation.prompts (the seed guide's step 6, with the trained weights)."""
     import torch
 
@@ -63,8 +64,9 @@ def generate_samples(model: Any, tokenizer: Any, cfg: TrainerConfig) -> list[dic
     model.eval()
     device = next(model.parameters()).device
     for prompt in cfg.evaluation.prompts:
-        text = prompt_text(cfg, tokenizer, prompt)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=cfg.dataset.format != "chat").to(device)
+        text = prompt_text(cfg, tokenizer, prompt, chat=chat)
+        templated = cfg.dataset.format == "chat" or chat
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
         with torch.no_grad():
             output = model.generate(
                 **inputs,
@@ -96,6 +98,24 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _objective_lines(cfg: TrainerConfig, metrics: dict[str, Any]) -> list[str]:
+    dpo = metrics.get("dpo")
+    if cfg.objective.type != "dpo" or not dpo:
+        return ["- objective: sft (next-token loss on the responses)"]
+    lines = [
+        f"- objective: dpo (Direct Preference Optimization, TRL DPOTrainer), loss {dpo['loss']}, beta {dpo['beta']}",
+        f"- reference policy: {dpo['reference_model']}",
+        f"- maxPromptLength {dpo['max_prompt_length']}, SFT term weight {dpo['sft_weight']}"
+        + (f", label smoothing {dpo['label_smoothing']}" if dpo["label_smoothing"] else ""),
+    ]
+    if metrics.get("reward_accuracy") is not None:
+        lines.append(
+            f"- final reward accuracy {_number(metrics['reward_accuracy'])}, "
+            f"margin {_number(metrics.get('reward_margin'))}"
+        )
+    return lines
+
+
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
     method = cfg.method
     quant = method.effective_quantization()
@@ -105,7 +125,7 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         "---",
         "library_name: peft" if lora else "library_name: transformers",
         f"base_model: {cfg.model.source}",
-        "tags: [kubetune, " + method.type + "]",
+        "tags: [kubetune, " + method.type + ("" if cfg.objective.type == "sft" else ", " + cfg.objective.type) + "]",
         "---",
         "",
         f"# Fine-tuned {cfg.model.source}",
@@ -121,6 +141,7 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         lines.append(f"- quantization: {q}")
     if lora:
         lines.append(f"- LoRA: r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {lora.target_modules}")
+    lines += _objective_lines(cfg, metrics)
     lines += [
         "",
         "## Data",

@@ -149,7 +149,11 @@ class DatasetFields(ApiModel):
     """Column names in the dataset rows."""
 
     prompt: str = Field(
-        default="prompt", min_length=1, max_length=128, description="Instruction format: the prompt column."
+        default="prompt",
+        min_length=1,
+        max_length=128,
+        description="Instruction and preference formats: the prompt column (in the preference chat form a list of "
+        "messages; absent there when chosen and rejected carry the shared conversation).",
     )
     response: str = Field(
         default="response",
@@ -164,6 +168,18 @@ class DatasetFields(ApiModel):
         description="Chat format: the column holding a list of {role, content} messages.",
     )
     text: str = Field(default="text", min_length=1, max_length=128, description="Text format: the text column.")
+    chosen: str = Field(
+        default="chosen",
+        min_length=1,
+        max_length=128,
+        description="Preference format: the preferred answer (a string, or a list of {role, content} messages).",
+    )
+    rejected: str = Field(
+        default="rejected",
+        min_length=1,
+        max_length=128,
+        description="Preference format: the dispreferred answer, in the same form as chosen.",
+    )
 
 
 class DatasetSpec(ApiModel):
@@ -182,10 +198,11 @@ class DatasetSpec(ApiModel):
         lt=0.5,
         description="Fraction of train held out (seeded) for evaluation when eval is absent; 0 disables eval.",
     )
-    format: Literal["instruction", "chat", "text"] = Field(
+    format: Literal["instruction", "chat", "text", "preference"] = Field(
         default="instruction",
         description="instruction: prompt/response rows rendered with template; chat: a messages list rendered "
-        "with the tokenizer's chat template; text: plain text rows.",
+        "with the tokenizer's chat template; text: plain text rows; preference: prompt/chosen/rejected rows for "
+        "objective dpo (strings, or message lists rendered with the chat template).",
     )
     fields: DatasetFields = Field(default_factory=DatasetFields, description="Column names in the rows.")
     template: InstructionTemplate = Field(
@@ -203,7 +220,8 @@ class DatasetSpec(ApiModel):
     packing: bool = Field(
         default=True,
         description="Pack several examples into each sequence (no padding; attention kept within each "
-        "example). Much higher throughput on short rows; on by default.",
+        "example). Much higher throughput on short rows; on by default. Not used by the preference format "
+        "(each pair is one padded chosen and one rejected sequence).",
     )
 
 
@@ -281,6 +299,104 @@ class MethodSpec(ApiModel):
         if self.type == "full":
             return None
         return self.lora or LoraSpec()
+
+
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard"]
+# Loss variants whose label smoothing means something, and its default for each (the papers' values).
+LABEL_SMOOTHING_DEFAULTS = {"robust": 0.1, "exo_pair": 1e-3}
+
+
+class DpoSpec(ApiModel):
+    """Direct Preference Optimization settings (TRL's DPOTrainer)."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="How far the policy may move from the reference: higher keeps it closer. 0.1 is the DPO "
+        "paper's (Rafailov et al. 2023); for ipo it is the regularization tau of the IPO paper.",
+    )
+    loss: DpoLoss = Field(
+        default="sigmoid",
+        description="sigmoid: DPO; ipo: IPO (Azar et al. 2023); hinge: SLiC; robust: Robust DPO for noisy labels "
+        "(Chowdhury et al. 2024); exo_pair: EXO; nca_pair: NCA; apo_zero, apo_down: APO; sppo_hard: SPPO. All "
+        "take the same prompt/chosen/rejected pairs (TRL's loss_type).",
+    )
+    label_smoothing: float | None = Field(
+        default=None,
+        ge=0,
+        lt=0.5,
+        description="robust and exo_pair only: the assumed probability that a label is flipped (robust; default "
+        "0.1, the Robust DPO paper's) or EXO's epsilon (default 1e-3, the EXO paper's).",
+    )
+    max_prompt_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=131072,
+        description="Prompt tokens kept per pair (default: half of dataset.maxLength); longer prompts keep their "
+        "end (the part next to the answer). "
+        "The pair's sequences are then cut to dataset.maxLength, keeping the start of each answer. Both are "
+        "counted in metrics.json (truncated_examples).",
+    )
+    sft_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="Weight of an added negative log-likelihood term on the chosen answers (RPO, Pang et al. "
+        "2024, who use 1.0). 0 disables it.",
+    )
+    reference_model: ModelSpec | None = Field(
+        default=None,
+        description="The frozen reference policy, when it is not the base model. Unset with qlora/lora: the base "
+        "with the adapter disabled (no second copy in memory). Unset with full: a frozen copy of the base, which "
+        "costs a second full set of weights in the training precision (e.g. ~16 GB more for an 8B model in bf16).",
+    )
+
+    rules = (
+        Rule(
+            "!has(self.labelSmoothing) || self.loss == 'robust' || self.loss == 'exo_pair'",
+            "objective.dpo.labelSmoothing is only valid with objective.dpo.loss robust or exo_pair",
+            lambda d: d.label_smoothing is None or d.loss in LABEL_SMOOTHING_DEFAULTS,
+            ".labelSmoothing",
+        ),
+    )
+
+    def effective_max_prompt_length(self, max_length: int) -> int:
+        return self.max_prompt_length if self.max_prompt_length is not None else max_length // 2
+
+    def effective_label_smoothing(self) -> float:
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return LABEL_SMOOTHING_DEFAULTS.get(self.loss, 0.0)
+
+
+class ObjectiveSpec(ApiModel):
+    """What the training optimizes: supervised fine-tuning (sft) or preference optimization (dpo)."""
+
+    type: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="sft: next-token loss on the responses (dataset.format instruction, chat or text); dpo: Direct "
+        "Preference Optimization on chosen/rejected pairs (dataset.format preference), with LoRA, QLoRA or full.",
+    )
+    dpo: DpoSpec | None = Field(
+        default=None,
+        description="type dpo only. Default: beta 0.1, loss sigmoid, maxPromptLength half of dataset.maxLength, "
+        "sftWeight 0, the base model as reference.",
+    )
+
+    rules = (
+        Rule(
+            "!has(self.dpo) || self.type == 'dpo'",
+            "objective.dpo is only valid with objective.type dpo",
+            lambda o: o.dpo is None or o.type == "dpo",
+            ".dpo",
+        ),
+    )
+
+    def effective_dpo(self) -> DpoSpec | None:
+        if self.type != "dpo":
+            return None
+        return self.dpo or DpoSpec()
 
 
 class EarlyStoppingSpec(ApiModel):
@@ -458,6 +574,9 @@ class TrainerConfig(ApiModel):
     model: ModelSpec = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training and evaluation data.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="qlora (default), lora or full.")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="sft (default) or dpo, with DPO's settings."
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization settings.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Sample generations.")
     output: OutputSpec = Field(description="Where checkpoints and artifacts are written.")
@@ -469,6 +588,22 @@ class TrainerConfig(ApiModel):
             "!self.output.mergeAdapter || self.method.type != 'full'",
             "output.mergeAdapter is only valid with method.type qlora or lora",
             lambda c: not c.output.merge_adapter or c.method.type != "full",
+        ),
+        Rule(
+            "(self.objective.type == 'dpo') == (self.dataset.format == 'preference')",
+            "objective.type dpo needs dataset.format preference, and dataset.format preference needs "
+            "objective.type dpo",
+            lambda c: (c.objective.type == "dpo") == (c.dataset.format == "preference"),
+        ),
+        Rule(
+            "!has(self.objective.dpo) || !has(self.objective.dpo.maxPromptLength) || "
+            "self.objective.dpo.maxPromptLength < self.dataset.maxLength",
+            "objective.dpo.maxPromptLength must be less than dataset.maxLength (the answers need room)",
+            lambda c: (
+                c.objective.dpo is None
+                or c.objective.dpo.max_prompt_length is None
+                or c.objective.dpo.max_prompt_length < c.dataset.max_length
+            ),
         ),
     )
 

@@ -221,6 +221,22 @@ class Progress(ContractModel):
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput (real tokens).")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
     eta: str | None = Field(default=None, description="etaSeconds for humans, e.g. 1h02m (the ETA column).")
+    reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="objective dpo: share of pairs whose chosen reward beats the rejected."
+    )
+    reward_margin: float | None = Field(
+        default=None, description="objective dpo: mean chosen minus rejected reward (beta * log-ratio to reference)."
+    )
+    reward_chosen: float | None = Field(default=None, description="objective dpo: mean reward of the chosen answers.")
+    reward_rejected: float | None = Field(
+        default=None, description="objective dpo: mean reward of the rejected answers."
+    )
+    eval_reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="objective dpo: reward accuracy on the eval pairs, latest evaluation."
+    )
+    eval_reward_margin: float | None = Field(
+        default=None, description="objective dpo: reward margin on the eval pairs, latest evaluation."
+    )
     resumed_from_step: int | None = Field(default=None, ge=0, description="Checkpoint step this attempt resumed from.")
     storage_retry: str | None = Field(
         default=None, description="A storage write being retried through an outage, and why; none once it went through."
@@ -238,6 +254,12 @@ class Result(ContractModel):
     train_seconds: float | None = Field(default=None, ge=0, description="Wall time spent training.")
     trained_tokens: int | None = Field(default=None, ge=0, description="Real (non-padding) tokens trained on.")
     steps: int | None = Field(default=None, ge=0, description="Optimizer steps taken.")
+    reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="objective dpo: final reward accuracy (eval pairs, else train)."
+    )
+    reward_margin: float | None = Field(
+        default=None, description="objective dpo: final mean reward margin (eval pairs, else train)."
+    )
 
 
 class Artifacts(ContractModel):

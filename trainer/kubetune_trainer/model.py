@@ -154,8 +154,11 @@ def check_model_dir(model_dir: Path, source: str) -> None:
         )
 
 
-def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_index: int | None = None) -> Any:
-    """The model ready to train: quantized and prepared for k-bit training, with LoRA adapters, or full."""
+def load_model(
+    model_dir: Path, cfg: TrainerConfig, compute: str, *, device_index: int | None = None, with_adapter: bool = True
+) -> Any:
+    """The model ready to train: quantized and prepared for k-bit training, with LoRA adapters (unless
+    `with_adapter` is False: the caller's trainer adds them), or full."""
     from transformers import AutoModelForCausalLM
 
     method = cfg.method
@@ -193,7 +196,7 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-    if method.type == "full":
+    if method.type == "full" or not with_adapter:
         return model
     from peft import get_peft_model
 

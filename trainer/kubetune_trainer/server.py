@@ -60,6 +60,13 @@ class Telemetry:
         self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logging interval.")
         self.tokens_per_second = gauge("tokens_per_second", "Training throughput, non-padding tokens per second.")
         self.eta_seconds = gauge("eta_seconds", "Estimated seconds until training ends.")
+        # Preference optimization (objective dpo); absent from SFT runs.
+        self.reward_accuracy = gauge("reward_accuracy", "DPO: share of pairs whose chosen reward beats the rejected.")
+        self.reward_margin = gauge("reward_margin", "DPO: mean chosen minus rejected reward, last logging interval.")
+        self.reward_chosen = gauge("reward_chosen", "DPO: mean reward of the chosen answers, last logging interval.")
+        self.reward_rejected = gauge("reward_rejected", "DPO: mean reward of the rejected answers, last interval.")
+        self.eval_reward_accuracy = gauge("eval_reward_accuracy", "DPO: reward accuracy on the eval pairs.")
+        self.eval_reward_margin = gauge("eval_reward_margin", "DPO: mean reward margin on the eval pairs.")
         self.checkpoint_bytes = gauge("checkpoint_bytes", "Size of the latest checkpoint.")
         self.stage = gauge("stage", "1 for the current stage of the run, 0 for the others.", ("stage",))
         self.tokens_total = Counter(PREFIX + "tokens", "Non-padding tokens trained on.", names, registry=r)
@@ -141,6 +148,12 @@ class Telemetry:
             "learning_rate": self.learning_rate,
             "tokens_per_second": self.tokens_per_second,
             "eta_seconds": self.eta_seconds,
+            "reward_accuracy": self.reward_accuracy,
+            "reward_margin": self.reward_margin,
+            "reward_chosen": self.reward_chosen,
+            "reward_rejected": self.reward_rejected,
+            "eval_reward_accuracy": self.eval_reward_accuracy,
+            "eval_reward_margin": self.eval_reward_margin,
         }
         for key, value in fields.items():
             if key in gauges and value is not None:

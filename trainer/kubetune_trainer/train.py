@@ -90,6 +90,12 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
     from transformers import TrainingArguments
 
     t = cfg.training
+    # objective dpo: TRL's DPOConfig (a TrainingArguments) with the DPO settings on top of the shared ones.
+    args_class, objective_settings = TrainingArguments, {}
+    if cfg.objective.type == "dpo":
+        from kubetune_trainer.preference import dpo_arguments
+
+        args_class, objective_settings = dpo_arguments(cfg)
     recompute = model_mod.gradient_checkpointing(t)
     # transformers 5 renamed gradient checkpointing to activation checkpointing (old names warn).
     checkpointing = (
@@ -103,8 +109,9 @@ def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has
             "gradient_checkpointing_kwargs": {"use_reentrant": False},
         }
     )
-    return TrainingArguments(
+    return args_class(
         **checkpointing,
+        **objective_settings,
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -180,11 +187,12 @@ class Trained:
     eval_loss: float | None
 
 
-def _local_model(ctx: Context, args: Any) -> Path:
-    cfg, dist, telemetry = ctx.cfg, ctx.dist, ctx.telemetry
-    source = cfg.model.source
+def _local_model(ctx: Context, args: Any, source: str | None = None, name: str = "model") -> Path:
+    """The model at `source` (default: model.source) as a local directory, downloaded into workdir/`name`."""
+    dist, telemetry = ctx.dist, ctx.telemetry
+    source = source or ctx.cfg.model.source
     loc = parse_uri(source)
-    target = ctx.workdir / "model"
+    target = ctx.workdir / name
     with args.main_process_first(local=True, desc="model download"):
         if loc.scheme == "file":
             path = Path(loc.path)
@@ -250,19 +258,28 @@ def setup(ctx: Context) -> Prepared:
     args = training_arguments(cfg, ctx.workdir / "trainer", precision, has_eval=bool(rows_eval))
     model_dir = _local_model(ctx, args)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    train_data = data_mod.tokenize(rows_train, cfg.dataset, tokenizer, name="train")
-    eval_data = data_mod.tokenize(rows_eval, cfg.dataset, tokenizer, name="eval") if rows_eval else None
-    train_features = data_mod.as_features(train_data.examples, cfg.dataset.max_length, cfg.dataset.packing)
-    eval_features = (
-        data_mod.as_features(eval_data.examples, cfg.dataset.max_length, cfg.dataset.packing) if eval_data else None
-    )
+    dpo = cfg.objective.effective_dpo()
+    if dpo is not None:
+        from kubetune_trainer import preference
+
+        train_data: Any = preference.tokenize(rows_train, cfg, tokenizer, name="train")
+        eval_data: Any = preference.tokenize(rows_eval, cfg, tokenizer, name="eval") if rows_eval else None
+        train_features: Any = preference.features(train_data)
+        eval_features: Any = preference.features(eval_data) if eval_data else None
+    else:
+        train_data = data_mod.tokenize(rows_train, cfg.dataset, tokenizer, name="train")
+        eval_data = data_mod.tokenize(rows_eval, cfg.dataset, tokenizer, name="eval") if rows_eval else None
+        train_features = data_mod.as_features(train_data.examples, cfg.dataset.max_length, cfg.dataset.packing)
+        eval_features = (
+            data_mod.as_features(eval_data.examples, cfg.dataset.max_length, cfg.dataset.packing) if eval_data else None
+        )
     log.info(
-        "data: %d train examples (%d tokens) in %d sequences%s; %d eval examples; precision %s; "
-        "gradient checkpointing %s",
+        "data: %d train %s (%d tokens) in %d sequences%s; %d eval; precision %s; gradient checkpointing %s",
         len(train_data.examples),
+        "pairs" if dpo else "examples",
         train_data.tokens,
         len(train_features),
-        " (packed)" if cfg.dataset.packing else "",
+        " (packed)" if cfg.dataset.packing and not dpo else "",
         len(eval_data.examples) if eval_data else 0,
         precision,
         "on" if model_mod.gradient_checkpointing(cfg.training) else "off",
@@ -278,9 +295,10 @@ def setup(ctx: Context) -> Prepared:
         # /progress (and so status.progress) shows where the run stands from now, not step 0 until the loop.
         planned = _planned_steps(args, resume_dir)
         ctx.telemetry.update(resumed_from_step=resume.step, step=resume.step, total_steps=planned)
-    model = model_mod.load_model(model_dir, cfg, precision, device_index=dist.local_rank)
-    trainable, total = model_mod.trainable_parameters(model)
-    log.info("model: %s, %d of %d parameters trainable", cfg.method.type, trainable, total)
+    # DPO with LoRA: TRL adds the adapter itself, so that the reference pass is the base with it disabled.
+    model = model_mod.load_model(
+        model_dir, cfg, precision, device_index=dist.local_rank, with_adapter=dpo is None or cfg.method.type == "full"
+    )
     if ctx.stop.requested:
         raise ckpt.Preempted("SIGTERM before training started")
     if cfg.training.early_stopping and not eval_features:
@@ -294,16 +312,25 @@ def setup(ctx: Context) -> Prepared:
     from kubetune_trainer.tracking import Trackers
 
     trackers = Trackers.start(cfg, ctx.telemetry, ctx.workdir, is_main=dist.is_main)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_features,
-        eval_dataset=eval_features,
-        data_collator=data_mod.Collator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[*callbacks.in_order(), *trackers.callbacks],  # trackers last: they log what ProgressReport adds
-    )
+    if dpo is not None:
+        trainer = _preference_trainer(
+            ctx, args, precision, model, tokenizer, (train_features, eval_features), callbacks, trackers.callbacks
+        )
+    else:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_features,
+            eval_dataset=eval_features,
+            data_collator=data_mod.Collator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=[*callbacks.in_order(), *trackers.callbacks],  # trackers last: they log what ProgressReport adds
+        )
     trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
+    trainable, total = model_mod.trainable_parameters(trainer.model)
+    log.info(
+        "model: %s, objective %s, %d of %d parameters trainable", cfg.method.type, cfg.objective.type, trainable, total
+    )
     return Prepared(
         precision,
         model_dir,
@@ -316,6 +343,53 @@ def setup(ctx: Context) -> Prepared:
         trainer,
         callbacks,
         trackers,
+    )
+
+
+def _preference_trainer(
+    ctx: Context,
+    args: Any,
+    precision: str,
+    model: Any,
+    tokenizer: Any,
+    features: tuple[Any, Any],
+    callbacks: Any,
+    trackers: list[Any],
+) -> Any:
+    """objective dpo's loop: TRL's DPOTrainer with the run's callbacks, its reference policy as configured."""
+    from kubetune_trainer import preference
+
+    cfg = ctx.cfg
+    dpo = cfg.objective.effective_dpo()
+    assert dpo is not None
+    reference = None
+    if dpo.reference_model is not None:
+        reference_dir = _local_model(ctx, args, dpo.reference_model.source, "reference-model")
+        reference = preference.load_reference_model(reference_dir, cfg, precision, ctx.dist.local_rank)
+    elif cfg.method.type == "full":
+        _, total = model_mod.trainable_parameters(model)
+        log.warning(
+            "objective dpo with method full: the reference is a frozen copy of the base, %.2f GB more memory "
+            "(set objective.dpo.referenceModel, or use lora/qlora, whose reference is the base with the "
+            "adapter disabled)",
+            total * next(model.parameters()).element_size() / 1e9,
+        )
+    log.info(
+        "objective dpo: loss %s, beta %g, reference %s",
+        dpo.loss,
+        dpo.beta,
+        dpo.reference_model.source if dpo.reference_model else "the base model",
+    )
+    return preference.preference_trainer_class()(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=features[0],
+        eval_dataset=features[1],
+        processing_class=tokenizer,
+        peft_config=model_mod.lora_config(cfg.method, model),  # TRL adds the adapter: None for full
+        # trackers last: they log what ProgressReport and RewardReport add
+        callbacks=[*callbacks.in_order(), preference.RewardReport(ctx.telemetry, ctx.dist), *trackers],
     )
 
 
@@ -389,6 +463,8 @@ def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
             train_seconds=round(trained.train_seconds, 2),
             trained_tokens=metrics["trained_tokens"],
             steps=state.global_step,
+            reward_accuracy=metrics.get("reward_accuracy"),
+            reward_margin=metrics.get("reward_margin"),
         ),
         metrics=metrics,
     )
@@ -461,8 +537,16 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
         if torch.cuda.is_available()
         else {}
     )
+    sft = cfg.objective.type == "sft"
+    preference_part: dict[str, Any] = {}
+    if not sft:
+        from kubetune_trainer.preference import preference_metrics
+
+        preference_part = preference_metrics(state.log_history, cfg)
     return {
         "method": cfg.method.type,
+        "objective": cfg.objective.type,
+        **preference_part,
         "precision": precision,
         "world_size": dist.world_size,
         # Sequences per optimizer step across every process of every node.
@@ -475,7 +559,8 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
         "train_loss": losses[-1]["loss"] if losses else None,
         "first_train_loss": losses[0]["loss"] if losses else None,
         "eval_loss": eval_loss,
-        "perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
+        # The DPO loss is no language-model loss: exp() of it is no perplexity.
+        "perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None and sft else None,
         "loss_history": losses,
         "eval_history": evals,
         "trained_tokens": int(state.num_input_tokens_seen),
@@ -508,7 +593,8 @@ def _write_artifacts(ctx: Context, prepared: Prepared, metrics: dict[str, Any], 
         model_card=join(destination, "README.md"),
     )
     if cfg.evaluation.prompts:
-        samples = art.generate_samples(model, tokenizer, cfg)
+        chat = bool(getattr(prepared.train_data, "conversational", False))  # preference rows as message lists
+        samples = art.generate_samples(model, tokenizer, cfg, chat=chat)
         (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         artifacts.samples = join(destination, "samples.jsonl")
     if cfg.output.merge_adapter and not full:
