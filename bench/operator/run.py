@@ -122,19 +122,23 @@ class OperatorProcess:
         self._sampling = threading.Event()
 
     def start(self, server: KubeApiServer, timeout: float = 60) -> None:
+        self.start_until(lambda: any(
+            r.verb == "watch" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
+            for r in list(server.emulator.api_requests)
+        ), timeout)  # fmt: skip
+
+    def start_until(self, watching: Any, timeout: float = 60) -> None:
+        """Start it; return once `watching()` says Kopf watches FineTuneJobs (a burst before that would be
+        served by its first list)."""
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.process = psutil.Process(self.popen.pid)
         threading.Thread(target=self._sample, name="rss-sampler", daemon=True).start()
-        # Ready once Kopf watches FineTuneJobs (a burst before that would be served by its first list).
         deadline = time.monotonic() + timeout
-        while not any(
-            r.verb == "watch" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
-            for r in list(server.emulator.api_requests)
-        ):
+        while not watching():
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the operator did not start; see {self.log_path}")
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def _sample(self) -> None:
         assert self.process is not None
@@ -472,18 +476,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         restarted, first_after_restart = time.monotonic(), len(emulator.api_requests)
         operator.start(server)
-        wait_until(  # every run resumed (one read of each FineTuneJob), then no request for 3 s
-            lambda: (
-                sum(
-                    r.verb == "get" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
-                    for r in emulator.api_requests[first_after_restart:]
-                )
-                >= args.count
-            ),
-            args.timeout,
-            "the restarted operator to resume every run",
-        )
+        # Every run resumed from the operator's lists (no request per run unless something changed), then quiet.
         settle_seconds = round(wait_quiet(server, quiet=3.0, timeout=args.timeout) - restarted, 2)
+        resumed = count_requests(emulator.api_requests[first_after_restart:], args.count)
         idle_off = idle_window(operator, server, args.idle_seconds, args.count)
         restart_peak_rss = operator.peak_rss
         operator.stop()
@@ -537,6 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_polling_off": {
             "progress_interval_seconds": float(POLLING_OFF_SECONDS),
             "restart_settle_seconds": settle_seconds,
+            "restart_requests_by_call": resumed["by_call"],
             "restart_peak_rss_mb": round(restart_peak_rss / 2**20, 1),
             **idle_off,
         },
@@ -584,6 +580,9 @@ def summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--backend", choices=("emulated", "cluster"), default="emulated",
+                        help="the emulated API (tests/kubeapi, default) or a real control plane (tests/cluster; "
+                        "see bench/operator/cluster.py)")  # fmt: skip
     parser.add_argument("--count", type=int, default=1000, help="FineTuneJobs to create (default 1000)")
     parser.add_argument("--idle-seconds", type=float, default=60, help="each idle window (default 60)")
     parser.add_argument("--output", type=pathlib.Path, help="default: bench/results/operator-<date>.json")
@@ -595,8 +594,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a chart setting in both operator runs (experiments; repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    result = run(args)
-    output = args.output or ROOT / "bench" / "results" / f"operator-{result['date']}.json"
+    if args.backend == "cluster":
+        from bench.operator.cluster import run_cluster
+
+        result = run_cluster(args)
+    else:
+        result = run(args)
+    suffix = "" if args.backend == "emulated" else f"-{args.backend}"
+    output = args.output or ROOT / "bench" / "results" / f"operator-{result['date']}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))

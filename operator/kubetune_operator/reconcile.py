@@ -66,6 +66,10 @@ from kubetune_operator.status import (
 )
 
 PREDECESSOR_RETRY_SECONDS = 2.0
+# A starting run's status moves through reasons within Pending (WaitingForPod, ContainerCreating, ...) in quick
+# succession: such a change is written at most once per this many seconds (the last one wins). A change of
+# phase or of spec (observedGeneration) is written at once.
+COALESCE_SECONDS = 2.0
 # Workers draining the sync queue: as many as API calls may be in flight (kube.API_CONCURRENCY).
 SYNC_WORKERS = API_CONCURRENCY
 # How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
@@ -118,6 +122,8 @@ class Reconciler:
         self._polls: dict[Key, asyncio.Task[None]] = {}  # progress polls while Running
         self._polled: dict[Key, Polled] = {}
         self._expiries: dict[Key, asyncio.Task[None]] = {}  # ttlSecondsAfterFinished
+        self._written_at: dict[Key, float] = {}  # when each status was last patched (time.monotonic)
+        self._deferred: dict[Key, asyncio.Task[None]] = {}  # coalesced status writes, due later
 
     @property
     def closed(self) -> bool:
@@ -125,7 +131,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [*self._retries, *self._workers, *self._polls.values(), *self._expiries.values()]
+        tasks = [*self._retries, *self._workers, *self._polls.values(), *self._expiries.values(),
+                 *self._deferred.values()]  # fmt: skip
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -392,7 +399,11 @@ class Reconciler:
         patch = status_patch(previous, status)
         if patch is None:
             return
-        updated = await self.kube.patch_status(metadata["namespace"], metadata["name"], patch)
+        key = (metadata["namespace"], metadata["name"])
+        if self._coalesce(key, previous, status, patch):
+            return
+        updated = await self.kube.patch_status(*key, patch)
+        self._written_at[key] = time.monotonic()
         if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
             self.cache.store_finetunejob(updated)  # the next sync starts from what was written
         event = phase_event(previous, status)
@@ -401,6 +412,24 @@ class Reconciler:
         self.metrics.observe_phase(
             metadata["namespace"], metadata["name"], previous, status, metadata.get("creationTimestamp")
         )
+
+    def _coalesce(self, key: Key, previous: Body, status: Body, patch: Body) -> bool:
+        """Whether to hold back this write (a Pending run's reason changing again within COALESCE_SECONDS);
+        a held-back write is retried when due, with whatever the state is by then."""
+        written = self._written_at.get(key)
+        if status.get("phase") != "Pending" or previous.get("phase") != "Pending" or "observedGeneration" in patch:
+            return False
+        wait = COALESCE_SECONDS - (time.monotonic() - written) if written is not None else 0.0
+        if wait <= 0:
+            return False
+        if key not in self._deferred:
+            self._deferred[key] = asyncio.create_task(self._enqueue_later(key, wait))
+        return True
+
+    async def _enqueue_later(self, key: Key, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._deferred.pop(key, None)
+        self.enqueue(*key)
 
     async def _apply_scheduling(self, body: Body, job: FineTuneJob, observed: Body) -> None:
         """Apply changed spec.scheduling to a Job that has not started (suspended or queued)."""
@@ -505,7 +534,8 @@ class Reconciler:
         self._created.discard(key)
         self._reschedule.discard(key)
         self._polled.pop(key, None)
-        for tasks in (self._polls, self._expiries):
+        self._written_at.pop(key, None)
+        for tasks in (self._polls, self._expiries, self._deferred):
             task = tasks.pop(key, None)
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
