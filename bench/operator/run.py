@@ -315,9 +315,10 @@ def wait_until(check: Any, timeout: float, what: str) -> float:
 
 
 def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
-    """The operator's requests: reads and writes per FineTuneJob, Kopf's list/watch streams apart."""
+    """The operator's requests: reads and writes per FineTuneJob; Events (phase transitions, posted by Kopf's
+    queue) and Kopf's list/watch streams counted apart."""
     by_call: collections.Counter[str] = collections.Counter()
-    reads = writes = streams = 0
+    reads = writes = events = streams = 0
     for r in requests:
         if not r.user_agent.startswith(OPERATOR_AGENTS):
             continue
@@ -325,6 +326,8 @@ def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
         if r.verb == "watch" or (r.verb == "list" and r.user_agent.startswith("kopf/")):
             streams += 1
             call = f"[stream] {call}"
+        elif r.resource == "events":
+            events += 1
         elif r.verb in WRITE_VERBS:
             writes += 1
         else:
@@ -333,8 +336,10 @@ def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
     return {
         "reads_per_finetunejob": round(reads / count, 3),
         "writes_per_finetunejob": round(writes / count, 3),
+        "events_per_finetunejob": round(events / count, 3),
         "reads": reads,
         "writes": writes,
+        "events": events,
         "list_watch_streams": streams,
         "by_call": dict(sorted(by_call.items())),
     }
@@ -524,6 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": settle_after_running_seconds,
             "reads_per_finetunejob": settle_after_running["reads_per_finetunejob"],
             "writes_per_finetunejob": settle_after_running["writes_per_finetunejob"],
+            "events_per_finetunejob": settle_after_running["events_per_finetunejob"],
             "by_call": settle_after_running["by_call"],
         },
         "peak_rss_mb": round(peak_rss / 2**20, 1),
@@ -567,7 +573,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['count']} FineTuneJobs: all Jobs in {rec['all_jobs_seconds']} s "
         f"(p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s, max {lat['max']} s)",
         f"requests per FineTuneJob until Running: {run_['reads_per_finetunejob']} reads, "
-        f"{run_['writes_per_finetunejob']} writes (+{run_['list_watch_streams']} list/watch streams)",
+        f"{run_['writes_per_finetunejob']} writes, {run_['events_per_finetunejob']} Events",
         f"peak RSS {result['peak_rss_mb']} MB; idle CPU {result['idle_polling_default']['cpu_percent_of_one_core']} % "
         f"of a core polling every 15 s, {result['idle_polling_off']['cpu_percent_of_one_core']} % polling off",
         f"load average before {machine_['load_average_before']}, after {machine_['load_average_after']}",
