@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import pathlib
+import shutil
 import threading
 import time
 from typing import Any
@@ -68,6 +69,9 @@ class JobWatch:
                 for event in watch.stream(self.batch.list_namespaced_job, NAMESPACE, resource_version=version,
                                           timeout_seconds=30, allow_watch_bookmarks=True):  # fmt: skip
                     obj = event["object"]
+                    if event["type"] == "BOOKMARK":  # served as a plain dict
+                        version = event["raw_object"]["metadata"]["resourceVersion"]
+                        continue
                     version = obj.metadata.resource_version
                     if event["type"] == "ADDED":
                         self.seen.setdefault(obj.metadata.name, time.monotonic())
@@ -182,6 +186,7 @@ def run_cluster(args: Any) -> dict[str, Any]:
     log_path.write_bytes(b"")
     load_before = os.getloadavg()
     names = [f"bench-{i:05d}" for i in range(args.count)]
+    shutil.rmtree(workdir / "cluster", ignore_errors=True)  # a fresh etcd each run (a previous run's is stopped)
     plane = ControlPlane(workdir / "cluster")
     started_plane = time.monotonic()
     plane.start()

@@ -402,6 +402,7 @@ class Reconciler:
         key = (metadata["namespace"], metadata["name"])
         if self._coalesce(key, previous, status, patch):
             return
+        logger.debug("status of %s/%s: %s", *key, patch)
         updated = await self.kube.patch_status(*key, patch)
         self._written_at[key] = time.monotonic()
         if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
