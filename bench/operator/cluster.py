@@ -133,33 +133,10 @@ def audited(
 
 
 def count_audited(events: list[dict[str, Any]], count: int) -> dict[str, Any]:
-    """Requests by verb and resource; Events counted apart from the operator's own writes; watches apart."""
-    by_call: collections.Counter[str] = collections.Counter()
-    reads = writes = event_writes = streams = 0
-    for event in events:
-        ref = event["objectRef"]
-        verb, resource = event["verb"], ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        call = f"{verb} {resource}"
-        if verb == "watch":
-            streams += 1
-            call = f"[stream] {call}"
-        elif ref["resource"] == "events":
-            event_writes += 1
-        elif verb in bench.WRITE_VERBS:
-            writes += 1
-        else:
-            reads += 1
-        by_call[call] += 1
-    return {
-        "reads_per_finetunejob": round(reads / count, 3),
-        "writes_per_finetunejob": round(writes / count, 3),
-        "events_per_finetunejob": round(event_writes / count, 3),
-        "reads": reads,
-        "writes": writes,
-        "events": event_writes,
-        "watch_streams": streams,
-        "by_call": dict(sorted(by_call.items())),
-    }
+    """The operator's requests as the apiserver's audit log recorded them (see bench.tally)."""
+    calls = [(e["verb"], e["objectRef"]["resource"], e["objectRef"].get("subresource"), e.get("userAgent", ""))
+             for e in events]  # fmt: skip
+    return bench.tally(calls, count)
 
 
 def plane_cpu_seconds(plane: ControlPlane) -> dict[str, float]:
@@ -267,7 +244,8 @@ def run_cluster(args: Any) -> dict[str, Any]:
         operator.argv = [*operator.argv[:-1]]
         restarted = time.monotonic()
         operator.start_until(watching(restart_wall))
-        time.sleep(10)  # the lists are handled (the audit log shows what it did after them)
+        bench.wait_cpu_quiet(operator, args.timeout)  # every run resumed from the lists
+        settle_seconds = round(time.monotonic() - restarted, 2)
         resumed = count_audited(audited(plane, installation.username, restart_wall, None), args.count)
         idle_start_wall, cpu_idle = datetime.datetime.now(datetime.UTC), operator.cpu_seconds()
         time.sleep(args.idle_seconds)
@@ -280,7 +258,7 @@ def run_cluster(args: Any) -> dict[str, Any]:
             ],
             "restart_requests_by_call": resumed["by_call"],
             "restart_peak_rss_mb": round(operator.peak_rss / 2**20, 1),
-            "restart_seconds_measured_over": round(time.monotonic() - restarted, 1),
+            "restart_settle_seconds": settle_seconds,
         }
         operator.stop()
         jobs.stop()
@@ -303,9 +281,7 @@ def run_cluster(args: Any) -> dict[str, Any]:
             "authenticated_as": installation.username,
             "env": {k: v for k, v in operator_env().items() if k.startswith("KUBETUNE_")},
             "rss_at_start_mb": round(rss_at_start / 2**20, 1),
-            "log_warnings": log.count(" WARNING "),
-            "log_errors": log.count(" ERROR "),
-            "log_tracebacks": log.count("Traceback"),
+            **bench.log_counts(log),
             "stop_seconds": round(stop_seconds, 2),
         },
         "count": args.count,

@@ -315,20 +315,24 @@ def wait_until(check: Any, timeout: float, what: str) -> float:
 
 
 def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
-    """The operator's requests: reads and writes per FineTuneJob; Events (phase transitions, posted by Kopf's
-    queue) and Kopf's list/watch streams counted apart."""
+    """The operator's requests, as the emulated API server logged them (see `tally`)."""
+    ours = [r for r in requests if r.user_agent.startswith(OPERATOR_AGENTS)]
+    return tally([(r.verb, r.resource, r.subresource, r.user_agent) for r in ours], count)
+
+
+def tally(calls: list[tuple[str, str, str | None, str]], count: int) -> dict[str, Any]:
+    """(verb, resource, subresource, user agent) of the operator's requests: reads and writes per FineTuneJob;
+    Events (phase transitions, posted by Kopf's queue) and Kopf's list/watch streams counted apart."""
     by_call: collections.Counter[str] = collections.Counter()
     reads = writes = events = streams = 0
-    for r in requests:
-        if not r.user_agent.startswith(OPERATOR_AGENTS):
-            continue
-        call = f"{r.verb} {r.resource}" + (f"/{r.subresource}" if r.subresource else "")
-        if r.verb == "watch" or (r.verb == "list" and r.user_agent.startswith("kopf/")):
+    for verb, resource, subresource, agent in calls:
+        call = f"{verb} {resource}" + (f"/{subresource}" if subresource else "")
+        if verb == "watch" or (verb == "list" and agent.startswith("kopf/")):
             streams += 1
             call = f"[stream] {call}"
-        elif r.resource == "events":
+        elif resource == "events":
             events += 1
-        elif r.verb in WRITE_VERBS:
+        elif verb in WRITE_VERBS:
             writes += 1
         else:
             reads += 1
@@ -365,6 +369,19 @@ def wait_quiet(server: KubeApiServer, quiet: float, timeout: float) -> float:
     return last_change
 
 
+def wait_cpu_quiet(operator: OperatorProcess, timeout: float, window: float = 3.0, percent: float = 2.0) -> float:
+    """Wait until the operator used under `percent` of a core over `window` seconds (a restarted operator
+    resumes every run from its lists without a request when nothing changed, so requests cannot tell when
+    it is done); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        cpu = operator.cpu_seconds()
+        time.sleep(window)
+        if 100 * (operator.cpu_seconds() - cpu) / window < percent:
+            break
+    return time.monotonic() - started
+
+
 def idle_window(operator: OperatorProcess, server: KubeApiServer, seconds: float, count: int) -> dict[str, Any]:
     first = len(server.emulator.api_requests)
     peak_before, operator.peak_rss = operator.peak_rss, 0
@@ -380,6 +397,16 @@ def idle_window(operator: OperatorProcess, server: KubeApiServer, seconds: float
         "peak_rss_mb": round(window_peak / 2**20, 1),
         "requests": requests["reads"] + requests["writes"],
         "requests_by_call": requests["by_call"],
+    }
+
+
+def log_counts(log: str) -> dict[str, int]:
+    """What the operator's log says went wrong."""
+    return {
+        "log_warnings": log.count(" WARNING "),
+        "log_pool_full_warnings": log.count("Connection pool is full"),
+        "log_errors": log.count(" ERROR "),
+        "log_tracebacks": log.count("Traceback"),
     }
 
 
@@ -482,7 +509,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         restarted, first_after_restart = time.monotonic(), len(emulator.api_requests)
         operator.start(server)
         # Every run resumed from the operator's lists (no request per run unless something changed), then quiet.
-        settle_seconds = round(wait_quiet(server, quiet=3.0, timeout=args.timeout) - restarted, 2)
+        wait_quiet(server, quiet=3.0, timeout=args.timeout)
+        wait_cpu_quiet(operator, args.timeout)
+        settle_seconds = round(time.monotonic() - restarted, 2)
         resumed = count_requests(emulator.api_requests[first_after_restart:], args.count)
         idle_off = idle_window(operator, server, args.idle_seconds, args.count)
         restart_peak_rss = operator.peak_rss
@@ -500,10 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "argv": ["python", "-m", "kubetune_cli.main", "operator", "-A"],
             "env": {k: v for k, v in operator_env(kubeconfig, **overrides).items() if k.startswith("KUBETUNE_")},
             "rss_at_start_mb": round(rss_at_start / 2**20, 1),
-            "log_warnings": log.count(" WARNING "),
-            "log_pool_full_warnings": log.count("Connection pool is full"),
-            "log_errors": log.count(" ERROR "),
-            "log_tracebacks": log.count("Traceback"),
+            **log_counts(log),
             "stop_seconds": round(stop_seconds, 2),
         },
         "count": args.count,
