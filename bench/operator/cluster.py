@@ -81,6 +81,10 @@ class JobWatch:
                 if error.status != 410:
                     raise
                 version = self.batch.list_namespaced_job(NAMESPACE).metadata.resource_version
+            except Exception:
+                if self._stop.is_set():  # the control plane went first
+                    return
+                raise
 
     def stop(self) -> None:
         self._stop.set()

@@ -67,8 +67,9 @@ from kubetune_operator.status import (
 
 PREDECESSOR_RETRY_SECONDS = 2.0
 # A starting run's status moves through reasons within Pending (WaitingForPod, ContainerCreating, ...) in quick
-# succession: such a change is written at most once per this many seconds (the last one wins). A change of
-# phase or of spec (observedGeneration) is written at once.
+# succession: such a change is written only once it has held for this many seconds (a pod that runs sooner
+# goes from the first Pending write straight to Running). A change of phase or of spec (observedGeneration)
+# is written at once.
 COALESCE_SECONDS = 2.0
 # Workers draining the sync queue: as many as API calls may be in flight (kube.API_CONCURRENCY).
 SYNC_WORKERS = API_CONCURRENCY
@@ -122,7 +123,7 @@ class Reconciler:
         self._polls: dict[Key, asyncio.Task[None]] = {}  # progress polls while Running
         self._polled: dict[Key, Polled] = {}
         self._expiries: dict[Key, asyncio.Task[None]] = {}  # ttlSecondsAfterFinished
-        self._written_at: dict[Key, float] = {}  # when each status was last patched (time.monotonic)
+        self._held_since: dict[Key, float] = {}  # when a held-back Pending change was first seen (monotonic)
         self._deferred: dict[Key, asyncio.Task[None]] = {}  # coalesced status writes, due later
 
     @property
@@ -396,15 +397,16 @@ class Reconciler:
         """Patch the status if it changed; tell phase transitions as Events and metrics."""
         metadata = body["metadata"]
         previous = body.get("status") or {}
+        key = (metadata["namespace"], metadata["name"])
         patch = status_patch(previous, status)
         if patch is None:
+            self._held_since.pop(key, None)
             return
-        key = (metadata["namespace"], metadata["name"])
         if self._coalesce(key, previous, status, patch):
             return
+        self._held_since.pop(key, None)
         logger.debug("status of %s/%s: %s", *key, patch)
         updated = await self.kube.patch_status(*key, patch)
-        self._written_at[key] = time.monotonic()
         if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
             self.cache.store_finetunejob(updated)  # the next sync starts from what was written
         event = phase_event(previous, status)
@@ -415,12 +417,12 @@ class Reconciler:
         )
 
     def _coalesce(self, key: Key, previous: Body, status: Body, patch: Body) -> bool:
-        """Whether to hold back this write (a Pending run's reason changing again within COALESCE_SECONDS);
-        a held-back write is retried when due, with whatever the state is by then."""
-        written = self._written_at.get(key)
+        """Whether to hold back this write: a Pending run's reason changing within Pending, until the change
+        has held for COALESCE_SECONDS; a held-back write is retried when due, with the state by then."""
         if status.get("phase") != "Pending" or previous.get("phase") != "Pending" or "observedGeneration" in patch:
             return False
-        wait = COALESCE_SECONDS - (time.monotonic() - written) if written is not None else 0.0
+        since = self._held_since.setdefault(key, time.monotonic())
+        wait = COALESCE_SECONDS - (time.monotonic() - since)
         if wait <= 0:
             return False
         if key not in self._deferred:
@@ -535,7 +537,7 @@ class Reconciler:
         self._created.discard(key)
         self._reschedule.discard(key)
         self._polled.pop(key, None)
-        self._written_at.pop(key, None)
+        self._held_since.pop(key, None)
         for tasks in (self._polls, self._expiries, self._deferred):
             task = tasks.pop(key, None)
             if task is not None and task is not asyncio.current_task():

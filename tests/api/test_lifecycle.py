@@ -53,8 +53,8 @@ def test_fifty_finetunejobs_at_once(operator: Operator, cluster: Cluster) -> Non
 def test_runs_until_running_cost_their_writes_and_no_reads(operator: Operator, cluster: Cluster) -> None:
     """Reads come from the watch-fed cache: until Running, a run costs a ConfigMap, a Job and one status patch
     per phase (Pending, Running), plus an Event per phase, and no get or list beyond Kopf's own list+watch.
-    The pods start within COALESCE_SECONDS of the Pending write, so Pending's reason changes (WaitingForPod,
-    ContainerCreating) coalesce into it."""
+    Each pod runs within COALESCE_SECONDS of its creation, so Pending's reason change (ContainerCreating) is
+    never written: the run goes from its first Pending write to Running."""
     operator.stop()
     operator.start(KUBETUNE_PROGRESS_INTERVAL_SECONDS="60")  # one poll on Running (below the threshold), no more
     names = [f"run-{i}" for i in range(5)]
