@@ -47,12 +47,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         settings.scanning.disabled = True
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our phase events are posted explicitly; Kopf's chatter is not
-    kube = Kube.connect()
+    kube = Kube.connect(config.api_concurrency)
     metrics = Metrics()
     memo.metrics_server = await metrics.serve(config.metrics_port)
-    memo.reconciler = Reconciler(
-        kube, config, metrics, ProgressPoller(config.progress_concurrency, config.progress_timeout_seconds)
-    )
+    poller = ProgressPoller(config.progress_concurrency, config.progress_timeout_seconds)
+    memo.reconciler = Reconciler(kube, config, metrics, poller, workers=config.api_concurrency)
     logger.info(
         "kubetune operator started: trainer image %s, metrics on :%d", config.trainer_image, config.metrics_port
     )

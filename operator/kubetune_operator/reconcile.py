@@ -71,7 +71,7 @@ PREDECESSOR_RETRY_SECONDS = 2.0
 # goes from the first Pending write straight to Running). A change of phase or of spec (observedGeneration)
 # is written at once.
 COALESCE_SECONDS = 2.0
-# Workers draining the sync queue: as many as API calls may be in flight (kube.API_CONCURRENCY).
+# Workers draining the sync queue: as many as API calls may be in flight (KUBETUNE_API_CONCURRENCY).
 SYNC_WORKERS = API_CONCURRENCY
 # How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
 NAMESPACE_TERMINATING = "because it is being terminated"
