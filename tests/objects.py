@@ -25,6 +25,11 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# The finalizer Kopf added while a progress daemon ran (before the operator reconciled from its own caches);
+# objects an earlier version left behind still carry it until the operator removes it.
+LEGACY_FINALIZER = "kubetune.dev/finalizer"
+
+
 def finetunejob_body(
     name: str = "support-bot", namespace: str = "default", spec: dict[str, Any] | None = None, **metadata: Any
 ) -> dict[str, Any]:

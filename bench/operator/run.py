@@ -122,19 +122,23 @@ class OperatorProcess:
         self._sampling = threading.Event()
 
     def start(self, server: KubeApiServer, timeout: float = 60) -> None:
+        self.start_until(lambda: any(
+            r.verb == "watch" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
+            for r in list(server.emulator.api_requests)
+        ), timeout)  # fmt: skip
+
+    def start_until(self, watching: Any, timeout: float = 60) -> None:
+        """Start it; return once `watching()` says Kopf watches FineTuneJobs (a burst before that would be
+        served by its first list)."""
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.process = psutil.Process(self.popen.pid)
         threading.Thread(target=self._sample, name="rss-sampler", daemon=True).start()
-        # Ready once Kopf watches FineTuneJobs (a burst before that would be served by its first list).
         deadline = time.monotonic() + timeout
-        while not any(
-            r.verb == "watch" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
-            for r in list(server.emulator.api_requests)
-        ):
+        while not watching():
             if self.popen.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the operator did not start; see {self.log_path}")
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def _sample(self) -> None:
         assert self.process is not None
@@ -311,17 +315,24 @@ def wait_until(check: Any, timeout: float, what: str) -> float:
 
 
 def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
-    """The operator's requests: reads and writes per FineTuneJob, Kopf's list/watch streams apart."""
+    """The operator's requests, as the emulated API server logged them (see `tally`)."""
+    ours = [r for r in requests if r.user_agent.startswith(OPERATOR_AGENTS)]
+    return tally([(r.verb, r.resource, r.subresource, r.user_agent) for r in ours], count)
+
+
+def tally(calls: list[tuple[str, str, str | None, str]], count: int) -> dict[str, Any]:
+    """(verb, resource, subresource, user agent) of the operator's requests: reads and writes per FineTuneJob;
+    Events (phase transitions, posted by Kopf's queue) and Kopf's list/watch streams counted apart."""
     by_call: collections.Counter[str] = collections.Counter()
-    reads = writes = streams = 0
-    for r in requests:
-        if not r.user_agent.startswith(OPERATOR_AGENTS):
-            continue
-        call = f"{r.verb} {r.resource}" + (f"/{r.subresource}" if r.subresource else "")
-        if r.verb == "watch" or (r.verb == "list" and r.user_agent.startswith("kopf/")):
+    reads = writes = events = streams = 0
+    for verb, resource, subresource, agent in calls:
+        call = f"{verb} {resource}" + (f"/{subresource}" if subresource else "")
+        if verb == "watch" or (verb == "list" and agent.startswith("kopf/")):
             streams += 1
             call = f"[stream] {call}"
-        elif r.verb in WRITE_VERBS:
+        elif resource == "events":
+            events += 1
+        elif verb in WRITE_VERBS:
             writes += 1
         else:
             reads += 1
@@ -329,8 +340,10 @@ def count_requests(requests: list[Any], count: int) -> dict[str, Any]:
     return {
         "reads_per_finetunejob": round(reads / count, 3),
         "writes_per_finetunejob": round(writes / count, 3),
+        "events_per_finetunejob": round(events / count, 3),
         "reads": reads,
         "writes": writes,
+        "events": events,
         "list_watch_streams": streams,
         "by_call": dict(sorted(by_call.items())),
     }
@@ -356,6 +369,19 @@ def wait_quiet(server: KubeApiServer, quiet: float, timeout: float) -> float:
     return last_change
 
 
+def wait_cpu_quiet(operator: OperatorProcess, timeout: float, window: float = 3.0, percent: float = 2.0) -> float:
+    """Wait until the operator used under `percent` of a core over `window` seconds (a restarted operator
+    resumes every run from its lists without a request when nothing changed, so requests cannot tell when
+    it is done); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        cpu = operator.cpu_seconds()
+        time.sleep(window)
+        if 100 * (operator.cpu_seconds() - cpu) / window < percent:
+            break
+    return time.monotonic() - started
+
+
 def idle_window(operator: OperatorProcess, server: KubeApiServer, seconds: float, count: int) -> dict[str, Any]:
     first = len(server.emulator.api_requests)
     peak_before, operator.peak_rss = operator.peak_rss, 0
@@ -371,6 +397,16 @@ def idle_window(operator: OperatorProcess, server: KubeApiServer, seconds: float
         "peak_rss_mb": round(window_peak / 2**20, 1),
         "requests": requests["reads"] + requests["writes"],
         "requests_by_call": requests["by_call"],
+    }
+
+
+def log_counts(log: str) -> dict[str, int]:
+    """What the operator's log says went wrong."""
+    return {
+        "log_warnings": log.count(" WARNING "),
+        "log_pool_full_warnings": log.count("Connection pool is full"),
+        "log_errors": log.count(" ERROR "),
+        "log_tracebacks": log.count("Traceback"),
     }
 
 
@@ -472,18 +508,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         restarted, first_after_restart = time.monotonic(), len(emulator.api_requests)
         operator.start(server)
-        wait_until(  # every run resumed (one read of each FineTuneJob), then no request for 3 s
-            lambda: (
-                sum(
-                    r.verb == "get" and r.resource == "finetunejobs" and r.user_agent.startswith(OPERATOR_AGENTS)
-                    for r in emulator.api_requests[first_after_restart:]
-                )
-                >= args.count
-            ),
-            args.timeout,
-            "the restarted operator to resume every run",
-        )
-        settle_seconds = round(wait_quiet(server, quiet=3.0, timeout=args.timeout) - restarted, 2)
+        # Every run resumed from the operator's lists (no request per run unless something changed), then quiet.
+        wait_quiet(server, quiet=3.0, timeout=args.timeout)
+        wait_cpu_quiet(operator, args.timeout)
+        settle_seconds = round(time.monotonic() - restarted, 2)
+        resumed = count_requests(emulator.api_requests[first_after_restart:], args.count)
         idle_off = idle_window(operator, server, args.idle_seconds, args.count)
         restart_peak_rss = operator.peak_rss
         operator.stop()
@@ -500,10 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "argv": ["python", "-m", "kubetune_cli.main", "operator", "-A"],
             "env": {k: v for k, v in operator_env(kubeconfig, **overrides).items() if k.startswith("KUBETUNE_")},
             "rss_at_start_mb": round(rss_at_start / 2**20, 1),
-            "log_warnings": log.count(" WARNING "),
-            "log_pool_full_warnings": log.count("Connection pool is full"),
-            "log_errors": log.count(" ERROR "),
-            "log_tracebacks": log.count("Traceback"),
+            **log_counts(log),
             "stop_seconds": round(stop_seconds, 2),
         },
         "count": args.count,
@@ -529,6 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": settle_after_running_seconds,
             "reads_per_finetunejob": settle_after_running["reads_per_finetunejob"],
             "writes_per_finetunejob": settle_after_running["writes_per_finetunejob"],
+            "events_per_finetunejob": settle_after_running["events_per_finetunejob"],
             "by_call": settle_after_running["by_call"],
         },
         "peak_rss_mb": round(peak_rss / 2**20, 1),
@@ -537,6 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_polling_off": {
             "progress_interval_seconds": float(POLLING_OFF_SECONDS),
             "restart_settle_seconds": settle_seconds,
+            "restart_requests_by_call": resumed["by_call"],
             "restart_peak_rss_mb": round(restart_peak_rss / 2**20, 1),
             **idle_off,
         },
@@ -571,7 +599,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['count']} FineTuneJobs: all Jobs in {rec['all_jobs_seconds']} s "
         f"(p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s, max {lat['max']} s)",
         f"requests per FineTuneJob until Running: {run_['reads_per_finetunejob']} reads, "
-        f"{run_['writes_per_finetunejob']} writes (+{run_['list_watch_streams']} list/watch streams)",
+        f"{run_['writes_per_finetunejob']} writes, {run_['events_per_finetunejob']} Events",
         f"peak RSS {result['peak_rss_mb']} MB; idle CPU {result['idle_polling_default']['cpu_percent_of_one_core']} % "
         f"of a core polling every 15 s, {result['idle_polling_off']['cpu_percent_of_one_core']} % polling off",
         f"load average before {machine_['load_average_before']}, after {machine_['load_average_after']}",
@@ -584,6 +612,9 @@ def summary(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--backend", choices=("emulated", "cluster"), default="emulated",
+                        help="the emulated API (tests/kubeapi, default) or a real control plane (tests/cluster; "
+                        "see bench/operator/cluster.py)")  # fmt: skip
     parser.add_argument("--count", type=int, default=1000, help="FineTuneJobs to create (default 1000)")
     parser.add_argument("--idle-seconds", type=float, default=60, help="each idle window (default 60)")
     parser.add_argument("--output", type=pathlib.Path, help="default: bench/results/operator-<date>.json")
@@ -595,8 +626,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a chart setting in both operator runs (experiments; repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    result = run(args)
-    output = args.output or ROOT / "bench" / "results" / f"operator-{result['date']}.json"
+    if args.backend == "cluster":
+        from bench.operator.cluster import run_cluster
+
+        result = run_cluster(args)
+    else:
+        result = run(args)
+    suffix = "" if args.backend == "emulated" else f"-{args.backend}"
+    output = args.output or ROOT / "bench" / "results" / f"operator-{result['date']}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))

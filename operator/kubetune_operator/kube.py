@@ -23,7 +23,7 @@ from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
 
 Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
-API_CONCURRENCY = 16  # API calls in flight at once
+API_CONCURRENCY = 16  # API calls in flight at once (KUBETUNE_API_CONCURRENCY); the others wait, in order
 USER_AGENT = "kubetune-operator"  # audit logs (and the tests' RBAC check) tell the operator's calls by it
 
 
@@ -116,7 +116,7 @@ class Kube:
         self._closed = False
 
     @classmethod
-    def connect(cls) -> Kube:
+    def connect(cls, concurrency: int = API_CONCURRENCY) -> Kube:
         """In the cluster: the pod's service account; outside: the current kubeconfig context."""
         configuration = kubernetes.client.Configuration()
         try:
@@ -124,10 +124,10 @@ class Kube:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config(client_configuration=configuration)
         # The pool is sized when the ApiClient is made (later changes are ignored): one connection per thread.
-        configuration.connection_pool_maxsize = API_CONCURRENCY
+        configuration.connection_pool_maxsize = concurrency
         api_client = kubernetes.client.ApiClient(configuration)
         api_client.user_agent = USER_AGENT
-        return cls(api_client)
+        return cls(api_client, concurrency)
 
     def close(self) -> None:
         """Refuse new calls; let calls in flight finish (Kopf may stop daemons after its cleanup)."""

@@ -1,19 +1,31 @@
-"""Reconciliation of one FineTuneJob: read what exists, create what is missing, publish the status.
+"""Reconciliation of one FineTuneJob: from what the watches saw, create what is missing, publish the status.
 
-`Reconciler.sync` is the one path every trigger takes (creation, operator restart, a change of the
-suspend flag, any event of the FineTuneJob's Job or pods), so the result depends on the state found, not on
-which event arrived (STYLE.md habit 6). Syncs of one FineTuneJob are serialized, and a burst of events
-collapses into one more sync, which reads the latest state anyway.
+`Reconciler.sync` is the one path every trigger takes (creation, operator restart, a spec change, any event
+of the FineTuneJob's Job or pods, a progress poll, Kueue's Workload), so the result depends on the state found,
+not on which event arrived (STYLE.md habit 6). It reads the watch-fed `Cache`, not the API: a sync calls the
+API only to write (children it creates, a status that changed) or on a cache miss.
+
+Triggers do not sync directly: they put the FineTuneJob on a work queue (controller-runtime's workqueue), which
+holds each FineTuneJob once however many events arrive, never hands one to two workers at a time, and lets a
+bounded number of workers (`SYNC_WORKERS`, the API client's concurrency) drain it in arrival order. Runs that
+still need their children come first, and a new run's first status write waits while others still need
+theirs: in a burst of creations, every Job is created before the burst's status writes, in order, so none
+waits behind the whole burst's writes.
+
+One writer per status field: the progress poller only records what it polled and queues a sync; the sync
+writes it with everything else, so the two can never overwrite each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import kopf
 
@@ -28,10 +40,11 @@ from kubetune_operator.builders import (
     suspend_patch,
     workload_activation_patch,
 )
+from kubetune_operator.cache import Body, Cache, Key, key_of
 from kubetune_operator.kube import (
+    API_CONCURRENCY,
     FINETUNEJOBS,
     JOBS,
-    PODS,
     ApiError,
     Kube,
     NameConflict,
@@ -41,15 +54,37 @@ from kubetune_operator.kube import (
     resource_of,
 )
 from kubetune_operator.metrics import Metrics
-from kubetune_operator.progress import ProgressError, ProgressPoller, progress_condition
+from kubetune_operator.progress import ProgressError, ProgressPoller, progress_condition, trainer_endpoint, url_of
 from kubetune_operator.settings import Settings
-from kubetune_operator.status import compute_status, failed_status, is_finished, phase_event, status_patch
+from kubetune_operator.status import (
+    PROGRESS_CONDITION,
+    compute_status,
+    failed_status,
+    is_finished,
+    phase_event,
+    status_patch,
+)
 
-Body = dict[str, Any]
 PREDECESSOR_RETRY_SECONDS = 2.0
+# A starting run's status moves through reasons within Pending (WaitingForPod, ContainerCreating, ...) in quick
+# succession: such a change is written only once it has held for this many seconds (a pod that runs sooner
+# goes from the first Pending write straight to Running). A change of phase or of spec (observedGeneration)
+# is written at once.
+COALESCE_SECONDS = 2.0
+# Workers draining the sync queue: as many as API calls may be in flight (KUBETUNE_API_CONCURRENCY).
+SYNC_WORKERS = API_CONCURRENCY
 # How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
 NAMESPACE_TERMINATING = "because it is being terminated"
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Polled:
+    """What the progress poller last found for a Running FineTuneJob (the sync publishes it)."""
+
+    progress: Body | None = None
+    failures: int = 0
+    error: str = ""
 
 
 class Reconciler:
@@ -62,18 +97,34 @@ class Reconciler:
         metrics: Metrics,
         poller: ProgressPoller,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        workers: int = SYNC_WORKERS,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
         self.poller = poller
         self.clock = clock
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._queued: set[tuple[str, str]] = set()
-        # Kueue's Workload of each queued run's Job, kept from the Workload watch: (namespace, Job name) -> body.
-        self.workloads: dict[tuple[str, str], Body] = {}
+        self.cache = Cache()
+        self._locks: dict[Key, asyncio.Lock] = {}
         self._closed = False
         self._retries: set[asyncio.Task[None]] = set()
+        # The work queue: keys waiting (each once), those being synced, those to sync again after that.
+        self._workers_wanted = workers
+        self._workers: list[asyncio.Task[None]] = []
+        self._first: collections.deque[Key] = collections.deque()  # runs that still need their children
+        self._then: collections.deque[Key] = collections.deque()
+        self._waiting: set[Key] = set()
+        self._active: set[Key] = set()
+        self._again: set[Key] = set()
+        self._ready: asyncio.Event | None = None
+        self._created: set[Key] = set()  # children created by this process (their run no longer goes first)
+        self._reschedule: set[Key] = set()  # spec.scheduling changed: apply it on the next sync
+        # Background work per FineTuneJob, owned here rather than by Kopf daemons (which hold a finalizer):
+        self._polls: dict[Key, asyncio.Task[None]] = {}  # progress polls while Running
+        self._polled: dict[Key, Polled] = {}
+        self._expiries: dict[Key, asyncio.Task[None]] = {}  # ttlSecondsAfterFinished
+        self._held_since: dict[Key, float] = {}  # when a held-back Pending change was first seen (monotonic)
+        self._deferred: dict[Key, asyncio.Task[None]] = {}  # coalesced status writes, due later
 
     @property
     def closed(self) -> bool:
@@ -81,21 +132,125 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._retries):
+        tasks = [*self._retries, *self._workers, *self._polls.values(), *self._expiries.values(),
+                 *self._deferred.values()]  # fmt: skip
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.poller.close()
         self.kube.close()
+
+    # -- what the watches saw ----------------------------------------------------------------------
+
+    def observe_finetunejob(self, body: Body, deleted: bool) -> None:
+        """A FineTuneJob's watch event: keep it, and queue a sync unless the event only echoes our own write."""
+        namespace, name = key = key_of(body)
+        if deleted:
+            self.forget(namespace, name)
+            return
+        before = self.cache.finetunejob(namespace, name)
+        same = before is not None and before["metadata"].get("uid") == body["metadata"].get("uid")
+        if (
+            same
+            and before is not None
+            and before["metadata"].get("resourceVersion") == body["metadata"].get("resourceVersion")
+        ):
+            return  # the answer to our own status patch is already kept
+        kept = self.cache.store_finetunejob(body)
+        status = kept.get("status") or {}
+        self.metrics.phases[key] = status.get("phase") or "Pending"
+        spec, old_spec = kept.get("spec") or {}, (before or {}).get("spec") or {}
+        if same and spec.get("scheduling") != old_spec.get("scheduling"):
+            self._reschedule.add(key)
+        elif (
+            not same and status.get("phase") and status.get("observedGeneration") != kept["metadata"].get("generation")
+        ):
+            self._reschedule.add(key)  # changed while no operator watched (after a restart): check it once
+        self.enqueue(namespace, name)
+
+    def observe_job(self, body: Body, deleted: bool) -> None:
+        self.cache.store_job(body, deleted)
+        owner = _finetunejob_of(body)
+        if owner is not None:
+            self.enqueue(key_of(body)[0], owner)
+
+    def observe_pod(self, body: Body, deleted: bool) -> None:
+        owner = self.cache.store_pod(body, deleted)
+        if owner is not None:
+            self.enqueue(key_of(body)[0], owner)
+
+    def observe_workload(self, workload: Body, deleted: bool) -> None:
+        """Keep Kueue's Workload of a kubetune Job and sync its FineTuneJob; other Workloads are ignored."""
+        metadata = workload.get("metadata", {})
+        namespace = metadata.get("namespace", "")
+        owners = [ref["name"] for ref in metadata.get("ownerReferences") or []
+                  if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1"]  # fmt: skip
+        if not owners or self.cache.finetunejob(namespace, owners[0]) is None:
+            return  # not the Workload of a FineTuneJob's Job (the Job is named after its FineTuneJob)
+        key = (namespace, owners[0])
+        if deleted:
+            self.cache.workloads.pop(key, None)
+        else:
+            self.cache.workloads[key] = workload
+        self.enqueue(*key)
+
+    def trainer_url(self, namespace: str, name: str) -> str | None:
+        """Where a FineTuneJob's rank-0 trainer serves /progress, from the pods the watch saw."""
+        for pod in self.cache.pods(namespace, name):
+            endpoint = trainer_endpoint(pod)
+            if endpoint is not None:
+                return url_of(endpoint[1], endpoint[2])
+        return None
+
+    # -- the work queue ----------------------------------------------------------------------------
+
+    def enqueue(self, namespace: str, name: str) -> None:
+        """Sync this FineTuneJob soon (once, however often it is asked while it waits)."""
+        key = (namespace, name)
+        if self._closed:
+            return
+        if key in self._active:
+            self._again.add(key)
+            return
+        if key in self._waiting:
+            return
+        self._waiting.add(key)
+        (self._first if self._needs_children(key) else self._then).append(key)
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+        if not self._workers:
+            self._workers = [asyncio.create_task(self._work(), name=f"kubetune-sync-{i}")
+                             for i in range(self._workers_wanted)]  # fmt: skip
+
+    def _needs_children(self, key: Key) -> bool:
+        body = self.cache.finetunejob(*key)
+        return body is not None and not (body.get("status") or {}).get("phase") and key not in self._created
+
+    async def _work(self) -> None:
+        assert self._ready is not None
+        while not self._closed:
+            if not (self._first or self._then):
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            key = (self._first or self._then).popleft()
+            self._waiting.discard(key)
+            self._active.add(key)
+            try:
+                await self.sync_from_event(*key, PREDECESSOR_RETRY_SECONDS)
+            finally:
+                self._active.discard(key)
+            if key in self._again:
+                self._again.discard(key)
+                self.enqueue(*key)
 
     # -- the one reconciliation path ---------------------------------------------------------------
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring one FineTuneJob's children and status in line with what exists now."""
         key = (namespace, name)
-        if key in self._queued:  # a sync is already waiting: it will read everything afresh
-            return
-        self._queued.add(key)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            self._queued.discard(key)
             started = time.monotonic()
             try:
                 await self._sync(namespace, name)
@@ -118,22 +273,23 @@ class Reconciler:
                 self.metrics.reconcile_duration.observe(time.monotonic() - started)
 
     async def sync_from_event(self, namespace: str, name: str, retry_seconds: float) -> None:
-        """`sync` for a watch event. Kopf does not retry event handlers, so a failed sync (an API error) is
-        retried here in the background: a Job deleted during an API hiccup is still recreated."""
+        """`sync` for a queued trigger. A failed sync (an API error) is retried here in the background: a Job
+        deleted during an API hiccup is still recreated."""
         try:
             await self.sync(namespace, name)
         except kopf.PermanentError:
             pass  # reported in status and events already
         except Exception as error:
-            logger.warning("sync of %s/%s failed (%s); retrying in %s s", namespace, name, error, retry_seconds)
-            task = asyncio.create_task(self._retry(namespace, name, retry_seconds))
+            delay = error.delay if isinstance(error, kopf.TemporaryError) and error.delay else retry_seconds
+            logger.warning("sync of %s/%s failed (%s); retrying in %s s", namespace, name, error, delay)
+            task = asyncio.create_task(self._retry(namespace, name, delay))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
 
     async def _retry(self, namespace: str, name: str, delay: float, attempts: int = 5) -> None:
         for attempt in range(attempts):
             await asyncio.sleep(delay * (attempt + 1))
-            if self._closed:
+            if self._closed or self.cache.finetunejob(namespace, name) is None:
                 return
             try:
                 await self.sync(namespace, name)
@@ -144,14 +300,15 @@ class Reconciler:
                 logger.warning("sync of %s/%s failed again: %s", namespace, name, error)
 
     async def _sync(self, namespace: str, name: str) -> None:
-        body = await self.kube.get(FINETUNEJOBS, namespace, name)
+        body = self.cache.finetunejob(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # deleted: the garbage collector removes the children
         try:
             await self._reconcile(namespace, name, body)
         except ApiError as error:
-            current = await self.kube.get(FINETUNEJOBS, namespace, name) if error.status == 404 else body
-            if current is None or current["metadata"].get("uid") != body["metadata"].get("uid"):
+            current = self.cache.finetunejob(namespace, name)
+            if error.status == 404 and (current is None or current["metadata"].get("uid") != body["metadata"].get("uid")
+                                        or current["metadata"].get("deletionTimestamp")):  # fmt: skip
                 return  # deleted while being reconciled (a new one of the same name is synced on its own events)
             raise
 
@@ -161,22 +318,37 @@ class Reconciler:
             job = parse_finetunejob(body)
         except SpecError as error:
             await self._refuse(body, "InvalidSpec", "invalid spec: " + "; ".join(error.problems))
-        observed = await self.kube.get(JOBS, namespace, job_name(job))
+        key, child = (namespace, name), job_name(job)
+        observed = self.cache.job(namespace, child)
+        if observed is None and previous.get("phase"):  # it had a Job: not watched yet (a restart), or gone
+            observed = await self.kube.get(JOBS, namespace, child)
+            if observed is not None:
+                self.cache.store_job(observed)
         if observed is None and not is_finished(previous):  # new, or deleted by someone while unfinished
             observed = await self._create_children(body, job, previous)
+            self._created.add(key)
+            if self._first:  # a burst: the others' Jobs first, this status write after (the Job's event queues it)
+                self.enqueue(namespace, name)
+                return
         elif observed is not None and not owned_by(observed, job.metadata.uid or ""):
             if not is_finished(previous):
                 await self._check_owner(body, observed)
             observed = None
         elif observed is not None and not is_finished(previous):
+            if key in self._reschedule:
+                await self._apply_scheduling(body, job, observed)
             patch = suspend_patch(job, observed)
             if patch is not None:
-                observed = await self.kube.patch(JOBS, namespace, job_name(job), patch)
-        workload = self.workloads.get((namespace, job_name(job))) if observed is not None else None
+                observed = await self.kube.patch(JOBS, namespace, child, patch)
+                self.cache.store_job(observed)
+        self._reschedule.discard(key)
+        workload = self.cache.workloads.get((namespace, child)) if observed is not None else None
         if workload is not None and not is_finished(previous):
             await self._follow_suspend(job, workload)
-        pods = await self.kube.list(PODS, namespace, f"{LABEL_FINETUNEJOB}={name}")
-        await self._publish(body, compute_status(job, observed, pods, previous, self.clock(), workload))
+        pods = self.cache.pods(namespace, name)
+        status = compute_status(job, observed, pods, previous, self.clock(), workload)
+        await self._publish(body, self._with_progress(key, status, job.metadata.generation))
+        self._follow_phase(key, status, job)
 
     async def _follow_suspend(self, job: FineTuneJob, workload: Body) -> None:
         """Deactivate (or reactivate) Kueue's Workload so that Kueue keeps a suspended run suspended."""
@@ -185,22 +357,7 @@ class Reconciler:
             metadata = workload["metadata"]
             updated = await self.kube.patch(resource_of(workload, "workloads"), metadata["namespace"],
                                             metadata["name"], patch)  # fmt: skip
-            self.workloads[(metadata["namespace"], job_name(job))] = updated
-
-    def observe_workload(self, workload: Body, deleted: bool) -> tuple[str, str] | None:
-        """Keep Kueue's Workload of a kubetune Job; returns the FineTuneJob to sync, if it is one of ours."""
-        metadata = workload.get("metadata", {})
-        namespace = metadata.get("namespace", "")
-        owners = [ref["name"] for ref in metadata.get("ownerReferences") or []
-                  if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1"]  # fmt: skip
-        if not owners or (namespace, owners[0]) not in self.metrics.phases:
-            return None  # not the Workload of a FineTuneJob's Job (the Job is named after its FineTuneJob)
-        key = (namespace, owners[0])
-        if deleted:
-            self.workloads.pop(key, None)
-        else:
-            self.workloads[key] = workload
-        return key
+            self.cache.workloads[(metadata["namespace"], job_name(job))] = updated
 
     async def _create_children(self, body: Body, job: FineTuneJob, previous: Body) -> Body:
         trainer_job = build_trainer_job(job, self.settings)
@@ -214,6 +371,7 @@ class Reconciler:
             await self._refuse(body, "NameConflict", str(error))
         except OwnedByPredecessor as error:
             raise kopf.TemporaryError(str(error), delay=PREDECESSOR_RETRY_SECONDS) from None
+        self.cache.store_job(observed)
         if created and previous.get("phase"):  # it had a Job before: someone deleted it mid-run
             self.kube.event(body, "Warning", "JobRecreated", f"Job {job_name(job)} was deleted; recreated it, "
                             "the trainer resumes from its newest checkpoint")  # fmt: skip
@@ -239,10 +397,18 @@ class Reconciler:
         """Patch the status if it changed; tell phase transitions as Events and metrics."""
         metadata = body["metadata"]
         previous = body.get("status") or {}
+        key = (metadata["namespace"], metadata["name"])
         patch = status_patch(previous, status)
         if patch is None:
+            self._held_since.pop(key, None)
             return
-        await self.kube.patch_status(metadata["namespace"], metadata["name"], patch)
+        if self._coalesce(key, previous, status, patch):
+            return
+        self._held_since.pop(key, None)
+        logger.debug("status of %s/%s: %s", *key, patch)
+        updated = await self.kube.patch_status(*key, patch)
+        if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
+            self.cache.store_finetunejob(updated)  # the next sync starts from what was written
         event = phase_event(previous, status)
         if event is not None:
             self.kube.event(body, *event)
@@ -250,71 +416,153 @@ class Reconciler:
             metadata["namespace"], metadata["name"], previous, status, metadata.get("creationTimestamp")
         )
 
-    # -- other triggers --------------------------------------------------------------------------------
+    def _coalesce(self, key: Key, previous: Body, status: Body, patch: Body) -> bool:
+        """Whether to hold back this write: a Pending run's reason changing within Pending, until the change
+        has held for COALESCE_SECONDS; a held-back write is retried when due, with the state by then."""
+        if status.get("phase") != "Pending" or previous.get("phase") != "Pending" or "observedGeneration" in patch:
+            return False
+        since = self._held_since.setdefault(key, time.monotonic())
+        wait = COALESCE_SECONDS - (time.monotonic() - since)
+        if wait <= 0:
+            return False
+        if key not in self._deferred:
+            self._deferred[key] = asyncio.create_task(self._enqueue_later(key, wait))
+        return True
 
-    async def reschedule(self, namespace: str, name: str) -> None:
+    async def _enqueue_later(self, key: Key, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._deferred.pop(key, None)
+        self.enqueue(*key)
+
+    async def _apply_scheduling(self, body: Body, job: FineTuneJob, observed: Body) -> None:
         """Apply changed spec.scheduling to a Job that has not started (suspended or queued)."""
-        body = await self.kube.get(FINETUNEJOBS, namespace, name)
-        if body is None or is_finished(body.get("status")):
-            return
-        try:
-            job = parse_finetunejob(body)
-        except SpecError:
-            return  # sync reports it
-        observed = await self.kube.get(JOBS, namespace, job_name(job))
-        if observed is None or not owned_by(observed, job.metadata.uid or ""):
-            return
+        namespace = body["metadata"]["namespace"]
         template = observed["spec"]["template"]["spec"]
         if template.get("priorityClassName") != job.spec.scheduling.priority_class_name:
             self.kube.event(body, "Warning", "SchedulingNotApplied", "scheduling.priorityClassName cannot change "
                             "on an existing Job; delete and recreate the FineTuneJob to change it")  # fmt: skip
+        patch = scheduling_patch(job, self.settings)
+        if not _would_change(observed, patch):
+            return
         if observed["spec"].get("suspend") and not observed.get("status", {}).get("startTime"):
-            await self.kube.patch(JOBS, namespace, job_name(job), scheduling_patch(job, self.settings))
+            self.cache.store_job(await self.kube.patch(JOBS, namespace, job_name(job), patch))
             self.kube.event(body, "Normal", "Rescheduled", "applied spec.scheduling to the suspended Job")
         else:
             self.kube.event(body, "Warning", "SchedulingNotApplied", "spec.scheduling changes reach the Job only "
                             "while it is suspended or queued; suspend the run to apply them")  # fmt: skip
+
+    # -- work beside the syncs: progress polls and expiry --------------------------------------------
+
+    def _follow_phase(self, key: Key, status: Body, job: FineTuneJob) -> None:
+        """Poll progress while Running; schedule the deletion of a finished run with ttlSecondsAfterFinished."""
+        running = status.get("phase") == "Running"
+        if running and key not in self._polls and not self._closed:
+            self._polls[key] = asyncio.create_task(self._poll_loop(key), name=f"kubetune-progress-{key[1]}")
+        elif not running and key in self._polls:
+            self._polls.pop(key).cancel()
+            self._polled.pop(key, None)
+        ttl = job.spec.run_policy.ttl_seconds_after_finished
+        if is_finished(status) and ttl is not None and key not in self._expiries and not self._closed:
+            completed = status.get("completionTime")
+            finished = datetime.fromisoformat(completed.replace("Z", "+00:00")) if completed else self.clock()
+            delay = max(0.0, finished.timestamp() + float(ttl) - self.clock().timestamp())
+            self._expiries[key] = asyncio.create_task(self._expire_later(key, delay))
+
+    async def _expire_later(self, key: Key, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.expire(*key)
+        except ApiError as error:
+            logger.warning("deleting expired %s/%s failed: %s", *key, error)
+            self._expiries.pop(key, None)
+            self.enqueue(*key)  # the next sync schedules it again
+
+    async def _poll_loop(self, key: Key) -> None:
+        """Poll the trainer every progress_interval_seconds while the run is Running (cancelled when it stops)."""
+        while not self._closed:
+            before = self._polled.get(key, Polled())
+            polled = await self._poll(key, before)
+            self._polled[key] = polled
+            threshold = self.settings.progress_failure_threshold
+            failing, was_failing = polled.failures >= threshold, before.failures >= threshold
+            moved = polled.progress != before.progress or failing != was_failing
+            if moved or (failing and polled.error != before.error):
+                self.enqueue(*key)  # the sync writes it (one writer of status)
+            await asyncio.sleep(self.settings.progress_interval_seconds)
+
+    async def _poll(self, key: Key, before: Polled) -> Polled:
+        url = self.trainer_url(*key)
+        if url is None:
+            return Polled(before.progress, before.failures + 1, "no running trainer pod with a pod IP yet")
+        try:
+            progress = await self.poller.poll(url)
+        except ProgressError as problem:
+            self.metrics.progress_polls.labels("error").inc()
+            return Polled(before.progress, before.failures + 1, str(problem))
+        self.metrics.progress_polls.labels("ok").inc()
+        self.metrics.observe_progress(*key, progress)
+        return Polled(progress)
+
+    def _with_progress(self, key: Key, status: Body, generation: int | None) -> Body:
+        """`status` with what the poller found while Running: progress, and ProgressAvailable when it failed
+        progress_failure_threshold times in a row (or recovered after)."""
+        polled = self._polled.get(key)
+        if polled is None or status.get("phase") != "Running":
+            return status
+        status = dict(status)
+        if polled.progress is not None:
+            status["progress"] = polled.progress
+        conditions = list(status.get("conditions") or [])
+        updated = None
+        if polled.failures == 0:
+            if any(c.get("type") == PROGRESS_CONDITION for c in conditions):  # only a recovery is worth writing
+                updated = progress_condition(conditions, True, "Polled", "", generation, self.clock())
+        elif polled.failures >= self.settings.progress_failure_threshold:
+            updated = progress_condition(conditions, False, "PollFailed", polled.error, generation, self.clock())
+        if updated is not None:
+            status["conditions"] = updated
+        return status
+
+    # -- other triggers --------------------------------------------------------------------------------
 
     async def expire(self, namespace: str, name: str) -> None:
         """Delete a finished FineTuneJob whose ttlSecondsAfterFinished has passed (its children follow)."""
         await self.kube.delete(FINETUNEJOBS, namespace, name)
 
     def forget(self, namespace: str, name: str) -> None:
-        """A FineTuneJob is gone: drop its lock, its Workload and metric series."""
-        self.workloads.pop((namespace, name), None)
-        self._locks.pop((namespace, name), None)
+        """A FineTuneJob is gone: drop what is kept of it, stop its background work, drop its metric series."""
+        key = (namespace, name)
+        self.cache.forget(namespace, name)
+        self._locks.pop(key, None)
+        self._created.discard(key)
+        self._reschedule.discard(key)
+        self._polled.pop(key, None)
+        self._held_since.pop(key, None)
+        for tasks in (self._polls, self._expiries, self._deferred):
+            task = tasks.pop(key, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         self.metrics.forget(namespace, name)
 
-    async def poll_progress(self, body: Body, url: str | None, failures: int) -> int:
-        """One progress poll of a Running FineTuneJob; returns the consecutive failures so far."""
-        metadata = body["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
-        status = body.get("status") or {}
-        conditions = list(status.get("conditions") or [])
-        patch: Body = {}
-        if url is None:
-            failures, error = failures + 1, "no running trainer pod with a pod IP yet"
-        else:
-            try:
-                progress = await self.poller.poll(url)
-            except ProgressError as problem:
-                self.metrics.progress_polls.labels("error").inc()
-                failures, error = failures + 1, str(problem)
-            else:
-                self.metrics.progress_polls.labels("ok").inc()
-                self.metrics.observe_progress(namespace, name, progress)
-                failures, error = 0, ""
-                if progress != status.get("progress"):
-                    patch["progress"] = progress
-                updated = progress_condition(conditions, True, "Polled", "", metadata.get("generation"), self.clock())
-                if updated is not None and any(c.get("type") == "ProgressAvailable" for c in conditions):
-                    patch["conditions"] = updated  # only a recovery is worth a condition write
-        if error and failures >= self.settings.progress_failure_threshold:
-            updated = progress_condition(
-                conditions, False, "PollFailed", error, metadata.get("generation"), self.clock()
-            )
-            if updated is not None:
-                patch["conditions"] = updated
-        if patch:
-            await self.kube.patch_status(namespace, name, patch)
-        return failures
+
+def _finetunejob_of(obj: Body) -> str | None:
+    """The FineTuneJob a Job belongs to, from the label every child carries."""
+    return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
+
+
+def _would_change(obj: Body, patch: Body) -> bool:
+    """Whether applying the JSON merge patch `patch` to `obj` changes it."""
+    for key, value in patch.items():
+        current = obj.get(key) if isinstance(obj, dict) else None
+        if value is None:
+            if current is not None:
+                return True
+        elif isinstance(value, dict) and isinstance(current, dict):
+            if _would_change(current, value):
+                return True
+        elif isinstance(value, dict):
+            if current is not None or _would_change({}, value):
+                return True
+        elif current != value:
+            return True
+    return False

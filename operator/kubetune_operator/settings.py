@@ -33,6 +33,7 @@ class Settings:
     progress_interval_seconds: float = 15.0
     progress_timeout_seconds: float = 3.0
     progress_concurrency: int = 16
+    api_concurrency: int = 16  # Kubernetes API calls in flight at once (and syncs running at once)
     progress_failure_threshold: int = 3  # consecutive failed polls before ProgressAvailable=False
     log_level: str = "INFO"
 
@@ -98,6 +99,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "progress_interval_seconds": _positive_float,
     "progress_timeout_seconds": _positive_float,
     "progress_concurrency": _positive_int,
+    "api_concurrency": _positive_int,
     "progress_failure_threshold": _positive_int,
     "log_level": _one_of(LOG_LEVELS, str.upper),
 }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 
 import pytest
 
-from tests.api.conftest import REPORT_LINES, Cluster, Operator, wait_for
+from kubetune_operator.reconcile import COALESCE_SECONDS
+from tests.api.conftest import OPERATOR_AGENTS, REPORT_LINES, Cluster, Operator, wait_for
 from tests.kubeapi import cluster as kubelet
 
 
@@ -46,3 +48,38 @@ def test_fifty_finetunejobs_at_once(operator: Operator, cluster: Cluster) -> Non
         cluster.wait_phase("Pending", name, timeout=30)
     assert len(cluster.jobs()) == 50  # one each, no duplicates
     assert worst < 30
+
+
+def test_runs_until_running_cost_their_writes_and_no_reads(operator: Operator, cluster: Cluster) -> None:
+    """Reads come from the watch-fed cache: until Running, a run costs a ConfigMap, a Job and one status patch
+    per phase (Pending, Running), plus an Event per phase, and no get or list beyond Kopf's own list+watch.
+    Each pod runs within COALESCE_SECONDS of its creation, so Pending's reason change (ContainerCreating) is
+    never written: the run goes from its first Pending write to Running."""
+    operator.stop()
+    operator.start(KUBETUNE_PROGRESS_INTERVAL_SECONDS="60")  # one poll on Running (below the threshold), no more
+    names = [f"run-{i}" for i in range(5)]
+    first = len(cluster.server.emulator.api_requests)
+    for name in names:
+        cluster.apply(name)
+    jobs = [cluster.wait_job(name) for name in names]
+    for name in names:
+        cluster.wait_phase("Pending", name)
+    for job in jobs:
+        kubelet.set_pod_running(kubelet.create_pod_for_job(job))
+    for name in names:
+        cluster.wait_phase("Running", name)
+    time.sleep(COALESCE_SECONDS + 0.5)  # what the last events still trigger (a held-back write is due by then)
+    calls = collections.Counter(
+        (r.verb, r.resource, r.subresource)
+        for r in cluster.server.emulator.api_requests[first:]
+        if r.user_agent.startswith(OPERATOR_AGENTS)
+        and r.verb != "watch"
+        and not (r.verb == "list" and r.user_agent.startswith("kopf/"))  # Kopf's list+watch streams
+    )
+    events = calls.pop(("create", "events", None), 0)
+    assert dict(calls) == {
+        ("create", "configmaps", None): 5,
+        ("create", "jobs", None): 5,
+        ("patch", "finetunejobs", "status"): 10,
+    }
+    assert events == 10  # Pending, Running

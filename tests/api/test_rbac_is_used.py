@@ -6,11 +6,14 @@ from __future__ import annotations
 from tests.api.conftest import Cluster, Operator, operator_calls, wait_for
 from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION, USED_ONLY_WITH_KUEUE
 from tests.kubeapi import cluster as kubelet
+from tests.objects import LEGACY_FINALIZER, finetunejob_body
 
 
 def test_every_grant_is_used_over_a_lifetime(operator: Operator, cluster: Cluster) -> None:
-    # Two nodes: the run also has its headless Service, created and (after the restart) adopted.
-    cluster.apply(spec={"runPolicy": {"ttlSecondsAfterFinished": 1}, "resources": {"gpus": 1, "nodes": 2}})
+    # Two nodes: the run also has its headless Service, created and (after the restart) adopted. It carries the
+    # finalizer an earlier version added: Kopf removes it (patch finetunejobs), or the TTL could not delete it.
+    spec = {"runPolicy": {"ttlSecondsAfterFinished": 1}, "resources": {"gpus": 1, "nodes": 2}}
+    cluster.create_raw(finetunejob_body(spec=spec, finalizers=[LEGACY_FINALIZER]))
     job = cluster.wait_job()
     pod = kubelet.create_pod_for_job(job)
     cluster.wait_phase("Pending")

@@ -18,8 +18,9 @@ def _grant(group: str, resource: str, *verbs: str) -> set[Permission]:
 
 # Granted in every namespace the operator watches (a Role each, or the ClusterRole).
 NAMESPACED: frozenset[Permission] = frozenset(
-    # delete: ttlSecondsAfterFinished removes the FineTuneJob itself (its children go by ownerReferences).
-    _grant("kubetune.dev", "finetunejobs", "get", "list", "watch", "patch", "delete")
+    # Reconciled from the watch (no get). patch: Kopf removes the finalizer an earlier version added; delete:
+    # ttlSecondsAfterFinished removes the FineTuneJob itself (its children go by ownerReferences).
+    _grant("kubetune.dev", "finetunejobs", "list", "watch", "patch", "delete")
     | _grant("kubetune.dev", "finetunejobs/status", "patch")
     # update on finalizers: the OwnerReferencesPermissionEnforcement admission plugin (on in many
     # distributions) requires it to set blockOwnerDeletion on the children.

@@ -97,8 +97,8 @@ class Kube:
         return self.plane.kubectl(*args, check=check, input_text=input_text)
 
     # ---- FineTuneJobs ----------------------------------------------------------------------------------
-    def apply(self, ns: str, name: str = "run", spec: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = finetunejob_body(name, ns, spec=spec)
+    def apply(self, ns: str, name: str = "run", spec: dict[str, Any] | None = None, **metadata: Any) -> dict[str, Any]:
+        body = finetunejob_body(name, ns, spec=spec, **metadata)
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)  # type: ignore[no-any-return]
 
     def ftj(self, ns: str, name: str = "run") -> dict[str, Any] | None:

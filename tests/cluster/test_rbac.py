@@ -20,13 +20,17 @@ from tests.cluster.conftest import (
     succeeded_message,
     wait_for,
 )
+from tests.objects import LEGACY_FINALIZER
 
 
 def test_every_call_is_granted_and_every_grant_is_used(
     kube: Kube, ns: str, operator: OperatorProcess, installed: Installation, eight_gpu_queue: str
 ) -> None:
     queued = {"resources": {"gpus": 8}, "scheduling": {"queueName": eight_gpu_queue}}
-    kube.apply(ns, "queued", spec={**queued, "runPolicy": {"ttlSecondsAfterFinished": 1}})
+    # With the finalizer an earlier version added: Kopf removes it (patch finetunejobs), so the TTL can delete it.
+    kube.apply(
+        ns, "queued", spec={**queued, "runPolicy": {"ttlSecondsAfterFinished": 1}}, finalizers=[LEGACY_FINALIZER]
+    )
     first = kube.wait_running_pod(ns, "queued")["metadata"]["name"]
     kube.patch_spec(ns, {"runPolicy": {"suspend": True}}, "queued")  # the Job and Kueue's Workload are patched
     kube.wait_phase(ns, "Suspended", "queued")

@@ -10,18 +10,27 @@ from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressPoller
 from kubetune_operator.reconcile import Reconciler
 from kubetune_operator.settings import Settings
+from tests.objects import finetunejob_body
 
 
 class FlakyKube:
-    """Fails the first read, then finds the FineTuneJob gone (the sync ends there)."""
+    """Refuses the first create (an API hiccup); records the calls after it."""
 
     def __init__(self) -> None:
-        self.reads = 0
+        self.creates = 0
 
-    async def get(self, *_: Any) -> None:
-        self.reads += 1
-        if self.reads == 1:
+    async def ensure(self, obj: dict[str, Any], owner: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        self.creates += 1
+        if self.creates == 1:
             raise ApiError(500, "etcd timeout")
+        return {**obj, "metadata": {**obj["metadata"], "uid": f"uid-{obj['kind']}"}}, True
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def event(*_: Any) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -30,13 +39,17 @@ class FlakyKube:
 async def failed_event_sync_is_retried() -> None:
     kube = FlakyKube()
     reconciler = Reconciler(kube, Settings(), Metrics(), ProgressPoller(1, 1))  # type: ignore[arg-type]
+    body = finetunejob_body("run", "default")
+    body["metadata"].update(uid="ftj-uid", resourceVersion="1", generation=1)
+    reconciler.cache.store_finetunejob(body)
     await reconciler.sync_from_event("default", "run", retry_seconds=0.01)
-    assert kube.reads == 1
+    assert kube.creates == 1
     for _ in range(100):
-        if kube.reads >= 2:
+        if reconciler.cache.job("default", "run") is not None:
             break
         await asyncio.sleep(0.01)
-    assert kube.reads == 2
+    assert kube.creates == 3  # retried: the ConfigMap, then the Job
+    assert reconciler.cache.job("default", "run") is not None
     await reconciler.close()
 
 

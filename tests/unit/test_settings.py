@@ -24,6 +24,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",
             "KUBETUNE_PROGRESS_TIMEOUT_SECONDS": "1",
             "KUBETUNE_PROGRESS_CONCURRENCY": "4",
+            "KUBETUNE_API_CONCURRENCY": "8",
             "KUBETUNE_LOG_LEVEL": "debug",
         }
     )
@@ -35,6 +36,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
     assert settings.progress_interval_seconds == 0.5
     assert settings.progress_timeout_seconds == 1
     assert settings.progress_concurrency == 4
+    assert settings.api_concurrency == 8
     assert settings.log_level == "DEBUG"
 
 
@@ -45,6 +47,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
         ("KUBETUNE_HEALTH_PORT", "70000", "must be a port number"),
         ("KUBETUNE_PROGRESS_INTERVAL_SECONDS", "0", "greater than 0"),
         ("KUBETUNE_PROGRESS_CONCURRENCY", "0", "at least 1"),
+        ("KUBETUNE_API_CONCURRENCY", "0", "at least 1"),
         ("KUBETUNE_LOG_LEVEL", "loud", "must be one of DEBUG"),
         ("KUBETUNE_TRAINER_IMAGE_PULL_POLICY", "Sometimes", "must be one of Always"),
     ],

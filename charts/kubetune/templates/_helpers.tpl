@@ -90,17 +90,18 @@ RBAC: the operator's API calls, kept here and nowhere else. tests/chart/rbac_exp
 the same set and is checked against the calls the operator tests record; change both together.
 
 Rules for the namespaces the operator watches (a Role in each, or part of the ClusterRole):
-- finetunejobs: watch and patch (Kopf's finalizer and progress storage), delete once
-  ttlSecondsAfterFinished has passed; the status subresource is where phase/progress go.
+- finetunejobs: list and watch (reconciled from the watch, never read one by one), patch (Kopf
+  removes the finalizer an earlier version added), delete once ttlSecondsAfterFinished has passed;
+  the status subresource is where phase/progress go.
 - jobs and configmaps: the trainer Job and its config.json, created and cleaned up.
-- pods: read to report why a trainer is pending or failed, and to find the pod to poll.
+- pods: watched to report why a trainer is pending or failed, and to find the pod to poll.
 - events: both APIs, since Kopf posts core/v1 events and newer clients events.k8s.io/v1.
 - workloads (Kueue): why a queued run waits; `spec.active` keeps a suspended run suspended.
 */}}
 {{- define "kubetune.rbac.namespacedRules" -}}
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
