@@ -311,7 +311,22 @@ class TrainingSpec(ApiModel):
         le=1,
         description="Peak learning rate. 2e-4 is the QLoRA paper's for 7-13B models.",
     )
-    batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
+    batch_size: int = Field(
+        default=4,
+        ge=1,
+        le=4096,
+        description="Without dataset.packing: sequences per device per micro-batch. With packing, "
+        "batchTokens sets the micro-batch instead.",
+    )
+    batch_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=INTEGER_MAX,
+        description="With dataset.packing: tokens per device per micro-batch. Whole examples are packed into "
+        "one row of at most this many tokens (an example longer than that gets a row of its own), so "
+        "activation memory follows tokens, not batchSize x maxLength; gradientAccumulationSteps such rows "
+        "make an optimizer step. Unset: dataset.maxLength.",
+    )
     gradient_accumulation_steps: int = Field(default=2, ge=1, le=4096, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -426,6 +441,14 @@ class TrainerConfig(ApiModel):
             lambda c: not c.output.merge_adapter or c.method.type != "full",
         ),
     )
+
+    def packed_row_tokens(self) -> int:
+        """With packing: the token budget of one packed row, which is one micro-batch per device."""
+        return self.training.batch_tokens or self.dataset.max_length
+
+    def micro_batch_size(self) -> int:
+        """Sequences per device per micro-batch: one packed row with packing, else training.batchSize."""
+        return 1 if self.dataset.packing else self.training.batch_size
 
     def trainer_json(self) -> dict[str, Any]:
         """The config.json document: camelCase, defaults filled in."""
