@@ -13,6 +13,7 @@ one epoch, no held-out split (the bench evaluates every adapter with one evaluat
 `--without LEVER` turns one of the trainer's fast paths back into what it replaced, to measure it:
 `segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
 (peft's own dropout per adapted module), `input-cast` (peft's cast of adapter inputs to fp32),
+`bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
 `token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`.
 
 Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR --variant V [--without L ...]
@@ -42,7 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5, "batchTokens": 4 * MAX_LENGTH}},
     "defaults": {"method": {}, "training": {}, "max_length": None},
 }
-LEVERS = ("segments", "shared-dropout", "input-cast", "token-rows", "warm-start")
+LEVERS = ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start")
 
 
 def without(levers: list[str]) -> None:
@@ -56,6 +57,8 @@ def without(levers: list[str]) -> None:
             model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
         elif lever == "input-cast":
             model.keep_adapter_inputs_in_compute_dtype = lambda m: None  # type: ignore[assignment]
+        elif lever == "bf16-weights":
+            model.keep_frozen_weights_in = lambda m, dtype: None  # type: ignore[assignment]
         elif lever == "token-rows":
             config.TrainerConfig.micro_batch_size = lambda self: self.training.batch_size  # type: ignore[method-assign]
             config.TrainerConfig.packed_row_tokens = lambda self: self.dataset.max_length  # type: ignore[method-assign]

@@ -81,17 +81,14 @@ def segments_attention(
     rows = []
     for b in range(query.shape[0]):
         bounds = cu.tolist() if cu is not None and query.shape[0] == 1 else _boundaries(position_ids[b])
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+        # split, not slicing: its backward is one cat of the examples' gradients, where every slice's
+        # backward would write a zero-filled gradient of the whole row
         parts = [
             torch.nn.functional.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
-                dropout_p=dropout if module.training else 0.0,
-                is_causal=e - s > 1,
-                scale=scaling,
+                q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=q.shape[2] > 1, scale=scaling
             )
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-            if e > s
+            for q, k, v in zip(*(t[b : b + 1].split(lengths, dim=2) for t in (query, key, value)), strict=True)
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)

@@ -195,6 +195,8 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        if compute == "bf16":
+            keep_frozen_weights_in(model, torch.bfloat16)
     if method.type == "full":
         return model
     from peft import get_peft_model
@@ -208,6 +210,18 @@ def load_model(model_dir: Path, cfg: TrainerConfig, compute: str, *, device_inde
         keep_adapter_inputs_in_compute_dtype(model)
     share_lora_dropout(model)
     return model
+
+
+def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Undo peft's k-bit preparation upcast of the unquantized weights (norms, embeddings, head) to fp32.
+
+    With an fp32 embedding the residual stream is fp32, and under bf16 autocast every quantized matmul
+    and adapter casts its input to bf16 again: the casts (`copy_`) were the largest item of a CPU profile.
+    Kept in bf16 - as `lora` keeps them, and as fp16-free QLoRA needs no upcast for range - the stream
+    stays bf16; RMSNorm still computes its statistics in fp32 inside, and the loss upcasts the logits."""
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad and type(param).__name__ == "Parameter":
+            param.data = param.data.to(dtype)
 
 
 def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module) -> None:
