@@ -76,6 +76,7 @@ def config(
     *,
     max_length: int = MAX_LENGTH,
     max_steps: int | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config.json a FineTuneJob would hand the trainer for this variant (one epoch unless max_steps)."""
     chosen = VARIANTS[variant]
@@ -87,7 +88,13 @@ def config(
         "model": {"source": str(Path(model).resolve())},
         "dataset": dataset,
         "method": chosen["method"],
-        "training": {**length, "checkpointEverySteps": 100000, "logEverySteps": 10, **chosen["training"]},
+        "training": {
+            **length,
+            "checkpointEverySteps": 100000,
+            "logEverySteps": 10,
+            **chosen["training"],
+            **(training or {}),
+        },
         "output": {"destination": str(Path(destination).resolve())},
     }
 
@@ -101,6 +108,7 @@ def train(
     max_length: int = MAX_LENGTH,
     max_steps: int | None = None,
     levers_off: list[str] = (),  # type: ignore[assignment]
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     without(list(levers_off))
     from kubetune_trainer.config import TrainerConfig
@@ -108,7 +116,15 @@ def train(
 
     out = Path(output_dir)
     cfg = TrainerConfig.model_validate(
-        config(model, train_file, str(out / "destination"), variant, max_length=max_length, max_steps=max_steps)
+        config(
+            model,
+            train_file,
+            str(out / "destination"),
+            variant,
+            max_length=max_length,
+            max_steps=max_steps,
+            training=training,
+        )
     )
     quant = cfg.method.effective_quantization()
     outcome = run(cfg, out / "work")

@@ -77,7 +77,7 @@ def test_segment_attention_matches_the_masked_row_and_leaves_padded_batches_to_s
 
     segmented, masked = _model(tokenizer, attention.register()), _model(tokenizer, "sdpa")
     rows = pack([Example(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in (30, 17, 9, 4)], 64)
-    flat = Collator(tokenizer.pad_token_id)(rows)
+    flat = _all_logits(Collator(tokenizer.pad_token_id)(rows))
     with torch.no_grad():
         # position_ids alone and no cache: transformers builds the block-diagonal mask for sdpa
         reference = masked(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits
@@ -87,7 +87,12 @@ def test_segment_attention_matches_the_masked_row_and_leaves_padded_batches_to_s
         )
         padded = Collator(tokenizer.pad_token_id)([{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]},
                                                    {"input_ids": [9, 10], "labels": [9, 10]}])  # fmt: skip
+        padded = _all_logits(padded)
         torch.testing.assert_close(segmented(**padded).logits, masked(**padded).logits)
+
+
+def _all_logits(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")}
 
 
 def _lora_model(tmp_path: Path, dropout: float):
@@ -181,3 +186,20 @@ def test_trainer_applies_the_warm_start(tmp_path: Path, tokenizer) -> None:
     trainer = _trainer_class()(model=_model(tokenizer, "sdpa"), args=args, train_dataset=[{"input_ids": [1]}])
     trainer.create_optimizer_and_scheduler(num_training_steps=4)  # warm-up 3% of 4 steps: 1 step
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.training.learning_rate)
+
+
+def test_loss_from_logits_at_labels_equals_the_full_loss(tokenizer) -> None:
+    """The collator's logits_to_keep/shift_labels give the model's full-logits loss, packed and padded, and
+    the Trainer's token count for the normalization."""
+    from kubetune_trainer import attention
+
+    model = _model(tokenizer, attention.register())
+    examples = [Example(list(range(5, 25)), [IGNORE_INDEX] * 8 + list(range(13, 25))),
+                Example(list(range(30, 41)), [IGNORE_INDEX] * 3 + list(range(33, 41)))]  # fmt: skip
+    for batch in (Collator(tokenizer.pad_token_id)(pack(examples, 64)),
+                  Collator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])):  # fmt: skip
+        assert batch["shift_labels"].numel() == int(batch["logits_to_keep"].sum()) == 12 + 8
+        with torch.no_grad():
+            lean, reference = model(**batch), model(**_all_logits(batch))
+        assert lean.logits.shape[-2] == 20 and lean.logits.numel() < reference.logits.numel()  # the prompts got no logits
+        torch.testing.assert_close(lean.loss, reference.loss)

@@ -377,6 +377,7 @@ class Collator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
+        out: dict[str, Any]
         if "position_ids" in features[0]:
             ids = [t for f in features for t in f["input_ids"]]
             labels = [t for f in features for t in f["labels"]]
@@ -384,7 +385,7 @@ class Collator:
             starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
             cu = torch.tensor(starts, dtype=torch.int32)
             longest = int((cu[1:] - cu[:-1]).max())
-            return {
+            out = {
                 "input_ids": torch.tensor([ids], dtype=torch.long),
                 "labels": torch.tensor([labels], dtype=torch.long),
                 "position_ids": torch.tensor([positions], dtype=torch.long),
@@ -393,11 +394,29 @@ class Collator:
                 "max_length_q": longest,
                 "max_length_k": longest,
             }
-        width = max(len(f["input_ids"]) for f in features)
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
-        for f in features:
-            n = width - len(f["input_ids"])
-            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * n)
-            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        else:
+            width = max(len(f["input_ids"]) for f in features)
+            batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+            for f in features:
+                n = width - len(f["input_ids"])
+                batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * n)
+                batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
+                batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * n)
+            out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        return {**out, **logits_at_labels(out["labels"])}
+
+
+def logits_at_labels(labels: Any) -> dict[str, Any]:
+    """The positions whose next token is a label, for the model to compute logits (and the loss) there only.
+
+    `logits_to_keep` (a boolean [batch, T] mask: transformers' causal LMs apply the LM head to those hidden
+    states only) and `shift_labels` (the targets of those positions, in the same order): the loss is the
+    model's own cross-entropy over exactly the positions it would count, without a full-vocabulary logits
+    tensor for the prompt tokens. The Trainer counts `shift_labels` for its token-weighted normalization."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = shifted != IGNORE_INDEX
+    if not keep.any():  # a batch with nothing to learn: one ignored position keeps the shapes non-empty
+        keep[0, 0] = True
+    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
