@@ -14,7 +14,8 @@ one epoch, no held-out split (the bench evaluates every adapter with one evaluat
 `segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
 (peft's own dropout per adapted module), `input-cast` (peft's cast of adapter inputs to fp32),
 `bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
-`token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`.
+`token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
+`mmap-threshold` (glibc's dynamic mmap threshold left as it is).
 
 Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR --variant V [--without L ...]
 """
@@ -43,7 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5, "batchTokens": 4 * MAX_LENGTH}},
     "defaults": {"method": {}, "training": {}, "max_length": None},
 }
-LEVERS = ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start")
+LEVERS = ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start", "mmap-threshold")
 
 
 def without(levers: list[str]) -> None:
@@ -62,6 +63,8 @@ def without(levers: list[str]) -> None:
         elif lever == "token-rows":
             config.TrainerConfig.micro_batch_size = lambda self: self.training.batch_size  # type: ignore[method-assign]
             config.TrainerConfig.packed_row_tokens = lambda self: self.dataset.max_length  # type: ignore[method-assign]
+        elif lever == "mmap-threshold":
+            train.return_freed_memory = lambda: False  # type: ignore[assignment]
         elif lever == "warm-start":
             train.warm_start = lambda scheduler, steps: scheduler  # type: ignore[assignment]
         else:

@@ -42,7 +42,7 @@ CONTENDERS: dict[str, list[str]] = {
 }
 ABLATIONS = {  # kubetune's defaults with one fast path undone (kubetune_run.py --without)
     f"kubetune-defaults-without-{lever}": [str(HERE / "kubetune_run.py"), "--variant", "defaults", "--without", lever]
-    for lever in ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start")
+    for lever in ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start", "mmap-threshold")
 }
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 THREADS = 2

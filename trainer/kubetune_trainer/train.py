@@ -67,6 +67,28 @@ class Distributed:
             dist.barrier()
 
 
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at 128 KiB (its initial value), so large host buffers are mapped on
+    allocation and unmapped when freed. By default glibc raises the threshold to each freed mmapped buffer's
+    size (up to 32 MiB): then activations of every new row length are carved from the heap, which
+    fragments and is not given back - peak RSS grew with the number of steps (+570 MiB between 32 and 128
+    examples on the CPU bench). What `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here
+    so every launch gets it. False where the C library has no mallopt (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -449,6 +471,7 @@ def run(
 ) -> Outcome:
     """Train as configured, resuming from the newest complete checkpoint at the destination."""
     workdir.mkdir(parents=True, exist_ok=True)
+    return_freed_memory()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars are noise in a pod log
