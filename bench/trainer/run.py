@@ -30,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "trainer")]
 
+from bench.trainer import kubetune_run  # noqa: E402
 from bench.trainer import workload as wl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -42,8 +43,9 @@ CONTENDERS: dict[str, list[str]] = {
 }
 ABLATIONS = {  # kubetune's defaults with one fast path undone (kubetune_run.py --without)
     f"kubetune-defaults-without-{lever}": [str(HERE / "kubetune_run.py"), "--variant", "defaults", "--without", lever]
-    for lever in ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start", "mmap-threshold")
+    for lever in kubetune_run.LEVERS
 }
+EVERY = {**CONTENDERS, **ABLATIONS}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 THREADS = 2
 
@@ -143,7 +145,7 @@ def summarize(
     runs: list[dict[str, Any]], limit_tokens_per_second: float, limit_bf16: float | None = None
 ) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
-    for name in {**CONTENDERS, **ABLATIONS}:
+    for name in EVERY:
         mine = [r for r in runs if r["contender"] == name]
         if not mine:
             continue
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model and data: checks the code only")
     parser.add_argument("--examples", type=int, help="training examples per run (default 64; quick 32; smoke 8)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; quick/smoke 1)")
-    parser.add_argument("--contenders", nargs="+", choices=sorted({**CONTENDERS, **ABLATIONS}), default=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", choices=sorted(EVERY), default=list(CONTENDERS))
     parser.add_argument("--data", choices=sorted(wl.DATA_SETS), default="alpaca", help="alpaca (default) or long")
     parser.add_argument("--work", type=Path, default=wl.WORK, help="work directory (default bench/.work)")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer-DATE.json)")
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             out = runs_dir / f"{name}-{rep}"
             out.mkdir(parents=True, exist_ok=True)
             load_line = Path("/proc/loadavg").read_text().strip()
-            contender = [*{**CONTENDERS, **ABLATIONS}[name], "--model", str(workload.model_dir), "--train", str(train_file)]
+            contender = [*EVERY[name], "--model", str(workload.model_dir), "--train", str(train_file)]
             contender += ["--out", str(out), "--result", str(out / "result.json")]
             process = run_contender(contender, out / "log.txt", args.timeout)
             result = json.loads((out / "result.json").read_text())
@@ -300,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "bench_seconds": round(time.monotonic() - started, 1),
     }
     results = args.results or (
-        runs_dir / "results.json" if args.smoke else REPO / "bench" / "results" / f"trainer-{report['date']}{'' if args.data == 'alpaca' else '-' + args.data}.json"
+        runs_dir / "results.json"
+        if args.smoke
+        else REPO
+        / "bench"
+        / "results"
+        / f"trainer-{report['date']}{'' if args.data == 'alpaca' else '-' + args.data}.json"
     )
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=2) + "\n")

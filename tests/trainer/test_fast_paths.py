@@ -50,9 +50,12 @@ def test_segment_attention_is_selected_and_a_packed_example_scores_as_alone(toke
     batch = Collator(tokenizer.pad_token_id)(pack([a, b, c], 64))
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        torch.nn.functional, "scaled_dot_product_attention", lambda *x, **k: calls.append(x[0].shape[2]) or real(*x, **k)
-    )
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     packed = segmented(**batch)
     # one sdpa call per example per layer, each the example's length: no score outside an example
     assert sorted(calls) == sorted([12, 9, 7] * segmented.config.num_hidden_layers)
@@ -196,10 +199,12 @@ def test_loss_from_logits_at_labels_equals_the_full_loss(tokenizer) -> None:
     model = _model(tokenizer, attention.register())
     examples = [Example(list(range(5, 25)), [IGNORE_INDEX] * 8 + list(range(13, 25))),
                 Example(list(range(30, 41)), [IGNORE_INDEX] * 3 + list(range(33, 41)))]  # fmt: skip
-    for batch in (Collator(tokenizer.pad_token_id)(pack(examples, 64)),
-                  Collator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])):  # fmt: skip
+    collate = Collator(tokenizer.pad_token_id)
+    unpacked = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    for batch in (collate(pack(examples, 64)), collate(unpacked)):
         assert batch["shift_labels"].numel() == int(batch["logits_to_keep"].sum()) == 12 + 8
         with torch.no_grad():
             lean, reference = model(**batch), model(**_all_logits(batch))
-        assert lean.logits.shape[-2] == 20 and lean.logits.numel() < reference.logits.numel()  # the prompts got no logits
+        # the prompts got no logits
+        assert lean.logits.shape[-2] == 20 and lean.logits.numel() < reference.logits.numel()
         torch.testing.assert_close(lean.loss, reference.loss)

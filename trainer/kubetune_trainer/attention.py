@@ -17,6 +17,7 @@ with a cache) goes to transformers' sdpa unchanged, so generation after training
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -81,7 +82,7 @@ def segments_attention(
     rows = []
     for b in range(query.shape[0]):
         bounds = cu.tolist() if cu is not None and query.shape[0] == 1 else _boundaries(position_ids[b])
-        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+        lengths = [e - s for s, e in itertools.pairwise(bounds) if e > s]
         # split, not slicing: its backward is one cat of the examples' gradients, where every slice's
         # backward would write a zero-filled gradient of the whole row
         parts = [
