@@ -202,8 +202,9 @@ class DatasetSpec(ApiModel):
     )
     packing: bool = Field(
         default=True,
-        description="Pack several examples into each sequence (no padding; attention kept within each "
-        "example). Much higher throughput on short rows; on by default.",
+        description="Pack whole examples into rows of up to training.batchTokens tokens, one row a micro-batch "
+        "(no padding; attention and loss kept within each example). Much higher throughput on short rows; on "
+        "by default.",
     )
 
 
@@ -232,7 +233,13 @@ class LoraSpec(ApiModel):
         le=4096,
         description="Scaling numerator (scale = alpha / r); 2*r is the usual choice.",
     )
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    dropout: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter input; 0.05 is the QLoRA paper's for 7-13B models. Adapted modules "
+        "that read the same input (q/k/v_proj, gate/up_proj) share one dropped copy of it.",
+    )
     target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
