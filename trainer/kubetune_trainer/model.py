@@ -200,8 +200,9 @@ def load_model(
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        if compute == "bf16":
-            keep_frozen_weights_in(model, torch.bfloat16)
+        frozen = frozen_weights_dtype(method, compute)
+        if frozen != "fp32":
+            keep_frozen_weights_in(model, DTYPES[frozen])
     if method.type == "full" or not with_adapter:
         return model
     from peft import get_peft_model
@@ -215,6 +216,18 @@ def load_model(
         keep_adapter_inputs_in_compute_dtype(model)
     share_lora_dropout(model)
     return model
+
+
+def frozen_weights_dtype(method: MethodSpec, compute: str) -> str:
+    """The dtype of the weights that are neither trained nor quantized (norms, embeddings, the head).
+
+    Full fine-tuning trains them in fp32; lora loads the base in the compute dtype; qlora's k-bit preparation
+    upcasts them to fp32, which bf16 runs undo (`keep_frozen_weights_in`) and fp16 runs keep (fp16's range)."""
+    if method.type == "full":
+        return "fp32"
+    if method.effective_quantization() is None:
+        return compute
+    return "bf16" if compute == "bf16" else "fp32"
 
 
 def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
