@@ -561,7 +561,10 @@ def fit(
             advice.append("turn on gradientCheckpointing")
     if cfg.method.type != "qlora":
         advice.append("use method.type qlora")
-    if not advice:
+    fixed = estimate.peak_bytes - estimate.parts["activations"] - estimate.parts["logits"] + reserve
+    if fixed > target.memory_bytes:  # no batch shape helps
+        advice.append(f"use a GPU with more memory (weights and training state alone take {fixed / GIB:.1f} GiB)")
+    elif not advice:
         advice.append("lower dataset.maxLength, or use a GPU with more memory")
     short = -spare / GIB
     return Fit(target.memory_bytes, needed, False, f"does not fit ({short:.1f} GiB short): {' or '.join(advice)}")
@@ -589,8 +592,9 @@ def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: Da
     forward = 2 * (shape.linear_params + head) + 4 * shape.layers * shape.q_dim * context
     passes = (3 if cfg.method.type == "full" else 2) + (1 if checkpointing else 0)
     per_token = forward * passes
-    tokens_per_step = data.processed_tokens / max(data.sequences, 1) * run.global_batch
-    tokens = int(tokens_per_step * run.total_steps)
+    # An epoch processes every sequence once, in steps_per_epoch steps (fewer micro-batches than a global batch
+    # when the data is small: the last step of an epoch takes what is left).
+    tokens = int(data.processed_tokens * run.total_steps / run.steps_per_epoch)
     low, high = UTILISATION[cfg.method.type]
     peak = gpu.bf16_tflops * 1e12 * run.world_size
     return Eta(per_token, tokens, (low, high), (per_token * tokens / (peak * high), per_token * tokens / (peak * low)))
