@@ -43,7 +43,13 @@ def plan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def measured_peak(prepared: Any) -> int:
     """Peak bytes of tensors during `trainer.train()`, as torch allocates them (CPU profiler)."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
+
+    # Earlier tests' trainers sit in reference cycles until the collector runs; if it ran during this training,
+    # their frees would count against this run's allocations (measured: -14% on the checkpointing case).
+    gc.collect()
 
     model = prepared.trainer.model
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
