@@ -22,7 +22,7 @@ from tests.trainer.conftest import DATA, LIBRARY_WARNINGS, base_config, slice_js
 
 pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
 
-# The estimate is within this fraction of the measured peak (measured: -4.1% to +4.3% over the cases below).
+# The estimate is within this fraction of the measured peak (measured: -4.1% to +4.8% over the cases below).
 TOLERANCE = 0.15
 
 

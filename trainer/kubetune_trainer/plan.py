@@ -455,7 +455,8 @@ def activation_bytes(
     # Attention over padded sequences (a mask) on the CPU materializes one layer's fp32 scores at a time
     # (they are not kept for backward); segment attention over packed rows and CUDA's kernels never do.
     scores = 0 if cuda or cfg.dataset.packing else batch.sequences * shape.heads * batch.tokens**2 * 4
-    head = n * norm  # the final norm
+    # The final norm; the head's input is taken at the predicted positions, and kept only when the head trains.
+    head = n * norm + (m * stream * h if cfg.method.type == "full" else 0)
     # Logits only at the predicted positions: the head's output, the loss's fp32 copy of it (unless it is fp32
     # already) and log-softmax's output kept for backward, whose first gradient is as large.
     logits = m * shape.vocab * (8 + (e if e != 4 else 0))
