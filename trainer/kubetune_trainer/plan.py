@@ -452,8 +452,9 @@ def activation_bytes(
         if lora.dropout > 0:  # one dropped copy and its mask per distinct input (shared dropout)
             adapters += sum((e + 1) * fan_in for fan_in in _adapter_inputs(per_layer))
     layer = 2 * norm + attention + mlp + adapters + casts
-    # Attention over padded sequences (a mask) on the CPU materializes one layer's fp32 scores at a time
-    # (they are not kept for backward); segment attention over packed rows and CUDA's kernels never do.
+    # Attention over padded sequences (a mask) on the CPU materializes one layer's fp32 scores at a time, in the
+    # forward pass (they are not kept for backward), when the loss's tensors do not exist yet: the peak is the
+    # larger of the two. Segment attention over packed rows and CUDA's kernels never materialize them.
     scores = 0 if cuda or cfg.dataset.packing else batch.sequences * shape.heads * batch.tokens**2 * 4
     # The final norm; the head's input is taken at the predicted positions, and kept only when the head trains.
     head = n * norm + (m * stream * h if cfg.method.type == "full" else 0)
@@ -465,7 +466,7 @@ def activation_bytes(
         # freed, so the peak is the larger of the two.
         inputs = n * shape.layers * stream * h
         return {"activations": inputs + head + max(0, n * layer + scores - logits), "logits": logits}
-    return {"activations": n * shape.layers * layer + scores + head, "logits": logits}
+    return {"activations": n * shape.layers * layer + head + max(0, scores - logits), "logits": logits}
 
 
 def estimate_memory(
