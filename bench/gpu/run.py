@@ -7,7 +7,10 @@ No network: the model (random, seeded weights) is built from a config and the to
 as in the CPU bench (`bench/trainer/workload.py`). Steps:
 1. bitsandbytes' CUDA path: nf4 quantize + `matmul_4bit` on the device, checked against a bf16 matmul.
 2. kubetune's trainer with its defaults (QLoRA nf4 + double quant, bf16, LoRA r 16 all-linear,
-   gradient checkpointing, paged 8-bit AdamW) on sequences packed to 2048, for a fixed number of steps:
+   gradient checkpointing, paged 8-bit AdamW) on sequences packed to 2048 - one row of batchTokens
+   (default: maxLength) a micro-batch, attention within each example by torch's varlen flash attention -
+   for a fixed number of steps (`--batch-tokens` to set a larger micro-batch, `--without LEVER` to undo
+   one of the trainer's fast paths, as in `bench/trainer/kubetune_run.py`):
    real tokens/s, model FLOPs utilization (6 x parameters per token over the GPU's dense bf16 peak),
    peak GPU memory (torch.cuda.max_memory_allocated), beside `kubetune plan`'s estimate of it.
 3. The seed recipe (8-bit, r 8 on q/v, padded to 512) on the same GPU and data: real tokens/s, and the ratio.
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="kubetune optimizer steps (default 30; dry run 2)")
     parser.add_argument("--seed-examples", type=int, help="examples for the seed recipe (default 256; dry run 8)")
     parser.add_argument("--work", type=Path, help="work directory (default: OUT/work)")
+    parser.add_argument("--batch-tokens", type=int, help="training.batchTokens for kubetune (default: unset)")
+    parser.add_argument("--without", action="append", default=[], choices=kubetune_run.LEVERS,
+                        help="undo one of kubetune's fast paths (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     import torch
 
@@ -237,12 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         variant="defaults",
         max_length=max_length,
         max_steps=steps,
+        levers_off=args.without,
+        training={"batchTokens": args.batch_tokens} if args.batch_tokens else None,
     )
     kubetune["real_tokens_per_second"] = kubetune["real_tokens"] / kubetune["train_seconds"]
     if peak:
         kubetune["mfu"] = kubetune["real_tokens_per_second"] * 6 * params["matmul"] / peak
     kubetune["plan"] = planned_memory(kubetune, workload.model_dir, report["device"], cuda)
     report["kubetune"] = kubetune
+    from kubetune_trainer import attention
+
+    report["kubetune_attention"] = (
+        "sdpa over whole rows (--without segments)"
+        if "segments" in args.without
+        else "torch varlen flash attention"
+        if attention._varlen_available(torch.empty(1, device=device))
+        else "sdpa per example"
+    )
     print("kubetune:", {k: kubetune.get(k) for k in ("real_tokens_per_second", "mfu", "peak_gpu_memory_bytes")})
     print("plan:", kubetune["plan"], flush=True)
 

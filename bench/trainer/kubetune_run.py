@@ -3,12 +3,21 @@
 - `seed-method`: the seed recipe's method settings (8-bit base, LoRA r 8 / alpha 32 / dropout 0.05 on
   q_proj and v_proj, learning rate 2e-5), everything else kubetune's default: this isolates the pipeline
   (completion-only labels, packing, no padding, gradient checkpointing only with a GPU).
-- `defaults`: kubetune's defaults as a FineTuneJob gets them (QLoRA nf4 with double quant, LoRA r 16 on
-  all linear layers, packing, learning rate 2e-4, cosine with warm-up, clipping 0.3).
-Both: batch 4 x 2 accumulation (kubetune's default, the seed's too), maxLength 512 as the seed
-truncates, one epoch, no held-out split (the bench evaluates every adapter with one evaluator).
+- `defaults`: kubetune's defaults exactly as a FineTuneJob gets them, nothing overridden but the data and
+  the model (QLoRA nf4 with double quant, LoRA r 16 / dropout 0.05 on all linear layers, maxLength 2048,
+  packing into rows of batchTokens = maxLength tokens, 2 rows a step, learning rate 2e-4, cosine with
+  warm-up, clipping 0.3).
+`seed-method` keeps the seed's batch 4 x 2 accumulation and maxLength 512 (as the seed truncates). Both:
+one epoch, no held-out split (the bench evaluates every adapter with one evaluator).
 
-Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR --variant V [--result FILE]
+`--without LEVER` turns one of the trainer's fast paths back into what it replaced, to measure it:
+`segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
+(peft's own dropout per adapted module), `input-cast` (peft's cast of adapter inputs to fp32),
+`bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
+`token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
+`mmap-threshold` (glibc's dynamic mmap threshold left as it is).
+
+Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR --variant V [--without L ...]
 """
 
 from __future__ import annotations
@@ -32,9 +41,34 @@ SEED_METHOD = {
     "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"]},
 }
 VARIANTS: dict[str, dict[str, Any]] = {
-    "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5}},
-    "defaults": {"method": {}, "training": {}},
+    "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5, "batchTokens": 4 * MAX_LENGTH}},
+    "defaults": {"method": {}, "training": {}, "max_length": None},
 }
+LEVERS = ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start", "mmap-threshold")
+
+
+def without(levers: list[str]) -> None:
+    """Undo the named fast paths in this process (monkeypatching the trainer's modules)."""
+    from kubetune_trainer import attention, config, model, train
+
+    for lever in levers:
+        if lever == "segments":
+            attention.register = lambda: "sdpa"  # type: ignore[assignment]
+        elif lever == "shared-dropout":
+            model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
+        elif lever == "input-cast":
+            model.keep_adapter_inputs_in_compute_dtype = lambda m: None  # type: ignore[assignment]
+        elif lever == "bf16-weights":
+            model.keep_frozen_weights_in = lambda m, dtype: None  # type: ignore[assignment]
+        elif lever == "token-rows":
+            config.TrainerConfig.micro_batch_size = lambda self: self.training.batch_size  # type: ignore[method-assign]
+            config.TrainerConfig.packed_row_tokens = lambda self: self.dataset.max_length  # type: ignore[method-assign]
+        elif lever == "mmap-threshold":
+            train.return_freed_memory = lambda: False  # type: ignore[assignment]
+        elif lever == "warm-start":
+            train.warm_start = lambda scheduler, steps: scheduler  # type: ignore[assignment]
+        else:
+            raise SystemExit(f"--without {lever}: not one of {', '.join(LEVERS)}")
 
 
 def config(
@@ -45,15 +79,25 @@ def config(
     *,
     max_length: int = MAX_LENGTH,
     max_steps: int | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config.json a FineTuneJob would hand the trainer for this variant (one epoch unless max_steps)."""
     chosen = VARIANTS[variant]
     length: dict[str, Any] = {"maxSteps": max_steps} if max_steps else {"epochs": 1.0}
+    dataset: dict[str, Any] = {"train": str(Path(train_file).resolve()), "evalSplit": 0.0}
+    if chosen.get("max_length", max_length):  # defaults: the CRD's maxLength
+        dataset["maxLength"] = max_length
     return {
         "model": {"source": str(Path(model).resolve())},
-        "dataset": {"train": str(Path(train_file).resolve()), "evalSplit": 0.0, "maxLength": max_length},
+        "dataset": dataset,
         "method": chosen["method"],
-        "training": {**length, "checkpointEverySteps": 100000, "logEverySteps": 10, **chosen["training"]},
+        "training": {
+            **length,
+            "checkpointEverySteps": 100000,
+            "logEverySteps": 10,
+            **chosen["training"],
+            **(training or {}),
+        },
         "output": {"destination": str(Path(destination).resolve())},
     }
 
@@ -66,19 +110,31 @@ def train(
     variant: str,
     max_length: int = MAX_LENGTH,
     max_steps: int | None = None,
+    levers_off: list[str] = (),  # type: ignore[assignment]
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    without(list(levers_off))
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.train import run
 
     out = Path(output_dir)
     cfg = TrainerConfig.model_validate(
-        config(model, train_file, str(out / "destination"), variant, max_length=max_length, max_steps=max_steps)
+        config(
+            model,
+            train_file,
+            str(out / "destination"),
+            variant,
+            max_length=max_length,
+            max_steps=max_steps,
+            training=training,
+        )
     )
     quant = cfg.method.effective_quantization()
     outcome = run(cfg, out / "work")
     metrics = outcome.metrics
     return {
-        "contender": f"kubetune-{variant}",
+        "contender": f"kubetune-{variant}" + "".join(f"-without-{lever}" for lever in levers_off),
+        "max_length": cfg.dataset.max_length,
         "quantization": "none" if quant is None else ("int8" if quant.bits == 8 else quant.type),
         "adapter": str(out / "destination" / "adapter"),
         "examples": metrics["train_examples"],
@@ -97,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser.add_argument("--without", action="append", default=[], choices=LEVERS)
     parser.add_argument("--result")
     args = parser.parse_args(argv)
-    write_result(args.result, train(args.model, args.train, args.out, variant=args.variant))
+    write_result(args.result, train(args.model, args.train, args.out, variant=args.variant, levers_off=args.without))
 
 
 if __name__ == "__main__":

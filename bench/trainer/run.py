@@ -30,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "trainer")]
 
+from bench.trainer import kubetune_run  # noqa: E402
 from bench.trainer import workload as wl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +41,11 @@ CONTENDERS: dict[str, list[str]] = {
     "kubetune-seed-method": [str(HERE / "kubetune_run.py"), "--variant", "seed-method"],
     "kubetune-defaults": [str(HERE / "kubetune_run.py"), "--variant", "defaults"],
 }
+ABLATIONS = {  # kubetune's defaults with one fast path undone (kubetune_run.py --without)
+    f"kubetune-defaults-without-{lever}": [str(HERE / "kubetune_run.py"), "--variant", "defaults", "--without", lever]
+    for lever in kubetune_run.LEVERS
+}
+EVERY = {**CONTENDERS, **ABLATIONS}
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 THREADS = 2
 
@@ -135,9 +141,11 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict[str, Any]], limit_tokens_per_second: float) -> dict[str, dict[str, Any]]:
+def summarize(
+    runs: list[dict[str, Any]], limit_tokens_per_second: float, limit_bf16: float | None = None
+) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
-    for name in CONTENDERS:
+    for name in EVERY:
         mine = [r for r in runs if r["contender"] == name]
         if not mine:
             continue
@@ -152,6 +160,7 @@ def summarize(runs: list[dict[str, Any]], limit_tokens_per_second: float) -> dic
             "peak_rss_bytes": median([r["peak_rss_bytes_kernel"] for r in mine]),
             "eval_loss": median([r.get("eval_loss") for r in mine]),
             "optimizer_steps": mine[0]["optimizer_steps"],
+            "load_average_before": [r["load_average_before"] for r in mine],
         }
     seed = summary.get("seed", {}).get("real_tokens_per_second")
     trl = max((summary[n]["real_tokens_per_second"] for n in ("trl", "trl-packing") if n in summary), default=None)
@@ -159,22 +168,26 @@ def summarize(runs: list[dict[str, Any]], limit_tokens_per_second: float) -> dic
         row["ratio_vs_seed"] = round(row["real_tokens_per_second"] / seed, 3) if seed else None
         row["ratio_vs_best_trl"] = round(row["real_tokens_per_second"] / trl, 3) if trl else None
         row["fraction_of_compute_bound"] = round(row["real_tokens_per_second"] / limit_tokens_per_second, 4)
+        if limit_bf16:
+            row["fraction_of_bf16_limit"] = round(row["real_tokens_per_second"] / limit_bf16, 4)
     return summary
 
 
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| contender | real tokens/s (median) | vs seed | vs best TRL | best run | train s | wall s | peak RSS "
-        "| eval loss | of limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| eval loss | of fp32 limit | of bf16 limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in summary.items():
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         vs_trl = f"{r['ratio_vs_best_trl']:.2f}x" if r.get("ratio_vs_best_trl") else "-"
+        vs_seed = f"{r['ratio_vs_seed']:.2f}x" if r.get("ratio_vs_seed") else "-"
         lines.append(
-            f"| {name} | {r['real_tokens_per_second']:.1f} | {r['ratio_vs_seed']:.2f}x | {vs_trl} | "
+            f"| {name} | {r['real_tokens_per_second']:.1f} | {vs_seed} | {vs_trl} | "
             f"{r['best_real_tokens_per_second']:.1f} | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {loss} | {100 * r['fraction_of_compute_bound']:.1f}% |"
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {loss} | {100 * r['fraction_of_compute_bound']:.1f}% | "
+            f"{100 * r.get('fraction_of_bf16_limit', 0):.1f}% |"
         )
     return "\n".join(lines)
 
@@ -185,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model and data: checks the code only")
     parser.add_argument("--examples", type=int, help="training examples per run (default 64; quick 32; smoke 8)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; quick/smoke 1)")
-    parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), default=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", choices=sorted(EVERY), default=list(CONTENDERS))
+    parser.add_argument("--data", choices=sorted(wl.DATA_SETS), default="alpaca", help="alpaca (default) or long")
     parser.add_argument("--work", type=Path, default=wl.WORK, help="work directory (default bench/.work)")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer-DATE.json)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (1 if args.smoke or args.quick else 3)
     started = time.monotonic()
 
-    size, data = (wl.SMOKE_MODEL, wl.SMOKE_DATA) if args.smoke else (wl.ModelSize(), wl.DataSpec())
+    size, data = (wl.SMOKE_MODEL, wl.SMOKE_DATA) if args.smoke else (wl.ModelSize(), wl.DATA_SETS[args.data])
     workload = wl.prepare(args.work, size, data)
     train_file = workload.train_subset(examples)
     params = wl.parameter_counts(workload.model_dir)
@@ -219,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in rotated:
             out = runs_dir / f"{name}-{rep}"
             out.mkdir(parents=True, exist_ok=True)
-            contender = [*CONTENDERS[name], "--model", str(workload.model_dir), "--train", str(train_file)]
+            load_line = Path("/proc/loadavg").read_text().strip()
+            contender = [*EVERY[name], "--model", str(workload.model_dir), "--train", str(train_file)]
             contender += ["--out", str(out), "--result", str(out / "result.json")]
             process = run_contender(contender, out / "log.txt", args.timeout)
             result = json.loads((out / "result.json").read_text())
             result.pop("config", None)
-            run = {**result, **process, "contender": name, "repetition": rep}
+            run = {**result, **process, "contender": name, "repetition": rep, "proc_loadavg_before": load_line}
             run["real_tokens_per_second"] = round(run["real_tokens"] / run["train_seconds"], 2)
             run["real_tokens_per_cpu_second"] = round(run["real_tokens"] / run["cpu_seconds"], 2)
             runs.append(run)
@@ -248,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         run["adapter"] = os.path.relpath(run["adapter"], REPO)  # no machine-specific paths in the results
     base_loss = {e["quantization"]: round(e["eval_loss"], 5) for e in evaluated[len(runs) :]}
 
-    summary = summarize(runs, limit)
+    summary = summarize(runs, limit, gemm_bf16 / flops_per_token)
     command = " ".join(["python bench/trainer/run.py", *(argv if argv is not None else sys.argv[1:])])
     report = {
         "command": command,
         "date": dt.date.today().isoformat(),
+        "data_set": args.data,
+        "shared_machine": "other developers' jobs ran on the same 2 cores during this bench: compare contenders "
+        "by their ratios (alternating runs, each with its load average), not the absolute numbers",
         "machine": {**machine(), "load_average_at_end": os.getloadavg()},
         "model": {
             "architecture": "LlamaForCausalLM",
@@ -284,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "bench_seconds": round(time.monotonic() - started, 1),
     }
     results = args.results or (
-        runs_dir / "results.json" if args.smoke else REPO / "bench" / "results" / f"trainer-{report['date']}.json"
+        runs_dir / "results.json"
+        if args.smoke
+        else REPO
+        / "bench"
+        / "results"
+        / f"trainer-{report['date']}{'' if args.data == 'alpaca' else '-' + args.data}.json"
     )
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=2) + "\n")

@@ -64,6 +64,19 @@ class DataSpec:
     seed: int = 1234
 
 
+# Long answers (the second data set, so the levers are not tuned to short rows): responses of a few
+# paragraphs, like long-form chat or report-writing data - formatted examples of ~400-900 tokens, median
+# >= 400 (measured and written to the results). Capped at 680 words so no example outgrows the model's 1024
+# positions.
+LONG_DATA = DataSpec(
+    prompt_median=30.0,
+    response_median=330.0,
+    response_sigma=0.35,
+    response_range=(120, 680),
+    seed=4321,
+)
+DATA_SETS = {"alpaca": DataSpec(), "long": LONG_DATA}
+
 SMOKE_MODEL = ModelSize(
     hidden_size=64,
     intermediate_size=128,

@@ -73,6 +73,7 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
     def spread(s: Any) -> str:
         return f"min {s.min}  median {s.median:g}  p95 {s.p95:g}  max {s.max}"
 
+    packed = f" (packed rows of <= {d.row_tokens} tokens)" if d.packing else ""
     section("data")
     rows += [
         ("rows", f"{d.train_rows} train, {d.eval_rows} eval"),
@@ -81,12 +82,13 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
         ("prompt tokens", spread(d.prompt_tokens)),
         ("response tokens", spread(d.response_tokens)),
         ("truncated at maxLength", f"{d.truncated} examples, {d.lost_response_tokens} response tokens lost"),
-        ("sequences per epoch", f"{d.sequences}{' (packed)' if d.packing else ''}, longest {d.longest_sequence}"),
+        ("sequences per epoch", f"{d.sequences}{packed}, longest {d.longest_sequence}"),
         ("packing efficiency", f"{d.packing_efficiency:.1%} ({d.real_tokens} real / {d.processed_tokens} processed)"),
     ]
+    gpus = f"{run.world_size} GPU{'s' if run.world_size > 1 else ''}"
     section("run")
     rows += [
-        ("global batch", f"{run.global_batch} sequences ({run.world_size} GPU{'s' if run.world_size > 1 else ''})"),
+        ("global batch", f"{run.global_batch} {'packed rows' if d.packing else 'sequences'} ({gpus})"),
         ("steps", f"{run.total_steps} ({run.steps_per_epoch} per epoch, {run.epochs:g} epochs)"),
         ("warm-up steps", str(run.warmup_steps)),
         ("evaluations", str(run.evaluations)),
@@ -96,9 +98,12 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
     section(f"memory per GPU ({memory.precision}, gradient checkpointing {checkpointing}, {memory.optimizer})")
     rows.append(("parameters", f"{plan.parameters['total']:,} ({plan.parameters['trainable']:,} trainable)"))
     batch, tokens = memory.batch_shape
+    labels = {
+        "activations": f"activations ({batch} x {tokens} tokens)",
+        "logits": f"logits ({memory.predicted_positions} label positions)",
+    }
     for name, value in memory.parts.items():
-        label = f"{name} ({batch} x {tokens} tokens)" if name == "activations" else name
-        rows.append((label, gib(value)))
+        rows.append((labels.get(name, name), gib(value)))
     rows.append(("peak allocated", gib(memory.peak_bytes)))
     if plan.fit is not None:
         gpu = plan.target.gpu.name if plan.target.gpu is not None else "GPU"
@@ -172,6 +177,7 @@ def _plan(
     out: IO[str],
 ) -> int:
     try:
+        plan_mod.refuse_unplannable(config)
         target = plan_target(job, plan_mod, gpu, gpu_memory)
     except plan_mod.PlanError as error:
         print(f"kubetune plan: {error}", file=sys.stderr)

@@ -262,8 +262,8 @@ def _failed(
             "Failed",
             "OOMKilled",
             f"{_node_prefix(job, pod)}the trainer ran out of memory; raise resources.memory, or lower "
-            "training.batchSize or "
-            f"dataset.maxLength ({job_reason}: {job_message})",
+            "training.batchTokens (with packing) or training.batchSize, "
+            f"or dataset.maxLength ({job_reason}: {job_message})",
             pod,
         )
     return Outcome("Failed", job_reason, _short(_node_prefix(job, pod) + job_message), pod)

@@ -80,7 +80,7 @@ def test_two_nodes_rendezvous_train_and_write_one_set_of_artifacts_like_one_node
     assert {f"two-nodes/checkpoints/step-8/rng_state_{rank}.pth" for rank in (0,)} <= set(keys)
     metrics = json.loads(s3_moto.read(bucket, "two-nodes/metrics.json"))
     assert metrics["world_size"] == 2 and metrics["steps"] == 8
-    assert metrics["global_batch_size"] == 2 * 1 * 2  # batchSize x gradientAccumulationSteps x world size
+    assert metrics["global_batch_size"] == 1 * 1 * 2  # one packed row (batchTokens) x accumulation x world size
     assert sum(log.count("artifacts written to") for log in logs) == 1
 
     # The same global batch on one node (two workers, one pod): the same training, so nearly the same loss.

@@ -219,8 +219,9 @@ class DatasetSpec(ApiModel):
     )
     packing: bool = Field(
         default=True,
-        description="Pack several examples into each sequence (no padding; attention kept within each "
-        "example). Much higher throughput on short rows; on by default. Not used by the preference format "
+        description="Pack whole examples into rows of up to training.batchTokens tokens, one row a micro-batch "
+        "(no padding; attention and loss kept within each example). Much higher throughput on short rows; on "
+        "by default. Not used by the preference format "
         "(each pair is one padded chosen and one rejected sequence).",
     )
 
@@ -250,7 +251,13 @@ class LoraSpec(ApiModel):
         le=4096,
         description="Scaling numerator (scale = alpha / r); 2*r is the usual choice.",
     )
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    dropout: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter input; 0.05 is the QLoRA paper's for 7-13B models. Adapted modules "
+        "that read the same input (q/k/v_proj, gate/up_proj) share one dropped copy of it.",
+    )
     target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -427,7 +434,22 @@ class TrainingSpec(ApiModel):
         le=1,
         description="Peak learning rate. 2e-4 is the QLoRA paper's for 7-13B models.",
     )
-    batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-batch.")
+    batch_size: int = Field(
+        default=4,
+        ge=1,
+        le=4096,
+        description="Without dataset.packing: sequences per device per micro-batch. With packing, "
+        "batchTokens sets the micro-batch instead.",
+    )
+    batch_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=INTEGER_MAX,
+        description="With dataset.packing: tokens per device per micro-batch. Whole examples are packed into "
+        "one row of at most this many tokens (an example longer than that gets a row of its own), so "
+        "activation memory follows tokens, not batchSize x maxLength; gradientAccumulationSteps such rows "
+        "make an optimizer step. Unset: dataset.maxLength.",
+    )
     gradient_accumulation_steps: int = Field(default=2, ge=1, le=4096, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -606,6 +628,16 @@ class TrainerConfig(ApiModel):
             ),
         ),
     )
+
+    def packed_row_tokens(self) -> int:
+        """With packing: the token budget of one packed row, which is one micro-batch per device."""
+        return self.training.batch_tokens or self.dataset.max_length
+
+    def micro_batch_size(self) -> int:
+        """Sequences (pairs for dpo) per device per micro-batch: one packed row with packing, else batchSize.
+
+        The preference format is never packed: each pair is one chosen and one rejected sequence."""
+        return 1 if self.dataset.packing and self.dataset.format != "preference" else self.training.batch_size
 
     def trainer_json(self) -> dict[str, Any]:
         """The config.json document: camelCase, defaults filled in."""

@@ -2,11 +2,14 @@
 configured format, tokenize with the loss on the response only, truncate, pack, and collate.
 
 Every row remembers its file and line, so a bad row fails the run with a message that points at it.
-Packing is padding-free: examples are placed whole into bins of at most maxLength tokens (first-fit
-decreasing) and concatenated with position_ids restarting at 0 for each example and no attention_mask.
-transformers then builds a block-diagonal causal mask from the position_ids (sdpa/eager) or uses
-variable-length flash attention, so an example never attends to its neighbours in the bin - the same
-mechanism as TRL's padding-free "bfd" packing.
+Packing is padding-free: examples are placed whole into rows of at most `budget` tokens (first-fit
+decreasing; the budget is training.batchTokens, by default dataset.maxLength) and concatenated with
+position_ids restarting at 0 for each example, one row a micro-batch. The collator adds the examples'
+cumulative lengths (`cu_seq_lens_q/k`, `max_length_q/k`, the keywords of transformers' flash-attention
+path), and the model attends within each example only (`kubetune_trainer.attention`): an example never
+attends to its neighbours in the row, and a row of 20 examples costs what 20 short sequences cost. The
+first token of each packed example carries no label, so the loss never asks the end of one example to
+predict the start of the next: a packed example's loss is the example's loss alone.
 """
 
 from __future__ import annotations
@@ -340,8 +343,10 @@ def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = 
 # -- packing and collation -------------------------------------------------------------------------
 
 
-def pack(examples: list[Example], max_length: int) -> list[dict[str, list[int]]]:
-    """First-fit-decreasing bins of whole examples, each with position_ids restarting per example."""
+def pack(examples: list[Example], budget: int) -> list[dict[str, list[int]]]:
+    """First-fit-decreasing rows of whole examples, at most `budget` tokens each, with position_ids
+    restarting per example and no label on each example's first token (nothing before it in its example
+    predicts it; in the row the previous example's last token would)."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     bins: list[list[int]] = []
     free: list[int] = []
@@ -354,7 +359,7 @@ def pack(examples: list[Example], max_length: int) -> list[dict[str, list[int]]]
                 break
         else:
             bins.append([i])
-            free.append(max_length - size)
+            free.append(budget - size)
     packed = []
     for members in bins:
         ids: list[int] = []
@@ -362,21 +367,25 @@ def pack(examples: list[Example], max_length: int) -> list[dict[str, list[int]]]
         positions: list[int] = []
         for i in members:
             ids += examples[i].input_ids
-            labels += examples[i].labels
+            labels += [IGNORE_INDEX, *examples[i].labels[1:]]
             positions += list(range(len(examples[i].input_ids)))
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
 
 
-def as_features(examples: list[Example], max_length: int, packing: bool) -> list[dict[str, list[int]]]:
+def as_features(examples: list[Example], budget: int, packing: bool) -> list[dict[str, list[int]]]:
+    """Packed rows of at most `budget` tokens, or one feature per example (`budget` unused)."""
     if packing:
-        return pack(examples, max_length)
+        return pack(examples, budget)
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
 class Collator:
-    """Pads a batch. Packed features (with position_ids) get no attention_mask: padding becomes one more
-    'example' of pad tokens with its own positions, labelled IGNORE_INDEX, so nothing attends across."""
+    """A batch as the model takes it.
+
+    Packed features (with position_ids) are concatenated into one row - no padding at all - with the
+    examples' cumulative lengths for segment/varlen attention (`cu_seq_lens_q/k`, `max_length_q/k`).
+    Unpacked features are padded to the longest, with an attention_mask."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -384,19 +393,46 @@ class Collator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
-        packed = "position_ids" in features[0]
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        if packed:
-            batch["position_ids"] = []
+        out: dict[str, Any]
+        if "position_ids" in features[0]:
+            ids = [t for f in features for t in f["input_ids"]]
+            labels = [t for f in features for t in f["labels"]]
+            positions = [p for f in features for p in f["position_ids"]]
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+            cu = torch.tensor(starts, dtype=torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            out = {
+                "input_ids": torch.tensor([ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
         else:
-            batch["attention_mask"] = []
-        for f in features:
-            n = width - len(f["input_ids"])
-            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * n)
-            batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
-            if packed:
-                batch["position_ids"].append(f["position_ids"] + list(range(n)))
-            else:
+            width = max(len(f["input_ids"]) for f in features)
+            batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+            for f in features:
+                n = width - len(f["input_ids"])
+                batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * n)
+                batch["labels"].append(f["labels"] + [IGNORE_INDEX] * n)
                 batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        return {**out, **logits_at_labels(out["labels"])}
+
+
+def logits_at_labels(labels: Any) -> dict[str, Any]:
+    """The positions whose next token is a label, for the model to compute logits (and the loss) there only.
+
+    `logits_to_keep` (a boolean [batch, T] mask: transformers' causal LMs apply the LM head to those hidden
+    states only) and `shift_labels` (the targets of those positions, in the same order): the loss is the
+    model's own cross-entropy over exactly the positions it would count, without a full-vocabulary logits
+    tensor for the prompt tokens. The Trainer counts `shift_labels` for its token-weighted normalization."""
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = shifted != IGNORE_INDEX
+    if not keep.any():  # a batch with nothing to learn: one ignored position keeps the shapes non-empty
+        keep[0, 0] = True
+    return {"logits_to_keep": keep, "shift_labels": shifted[keep]}

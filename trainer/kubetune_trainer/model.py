@@ -175,6 +175,10 @@ def load_model(
     # frozen base held in the compute dtype.
     dtype = torch.float32 if method.type == "full" else DTYPES[compute]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.dataset.packing:
+        from kubetune_trainer import attention
+
+        kwargs["attn_implementation"] = attention.register()
     if quant is not None:
         kwargs["quantization_config"] = quant
         if torch.cuda.is_available():
@@ -196,6 +200,9 @@ def load_model(
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        frozen = frozen_weights_dtype(method, compute)
+        if frozen != "fp32":
+            keep_frozen_weights_in(model, DTYPES[frozen])
     if method.type == "full" or not with_adapter:
         return model
     from peft import get_peft_model
@@ -204,7 +211,87 @@ def load_model(
     if gc and quant is None:
         model.enable_input_require_grads()
     with _quiet_peft():
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+    if compute != "fp32":
+        keep_adapter_inputs_in_compute_dtype(model)
+    share_lora_dropout(model)
+    return model
+
+
+def frozen_weights_dtype(method: MethodSpec, compute: str) -> str:
+    """The dtype of the weights that are neither trained nor quantized (norms, embeddings, the head).
+
+    Full fine-tuning trains them in fp32; lora loads the base in the compute dtype; qlora's k-bit preparation
+    upcasts them to fp32, which bf16 runs undo (`keep_frozen_weights_in`) and fp16 runs keep (fp16's range)."""
+    if method.type == "full":
+        return "fp32"
+    if method.effective_quantization() is None:
+        return compute
+    return "bf16" if compute == "bf16" else "fp32"
+
+
+def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Undo peft's k-bit preparation upcast of the unquantized weights (norms, embeddings, head) to fp32.
+
+    With an fp32 embedding the residual stream is fp32, and under bf16 autocast every quantized matmul
+    and adapter casts its input to bf16 again: the casts (`copy_`) were the largest item of a CPU profile.
+    Kept in bf16 - as `lora` keeps them, and as fp16-free QLoRA needs no upcast for range - the stream
+    stays bf16; RMSNorm still computes its statistics in fp32 inside, and the loss upcasts the logits."""
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad and type(param).__name__ == "Parameter":
+            param.data = param.data.to(dtype)
+
+
+def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module) -> None:
+    """Under autocast the adapters' matmuls run in the compute dtype whatever their input's: peft's cast of
+    every adapter input to the fp32 adapter weights is a copy that autocast undoes at once. Off."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+
+
+class SharedInputDropout(torch.nn.Module):
+    """LoRA dropout that draws one mask per distinct input, not one per adapted module.
+
+    peft drops each adapted module's input on its own: q/k/v_proj (and gate/up_proj) read the same
+    hidden states, so a layer draws 7 full-size masks for all-linear targets. Here modules that read the
+    same tensor get the same dropped tensor (4 masks a layer, and one saved activation instead of three
+    or two). Each module still sees its input dropped with probability p and scaled by 1/(1-p) - the
+    same expectation and the same marginal as peft's; only the masks of q/k/v (gate/up) are no longer
+    independent of each other."""
+
+    def __init__(self, p: float, last: dict[str, Any]):
+        super().__init__()
+        self.p = p
+        self.last = last  # shared by every SharedInputDropout of a model: {"input", "p", "output"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        last = self.last
+        if last.get("input") is not x or last.get("p") != self.p:
+            # Holding the input keeps its id from being reused by a new tensor while it is cached.
+            last.update(input=x, p=self.p, output=torch.nn.functional.dropout(x, self.p, training=True))
+        return last["output"]
+
+
+def share_lora_dropout(model: torch.nn.Module) -> int:
+    """Replace peft's per-module LoRA dropout by `SharedInputDropout`; returns the modules changed."""
+    last: dict[str, Any] = {}
+    changed = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                shared = SharedInputDropout(dropout.p, last)
+                shared.train(dropout.training)
+                dropouts[name] = shared
+                changed += 1
+    if changed:  # nothing outlives a forward pass (a recomputing backward draws again, as peft's would)
+        model.register_forward_hook(lambda *_: last.clear())
+    return changed
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

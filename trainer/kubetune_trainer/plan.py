@@ -1,23 +1,26 @@
 """What a run will do, before it takes a GPU (`kubetune plan`): the data as the trainer reads it, the step
 schedule, an estimate of peak GPU memory per GPU, and an ETA range.
 
-The data side is the trainer's own code (`data.train_eval_rows`, `tokenize`, `as_features`), so the counts
-are the run's. The model is built on the meta device from its config alone (no weights read, no memory
-used) to get every parameter's shape; the precision, gradient checkpointing and optimizer defaults are the
-trainer's factories asked about the target GPU rather than this machine.
+The data side is the trainer's own code (`data.train_eval_rows`, `tokenize`, `as_features` with the
+packed row budget, the `Collator` with its label positions, `TrainerConfig.micro_batch_size`), so the counts
+and the micro-batches are the run's. The model is built on the meta device from its config alone (no weights
+read, no memory used) to get every parameter's shape; the precision, gradient checkpointing and optimizer
+defaults are the trainer's factories asked about the target GPU rather than this machine.
 
 The memory estimate sums what a training step holds at its peak (the start of the backward pass):
 - weights at their stored size: 4-bit NF4/FP4 linear layers with their quantization constants (bitsandbytes'
   block size 64; double quantization stores them in 8 bits with fp32 constants per 256 blocks), 8-bit
-  layers with their row scales; for k-bit training, `prepare_model_for_kbit_training` casts every other
-  parameter (embeddings, norms, the head) to fp32;
+  layers with their row scales; every other parameter (embeddings, norms, the head) in the dtype
+  `model.frozen_weights_dtype` gives it (fp32 after k-bit preparation, bf16 again for bf16 runs);
 - trainable parameters (LoRA's A and B, in fp32; every weight for full fine-tuning), their gradients and
   the optimizer's state (AdamW: two fp32 moments; 8-bit AdamW: two 8-bit moments);
-- activations saved for backward at the largest batch the data makes (batch size x the longest sequence),
-  counted per decoder layer from the tensors autograd keeps for a Llama-style block (RMSNorm, attention,
-  gated MLP, LoRA's low-rank intermediates and dropout copies); with gradient checkpointing only each layer's
-  input is kept, plus one layer recomputed at a time;
-- the logits and the loss: the head's output, its fp32 copy and log-softmax, and their gradient.
+- activations saved for backward at the micro-batch of the run that needs the most (one packed row of up to
+  training.batchTokens tokens with packing, batchSize padded sequences without), counted per decoder layer
+  from the tensors autograd keeps for a Llama-style block (RMSNorm, attention, gated MLP, LoRA's low-rank
+  intermediates and its dropout copies, one per distinct input as `model.share_lora_dropout` shares them);
+  with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
+- the logits and the loss at the label positions only (the collator's `logits_to_keep`): the head's output,
+  its fp32 copy and log-softmax, and their gradient.
 Not counted: the CUDA context and the allocator's fragmentation, reported apart as a fixed reserve.
 """
 
@@ -27,6 +30,7 @@ import math
 import random
 import re
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -131,8 +135,11 @@ class DataPlan:
     response_tokens: Spread  # before truncation; the tokens trained on
     real_tokens: int  # per epoch, after truncation
     processed_tokens: int  # per epoch, padding included
-    sequences: int  # per epoch: packed bins or examples
+    predicted_tokens: int  # per epoch: positions where the model computes logits (their next token is a label)
+    sequences: int  # per epoch: packed rows or examples
     longest_sequence: int
+    micro_batch_size: int  # sequences per micro-batch: 1 packed row with packing, else batchSize
+    row_tokens: int | None  # with packing: the token budget of a packed row (training.batchTokens)
     example: list[dict[str, Any]] = field(default_factory=list)  # [{text, trained}] segments of one example
 
     @property
@@ -152,27 +159,45 @@ def rendered_example(example: data_mod.Example, tokenizer: Any) -> list[dict[str
     return segments
 
 
-def processed_tokens(features: list[dict[str, list[int]]], batch_size: int, seed: int) -> int:
-    """Tokens the model processes in one epoch, padding included: the Collator pads each batch to its
-    longest sequence, and the loop draws batches in a seeded random order (this is one such order)."""
+@dataclass(frozen=True)
+class MicroBatch:
+    """The shape of one micro-batch as the trainer's Collator makes it."""
+
+    sequences: int
+    tokens: int  # per sequence, padding included
+    predicted: int  # positions whose logits the model computes: those whose next token is a label
+
+    @property
+    def processed(self) -> int:
+        return self.sequences * self.tokens
+
+
+def micro_batches(cfg: TrainerConfig, features: list[dict[str, list[int]]]) -> list[MicroBatch]:
+    """One epoch's micro-batches, collated by the trainer's Collator (packed rows concatenated, other
+    sequences padded to the longest, logits kept at label positions), drawn in a seeded random order as the
+    loop draws them (this is one such order: it matters only to which sequences are padded together)."""
+    size = cfg.micro_batch_size()
     order = list(range(len(features)))
-    random.Random(seed).shuffle(order)
-    total = 0
-    for start in range(0, len(order), batch_size):
-        widths = [len(features[i]["input_ids"]) for i in order[start : start + batch_size]]
-        total += max(widths) * len(widths)
-    return total
+    random.Random(cfg.training.seed).shuffle(order)
+    collate = data_mod.Collator(pad_token_id=0)  # shapes only: the pad id changes none
+    shapes = []
+    for start in range(0, len(order), size):
+        batch = collate([features[i] for i in order[start : start + size]])
+        sequences, tokens = batch["input_ids"].shape
+        shapes.append(MicroBatch(sequences, tokens, int(batch["logits_to_keep"].sum())))
+    return shapes
 
 
 def plan_data(
     cfg: TrainerConfig, train_rows: list[data_mod.Row], eval_rows: list[data_mod.Row], tokenizer: Any
-) -> tuple[DataPlan, data_mod.TokenizedData]:
-    """The data as the trainer tokenizes, truncates and packs it; raises the trainer's InvalidInput."""
+) -> tuple[DataPlan, data_mod.TokenizedData, list[MicroBatch]]:
+    """The data as the trainer tokenizes, truncates, packs and collates it; raises the trainer's InvalidInput."""
     spec = cfg.dataset
     train = data_mod.tokenize(train_rows, spec, tokenizer, name="train")
     if eval_rows:
         data_mod.tokenize(eval_rows, spec, tokenizer, name="eval")  # the trainer rejects bad eval rows too
-    features = data_mod.as_features(train.examples, spec.max_length, spec.packing)
+    features = data_mod.as_features(train.examples, cfg.packed_row_tokens(), spec.packing)
+    batches = micro_batches(cfg, features)
     real = sum(len(e.input_ids) for e in train.examples)
     plan = DataPlan(
         train_rows=len(train_rows),
@@ -185,12 +210,15 @@ def plan_data(
         prompt_tokens=Spread.of([untrained for untrained, _ in train.lengths]),
         response_tokens=Spread.of([trained for _, trained in train.lengths]),
         real_tokens=real,
-        processed_tokens=processed_tokens(features, cfg.training.batch_size, cfg.training.seed),
+        processed_tokens=sum(b.processed for b in batches),
+        predicted_tokens=sum(b.predicted for b in batches),
         sequences=len(features),
         longest_sequence=max(len(f["input_ids"]) for f in features),
+        micro_batch_size=cfg.micro_batch_size(),
+        row_tokens=cfg.packed_row_tokens() if spec.packing else None,
         example=rendered_example(train.examples[0], tokenizer),
     )
-    return plan, train
+    return plan, train, batches
 
 
 def rejected_rows(rows: list[data_mod.Row], cfg: TrainerConfig, tokenizer: Any, limit: int) -> tuple[list[str], int]:
@@ -215,7 +243,7 @@ def rejected_rows(rows: list[data_mod.Row], cfg: TrainerConfig, tokenizer: Any, 
 @dataclass
 class Schedule:
     world_size: int
-    global_batch: int  # sequences per optimizer step
+    global_batch: int  # sequences (packed rows with packing) per optimizer step
     steps_per_epoch: int
     total_steps: int
     epochs: float
@@ -227,17 +255,18 @@ class Schedule:
 
 def schedule(cfg: TrainerConfig, sequences: int, world_size: int, has_eval: bool) -> Schedule:
     """The loop's own arithmetic (transformers' Trainer): a distributed sampler gives each rank
-    ceil(sequences / world) sequences, the loader ceil(that / batchSize) micro-batches, and an epoch is
-    ceil(micro-batches / gradientAccumulationSteps) optimizer steps; warm-up is ceil(steps x warmupRatio)."""
+    ceil(sequences / world) sequences, the loader ceil(that / micro-batch size) micro-batches (one packed row
+    each with packing, batchSize sequences without), and an epoch is ceil(micro-batches /
+    gradientAccumulationSteps) optimizer steps; warm-up is ceil(steps x warmupRatio)."""
     t = cfg.training
     per_rank = math.ceil(sequences / world_size)
-    micro_batches = math.ceil(per_rank / t.batch_size)
-    per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
+    loader_batches = math.ceil(per_rank / cfg.micro_batch_size())
+    per_epoch = max(math.ceil(loader_batches / t.gradient_accumulation_steps), 1)
     total = t.max_steps if t.max_steps is not None else math.ceil(t.effective_epochs() * per_epoch)
     written = total // t.checkpoint_every_steps
     return Schedule(
         world_size=world_size,
-        global_batch=t.batch_size * t.gradient_accumulation_steps * world_size,
+        global_batch=cfg.micro_batch_size() * t.gradient_accumulation_steps * world_size,
         steps_per_epoch=per_epoch,
         total_steps=total,
         epochs=round(total / per_epoch, 3),
@@ -340,7 +369,8 @@ class MemoryEstimate:
     precision: str
     gradient_checkpointing: bool
     optimizer: str
-    batch_shape: tuple[int, int]  # (sequences, tokens) of the largest micro-batch
+    batch_shape: tuple[int, int]  # (sequences, tokens) of the micro-batch at the peak
+    predicted_positions: int  # of that micro-batch: where the model computes logits (label positions)
     parts: dict[str, int]  # bytes per component
 
     @property
@@ -358,6 +388,20 @@ def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int,
     return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
 
 
+# The linear layers of a Llama-style block that read the same tensor: `model.share_lora_dropout` gives
+# adapters on them one dropped copy of it (o_proj and down_proj each read their own input).
+SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def _adapter_inputs(modules: list[tuple[str, int, int]]) -> list[int]:
+    """Fan-in of each distinct input among one layer's adapted modules (one dropout copy each)."""
+    inputs: dict[Any, int] = {}
+    for name, fan_in, _ in modules:
+        group = next((i for i, names in enumerate(SAME_INPUT) if name in names), name)
+        inputs[group] = fan_in
+    return list(inputs.values())
+
+
 def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
     lora = cfg.method.effective_lora()
     if lora is None:
@@ -367,33 +411,35 @@ def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
 
 def weight_bytes(cfg: TrainerConfig, shape: ModelShape, precision: str) -> int:
     quant = cfg.method.effective_quantization()
-    unquantized = shape.other_params + shape.head_params
+    # Norms, embeddings and the head: fp32 for full fine-tuning and after k-bit preparation, unless a bf16
+    # run keeps them in bf16; lora's frozen base is held in the compute dtype.
+    unquantized = (shape.other_params + shape.head_params) * DTYPE_BYTES[
+        model_mod.frozen_weights_dtype(cfg.method, precision)
+    ]
     if quant is None:
-        # Full fine-tuning keeps fp32 master weights; LoRA's frozen base is held in the compute dtype.
         per = 4 if cfg.method.type == "full" else DTYPE_BYTES[precision]
-        return (shape.linear_params + unquantized) * per
+        return shape.linear_params * per + unquantized
     if quant.bits == 8:
         quantized = shape.linear_params + sum(4 * o for _, _, o in shape.linear)  # int8 + fp32 row scales
     else:
         blocks = shape.linear_params / 64
         constants = blocks * 1 + blocks / 256 * 4 if quant.double_quant else blocks * 4
         quantized = int(shape.linear_params / 2 + constants)
-    return quantized + unquantized * 4  # prepare_model_for_kbit_training casts the rest to fp32
+    return quantized + unquantized
 
 
 def activation_bytes(
-    cfg: TrainerConfig, shape: ModelShape, precision: str, checkpointing: bool, batch: int, tokens: int, cuda: bool
+    cfg: TrainerConfig, shape: ModelShape, precision: str, checkpointing: bool, batch: MicroBatch, cuda: bool
 ) -> dict[str, int]:
-    """Saved activations and the loss's tensors for a micro-batch of `batch` sequences of `tokens` tokens."""
+    """Saved activations and the loss's tensors for one micro-batch."""
     e = DTYPE_BYTES[precision]  # activations are in the compute dtype (autocast for full fine-tuning)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    n = batch * tokens
-    kbit = cfg.method.effective_quantization() is not None
-    # k-bit training casts embeddings, norms and the head to fp32 (prepare_model_for_kbit_training), so the
-    # residual stream is fp32 and each quantized layer fed from it (q, k, v, gate, up) keeps its own copy of
-    # its input cast to the compute dtype.
-    stream = 4 if kbit else e
-    casts = 5 * e * h if kbit and e != 4 else 0
+    n, m = batch.processed, batch.predicted
+    # The residual stream has the embedding's dtype; where that is not the compute dtype (full fine-tuning and
+    # fp16 QLoRA keep fp32 weights) each linear layer fed from it (q, k, v, gate, up) keeps its own input cast
+    # to the compute dtype.
+    stream = DTYPE_BYTES[model_mod.frozen_weights_dtype(cfg.method, precision)]
+    casts = 5 * e * h if stream != e else 0
     norm = 4 * h + stream * h  # RMSNorm: its fp32 input and its normalized output
     attention = e * (3 * q + 2 * kv)  # q, k, v after RoPE for attention; its output twice (sdpa, o_proj input)
     mlp = e * 4 * i  # gate (SiLU input), SiLU output, up, their product (down_proj input)
@@ -402,35 +448,37 @@ def activation_bytes(
     if lora is not None:
         modules = _lora_modules(cfg, shape)
         per_layer = modules[: max(1, len(modules) // max(shape.layers, 1))]  # one decoder layer's adapters
-        adapters = sum(4 * lora.r for _ in per_layer)  # A's output, fp32, the input of B
-        if lora.dropout > 0:  # each adapter's dropout keeps its own copy of the input and a mask
-            adapters += sum((e + 1) * fan_in for _, fan_in, _ in per_layer)
+        adapters = sum(e * lora.r for _ in per_layer)  # A's output (autocast's dtype), the input of B
+        if lora.dropout > 0:  # one dropped copy and its mask per distinct input (shared dropout)
+            adapters += sum((e + 1) * fan_in for fan_in in _adapter_inputs(per_layer))
     layer = 2 * norm + attention + mlp + adapters + casts
-    # CPU attention with a mask (packing or padding) materializes one layer's fp32 scores at a time
-    # (measured: they are not kept for backward); CUDA's fused kernels never do.
-    scores = 0 if cuda else batch * shape.heads * tokens * tokens * 4
-    head = n * (norm + stream * h)  # the final norm and the head's input
-    # The loss upcasts the head's output to fp32 (a copy unless it is fp32 already); log-softmax keeps its
-    # output for backward, whose first gradient is as large.
-    logits = n * shape.vocab * (8 + (stream if stream != 4 else 0))
+    # Attention over padded sequences (a mask) on the CPU materializes one layer's fp32 scores at a time, in the
+    # forward pass (they are not kept for backward), when the loss's tensors do not exist yet: the peak is the
+    # larger of the two. Segment attention over packed rows and CUDA's kernels never materialize them.
+    scores = 0 if cuda or cfg.dataset.packing else batch.sequences * shape.heads * batch.tokens**2 * 4
+    # The final norm; the head's input is taken at the predicted positions, and kept only when the head trains.
+    head = n * norm + (m * stream * h if cfg.method.type == "full" else 0)
+    # Logits only at the predicted positions: the head's output, the loss's fp32 copy of it (unless it is fp32
+    # already) and log-softmax's output kept for backward, whose first gradient is as large.
+    logits = m * shape.vocab * (8 + (e if e != 4 else 0))
     if checkpointing:
         # Each layer's input is kept; backward recomputes one layer at a time, after the loss's tensors are
         # freed, so the peak is the larger of the two.
         inputs = n * shape.layers * stream * h
         return {"activations": inputs + head + max(0, n * layer + scores - logits), "logits": logits}
-    return {"activations": n * shape.layers * layer + scores + head, "logits": logits}
+    return {"activations": n * shape.layers * layer + head + max(0, scores - logits), "logits": logits}
 
 
 def estimate_memory(
     cfg: TrainerConfig,
     shape: ModelShape,
     target: Target,
-    batch: int,
-    tokens: int,
+    batches: list[MicroBatch],
     world_size: int = 1,
     *,
     checkpointing: bool | None = None,
 ) -> MemoryEstimate:
+    """The peak over the run's micro-batches (the one with the most tokens, or the most label positions)."""
     precision = model_mod.precision(cfg.training, cuda=target.cuda, bf16_supported=target.bf16)
     gc = model_mod.gradient_checkpointing(cfg.training, cuda=target.cuda) if checkpointing is None else checkpointing
     optimizer = optimizer_name(cfg, cuda=target.cuda)
@@ -442,8 +490,10 @@ def estimate_memory(
     parts["optimizer"] = trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8)
     if world_size > 1:
         parts["ddp buckets"] = trainable * 4  # DDP's flat copy of the gradients for all-reduce
-    parts.update(activation_bytes(cfg, shape, precision, gc, batch, tokens, target.cuda))
-    return MemoryEstimate(precision, gc, optimizer, (batch, tokens), parts)
+    per_batch = {b: activation_bytes(cfg, shape, precision, gc, b, target.cuda) for b in set(batches)}
+    batch = max(per_batch, key=lambda b: (sum(per_batch[b].values()), b.processed))
+    parts.update(per_batch[batch])
+    return MemoryEstimate(precision, gc, optimizer, (batch.sequences, batch.tokens), batch.predicted, parts)
 
 
 @dataclass
@@ -454,7 +504,46 @@ class Fit:
     verdict: str
 
 
-def fit(cfg: TrainerConfig, shape: ModelShape, target: Target, estimate: MemoryEstimate, world_size: int) -> Fit | None:
+def _smaller_micro_batches(
+    cfg: TrainerConfig, examples: list[data_mod.Example]
+) -> Iterator[tuple[str, list[MicroBatch]]]:
+    """Advice and the micro-batches it would make: halving training.batchTokens (packing: the rows repacked
+    as the trainer would pack them) or batchSize (gradientAccumulationSteps raised to keep the global batch)."""
+    t = cfg.training
+    if cfg.dataset.packing:
+        budget, longest = cfg.packed_row_tokens(), max(len(e.input_ids) for e in examples)
+        for smaller in (budget // 2**k for k in range(1, 13)):
+            if smaller < longest:  # an example longer than the budget gets a row of its own anyway
+                return
+            keep = math.ceil(t.gradient_accumulation_steps * budget / smaller)
+            trial = cfg.model_copy(update={"training": t.model_copy(update={"batch_tokens": smaller})})
+            features = data_mod.as_features(examples, smaller, packing=True)
+            yield (
+                f"lower training.batchTokens to {smaller} (gradientAccumulationSteps {keep} keeps the tokens per step)",
+                micro_batches(trial, features),
+            )
+        return
+    features = data_mod.as_features(examples, cfg.packed_row_tokens(), packing=False)
+    for smaller in (t.batch_size // 2**k for k in range(1, 13)):
+        if smaller < 1:
+            return
+        keep = t.gradient_accumulation_steps * t.batch_size // smaller
+        trial = cfg.model_copy(update={"training": t.model_copy(update={"batch_size": smaller})})
+        yield (
+            f"lower batchSize to {smaller} (gradientAccumulationSteps {keep} keeps the global batch)",
+            micro_batches(trial, features),
+        )
+
+
+def fit(
+    cfg: TrainerConfig,
+    shape: ModelShape,
+    target: Target,
+    estimate: MemoryEstimate,
+    world_size: int,
+    examples: list[data_mod.Example],
+    batches: list[MicroBatch],
+) -> Fit | None:
     if target.memory_bytes is None:
         return None
     reserve = CUDA_RESERVE_BYTES if target.cuda else 0
@@ -462,25 +551,22 @@ def fit(cfg: TrainerConfig, shape: ModelShape, target: Target, estimate: MemoryE
     spare = target.memory_bytes - needed
     if spare >= 0:
         return Fit(target.memory_bytes, needed, True, f"fits with {spare / GIB:.1f} GiB to spare")
-    batch, tokens = estimate.batch_shape
     advice = []
-    for smaller in (batch // 2**k for k in range(1, 13)):
-        if smaller < 1:
-            break
-        trial = estimate_memory(
-            cfg, shape, target, smaller, tokens, world_size, checkpointing=estimate.gradient_checkpointing
-        )
+    for text, smaller in _smaller_micro_batches(cfg, examples):
+        trial = estimate_memory(cfg, shape, target, smaller, world_size, checkpointing=estimate.gradient_checkpointing)
         if trial.peak_bytes + reserve <= target.memory_bytes:
-            keep = cfg.training.gradient_accumulation_steps * batch // smaller
-            advice.append(f"lower batchSize to {smaller} (gradientAccumulationSteps {keep} keeps the global batch)")
+            advice.append(text)
             break
     if not estimate.gradient_checkpointing:
-        trial = estimate_memory(cfg, shape, target, batch, tokens, world_size, checkpointing=True)
+        trial = estimate_memory(cfg, shape, target, batches, world_size, checkpointing=True)
         if trial.peak_bytes + reserve <= target.memory_bytes:
             advice.append("turn on gradientCheckpointing")
     if cfg.method.type != "qlora":
         advice.append("use method.type qlora")
-    if not advice:
+    fixed = estimate.peak_bytes - estimate.parts["activations"] - estimate.parts["logits"] + reserve
+    if fixed > target.memory_bytes:  # no batch shape helps
+        advice.append(f"use a GPU with more memory (weights and training state alone take {fixed / GIB:.1f} GiB)")
+    elif not advice:
         advice.append("lower dataset.maxLength, or use a GPU with more memory")
     short = -spare / GIB
     return Fit(target.memory_bytes, needed, False, f"does not fit ({short:.1f} GiB short): {' or '.join(advice)}")
@@ -499,16 +585,18 @@ class Eta:
 
 def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: DataPlan, checkpointing: bool) -> Eta:
     """Training FLOPs over the GPUs' peak at an assumed utilisation. A forward pass costs 2 FLOPs per weight
-    per token (plus attention, 4 x layers x q_dim x the mean context); backward costs twice that for full
-    fine-tuning, about once for (Q)LoRA (gradients of the activations only, the base is frozen); gradient
-    checkpointing adds one more forward."""
-    matmul = shape.linear_params + (shape.head_params or shape.vocab * shape.hidden)
+    per token (the head's only at the positions whose logits are computed; plus attention, 4 x layers x q_dim x
+    the mean context within an example); backward costs twice that for full fine-tuning, about once for
+    (Q)LoRA (gradients of the activations only, the base is frozen); gradient checkpointing adds one more
+    forward."""
+    head = (shape.head_params or shape.vocab * shape.hidden) * data.predicted_tokens / max(data.processed_tokens, 1)
     context = data.real_tokens / max(data.examples, 1) / 2  # causal: a token attends to half its example
-    forward = 2 * matmul + 4 * shape.layers * shape.q_dim * context
+    forward = 2 * (shape.linear_params + head) + 4 * shape.layers * shape.q_dim * context
     passes = (3 if cfg.method.type == "full" else 2) + (1 if checkpointing else 0)
     per_token = forward * passes
-    tokens_per_step = data.processed_tokens / max(data.sequences, 1) * run.global_batch
-    tokens = int(tokens_per_step * run.total_steps)
+    # An epoch processes every sequence once, in steps_per_epoch steps (fewer micro-batches than a global batch
+    # when the data is small: the last step of an epoch takes what is left).
+    tokens = int(data.processed_tokens * run.total_steps / run.steps_per_epoch)
     low, high = UTILISATION[cfg.method.type]
     peak = gpu.bf16_tflops * 1e12 * run.world_size
     return Eta(per_token, tokens, (low, high), (per_token * tokens / (peak * high), per_token * tokens / (peak * low)))
@@ -552,6 +640,19 @@ class Plan:
 REJECTED_SHOWN = 5
 
 
+def refuse_unplannable(cfg: TrainerConfig) -> None:
+    """PlanError for a run this module does not model, rather than a plan that would be wrong."""
+    if cfg.objective.effective_dpo() is not None:
+        # DPO reads preference pairs (`preference.tokenize`), trains on a chosen and a rejected sequence per
+        # pair with a reference forward pass, and TRL computes its logits over every position: none of which
+        # the data plan, the schedule or the memory estimate here describe, and no run has measured them.
+        raise PlanError(
+            "objective dpo: kubetune plan estimates supervised fine-tuning (objective sft) only; for a DPO job "
+            "it has no data plan, schedule or memory estimate yet (`kubetune run --max-steps` on a small slice "
+            "measures one)"
+        )
+
+
 def make_plan(
     cfg: TrainerConfig,
     train_rows: list[data_mod.Row],
@@ -564,8 +665,9 @@ def make_plan(
     """Everything `kubetune plan` reports. Bad rows give a plan with `rejected` set and nothing else."""
     from kubetune_trainer.errors import InvalidInput
 
+    refuse_unplannable(cfg)
     try:
-        data, _ = plan_data(cfg, train_rows, eval_rows, tokenizer)
+        data, train, batches = plan_data(cfg, train_rows, eval_rows, tokenizer)
     except InvalidInput as exc:
         if exc.error.line is None:  # not a row's fault (empty data, no chat template, maxLength): as it is
             return Plan(target, None, [exc.error.message], 1)
@@ -576,7 +678,7 @@ def make_plan(
         shape = model_shape(model_config, cfg)
     except InvalidInput as exc:
         return Plan(target, data, [exc.error.message], 1)
-    estimate = estimate_memory(cfg, shape, target, cfg.training.batch_size, data.longest_sequence, world_size)
+    estimate = estimate_memory(cfg, shape, target, batches, world_size)
     return Plan(
         target,
         data,
@@ -585,6 +687,6 @@ def make_plan(
         run,
         {"total": shape.total_params, "trainable": trainable_parameters(cfg, shape)},
         estimate,
-        fit(cfg, shape, target, estimate, world_size),
+        fit(cfg, shape, target, estimate, world_size, train.examples, batches),
         eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
     )
