@@ -57,7 +57,7 @@ def without(levers: list[str]) -> None:
         elif lever == "shared-dropout":
             model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
         elif lever == "input-cast":
-            model.keep_adapter_inputs_in_compute_dtype = lambda m: None  # type: ignore[assignment]
+            model.keep_adapter_inputs_in_compute_dtype = lambda m, keep=True: None  # type: ignore[assignment]
         elif lever == "bf16-weights":
             model.keep_frozen_weights_in = lambda m, dtype: None  # type: ignore[assignment]
         elif lever == "token-rows":

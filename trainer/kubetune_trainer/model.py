@@ -242,12 +242,13 @@ def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module) -> None:
+def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module, keep: bool = True) -> None:
     """Under autocast the adapters' matmuls run in the compute dtype whatever their input's: peft's cast of
-    every adapter input to the fp32 adapter weights is a copy that autocast undoes at once. Off."""
+    every adapter input to the fp32 adapter weights is a copy that autocast undoes at once. Off for
+    training (`keep`); back on (`keep=False`) for generating outside autocast after it."""
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = not keep
 
 
 class SharedInputDropout(torch.nn.Module):

@@ -505,6 +505,8 @@ def _load_finished_checkpoint(trainer: Any, checkpoint_dir: Path) -> None:
 def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
     """The numbers, and (rank 0) the artifacts at the destination with the final marker last."""
     ctx.telemetry.set_stage("save")
+    # Sample generation runs outside autocast: adapters take their fp32 input again.
+    model_mod.keep_adapter_inputs_in_compute_dtype(prepared.trainer.model, keep=False)
     state, eval_loss = trained.state, trained.eval_loss
     metrics = _metrics(ctx, prepared, trained)
     outcome = Outcome(
