@@ -120,6 +120,7 @@ VALUE_SETS: dict[str, tuple[str, dict[str, Any]]] = {
             "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"}],
             "defaults": {"gpuResourceName": "amd.com/gpu", "progressIntervalSeconds": 30},
             "logLevel": "DEBUG",
+            "apiConcurrency": 8,
             "resources": {
                 "requests": {"cpu": "100m", "memory": "256Mi"},
                 "limits": {"cpu": 1, "memory": "1Gi"},
@@ -147,6 +148,7 @@ OPERATOR_SETTINGS = {
     "KUBETUNE_PROGRESS_INTERVAL_SECONDS",
     "KUBETUNE_LOG_LEVEL",
     "KUBETUNE_DEFAULT_GPU_RESOURCE",
+    "KUBETUNE_API_CONCURRENCY",
 }
 
 TRAINER_LABELS = {"app.kubernetes.io/name": "kubetune-trainer", "app.kubernetes.io/managed-by": "kubetune"}
@@ -333,6 +335,7 @@ BAD_VALUES = [
     pytest.param({"metrics": {"podMonitor": {"enabled": "yes"}}}, "/metrics/podMonitor/enabled", id="wrong-type-flag"),
     pytest.param({"podAnnotations": {"a": 1}}, "/podAnnotations/a", id="wrong-type-map-value"),
     pytest.param({"logLevel": "VERBOSE"}, "/logLevel", id="bad-enum-log-level"),
+    pytest.param({"apiConcurrency": 0}, "/apiConcurrency", id="api-concurrency-zero"),
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="bad-enum-pull-policy"),
     pytest.param({"defaults": {"progressIntervalSeconds": 0}}, "/defaults/progressIntervalSeconds", id="out-of-range"),
     pytest.param(
@@ -494,6 +497,7 @@ def test_operator_deployment_custom(rendered: dict[str, list[dict[str, Any]]]) -
     assert env["KUBETUNE_DEFAULT_GPU_RESOURCE"] == "amd.com/gpu"
     assert env["KUBETUNE_PROGRESS_INTERVAL_SECONDS"] == "30"
     assert env["KUBETUNE_LOG_LEVEL"] == "DEBUG"
+    assert env["KUBETUNE_API_CONCURRENCY"] == "8"
     assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
     for key in ("imagePullSecrets", "nodeSelector", "tolerations", "affinity", "priorityClassName"):
         assert pod["spec"][key] == values[key], key
