@@ -335,6 +335,10 @@ def test_a_thousand_creates_stay_fast(kube_api: KubeApiServer, core: kubernetes.
 OPERATOR = textwrap.dedent("""
     import kopf
 
+    @kopf.on.login()  # a fresh registry has none of Kopf's default login handlers
+    def login(**kwargs):
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.create('kubetune.dev', 'v1alpha1', 'finetunejobs')
     def seen(spec, patch, **_):
         patch.status['phase'] = 'Seen'
@@ -368,12 +372,19 @@ def test_kopf_operator_handles_a_finetunejob(
     def gone() -> bool:
         return not kube_api.emulator.get_object(FTJ, "default", "a")
 
-    with kopf.testing.KopfRunner(args, timeout=60) as runner:
-        create_ftj(custom, "a")
-        wait_for(lambda: status().get("phase") == "Seen")
-        assert status()["model"] == "tiny"
-        custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
-        wait_for(gone)
+    # A registry of its own: the handlers of kubetune's operator, registered in the default one when another
+    # test imported kubetune_operator.main, would otherwise run too and write the status.
+    previous = kopf.get_default_registry()
+    kopf.set_default_registry(kopf.OperatorRegistry())
+    try:
+        with kopf.testing.KopfRunner(args, timeout=60) as runner:
+            create_ftj(custom, "a")
+            wait_for(lambda: status().get("phase") == "Seen")
+            assert status()["model"] == "tiny"
+            custom.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "a")
+            wait_for(gone)
+    finally:
+        kopf.set_default_registry(previous)
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0
     assert "cleaned up" in runner.output
