@@ -8,6 +8,7 @@ the operator made is checked against the chart's RBAC (`tests/api/rbac.py`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -122,6 +123,9 @@ def operator_env(**overrides: str) -> dict[str, str]:
     }
 
 
+LOGGERS_SET_AT_STARTUP = ("kubetune_operator", "kopf.objects")
+
+
 class Operator:
     """Start and stop the operator; one test may restart it."""
 
@@ -130,6 +134,9 @@ class Operator:
         self.monkeypatch = monkeypatch
         self.env: dict[str, str] = {}
         self.runner: kopf.testing.KopfRunner | None = None
+        # kubetune's start-up sets these loggers' levels for the whole process (kopf.objects to WARNING); stop()
+        # puts them back, so later tests' Kopf runs in this process log as they would alone.
+        self.logger_levels = {name: logging.getLogger(name).level for name in LOGGERS_SET_AT_STARTUP}
 
     def start(self, **env: str) -> Operator:
         self.env = operator_env(**env)
@@ -146,6 +153,8 @@ class Operator:
             return
         runner, self.runner = self.runner, None
         runner.__exit__(None, None, None)
+        for name, level in self.logger_levels.items():
+            logging.getLogger(name).setLevel(level)
         assert runner.exception is None, runner.output
         assert runner.exit_code == 0, runner.output
         assert "Traceback" not in runner.output, runner.output

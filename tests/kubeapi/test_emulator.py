@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import textwrap
 import time
@@ -375,13 +374,8 @@ def test_kopf_operator_handles_a_finetunejob(
 
     # A registry of its own: the handlers of kubetune's operator, registered in the default one when another
     # test imported kubetune_operator.main, would otherwise run too and write the status.
-    # And kopf.objects at its default level: kubetune's start-up, run in-process by an earlier test, raises it
-    # to WARNING for the whole process, which would swallow the toy handler's "cleaned up".
     previous = kopf.get_default_registry()
     kopf.set_default_registry(kopf.OperatorRegistry())
-    objects_logger = logging.getLogger("kopf.objects")
-    previous_level = objects_logger.level
-    objects_logger.setLevel(logging.NOTSET)
     try:
         with kopf.testing.KopfRunner(args, timeout=60) as runner:
             create_ftj(custom, "a")
@@ -391,7 +385,6 @@ def test_kopf_operator_handles_a_finetunejob(
             wait_for(gone)
     finally:
         kopf.set_default_registry(previous)
-        objects_logger.setLevel(previous_level)
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0
     assert "cleaned up" in runner.output
