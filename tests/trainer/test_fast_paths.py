@@ -139,6 +139,45 @@ def test_lora_dropout_draws_one_mask_per_shared_input(tmp_path: Path) -> None:
     assert (seen["q_proj"] != 0).all()  # no dropout in eval
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path: Path) -> None:
+    """An eval-mode pass (the Trainer's evaluation) must not change what training computes: bitsandbytes
+    repacks 4-bit weights for CPU inference on AVX512-BF16/AMX CPUs into a layout without a backward."""
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.model import load_model
+    from kubetune_trainer.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    cfg = TrainerConfig.model_validate(
+        {
+            "model": {"source": str(model_dir)},
+            "dataset": {"train": "/d.jsonl"},
+            "method": {"type": "qlora", "lora": {"dropout": 0.0}},
+            "output": {"destination": str(tmp_path / "out")},
+        }
+    )
+    model = load_model(model_dir, cfg, "bf16")
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+    ids = torch.randint(5, 200, (1, 40))
+
+    def first_layer_grad() -> torch.Tensor:
+        model.train()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad.clone()
+
+    before = first_layer_grad()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    after = first_layer_grad()
+    assert before.abs().sum() > 0
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def test_shared_dropout_keeps_the_expectation() -> None:
     from kubetune_trainer.model import SharedInputDropout
 

@@ -203,6 +203,7 @@ def load_model(
         frozen = frozen_weights_dtype(method, compute)
         if frozen != "fp32":
             keep_frozen_weights_in(model, DTYPES[frozen])
+        keep_4bit_weights_differentiable(model)
     if method.type == "full" or not with_adapter:
         return model
     from peft import get_peft_model
@@ -240,6 +241,22 @@ def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.dtype == torch.float32 and not param.requires_grad and type(param).__name__ == "Parameter":
             param.data = param.data.to(dtype)
+
+
+def keep_4bit_weights_differentiable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On CPUs with AVX512-BF16 (or AMX) an eval-mode forward without gradients - the Trainer's evaluation -
+    converts each `Linear4bit` weight, for good, to a layout only `gemv_4bit` reads, and that op has no
+    backward: every training step after the first evaluation silently lost the gradient through the frozen
+    base layers (layer 0's adapter gradient fell by ~30 % in a check). Evaluation keeps the differentiable
+    dequantize-and-matmul path instead."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module, keep: bool = True) -> None:
