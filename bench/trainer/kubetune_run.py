@@ -12,7 +12,9 @@ one epoch, no held-out split (the bench evaluates every adapter with one evaluat
 
 `--without LEVER` turns one of the trainer's fast paths back into what it replaced, to measure it:
 `segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
-(peft's own dropout per adapted module), `input-cast` (peft's cast of adapter inputs to fp32),
+(peft's own dropout per adapted module), `fused-lora` (peft's forward of each LoRA layer: clone, update,
+scaling and sum as separate tensors), `dropout-mask` (torch's Bernoulli mask per element on CPUs),
+`fp32-attention` (short examples' CPU attention in bf16 as well), `input-cast` (peft's cast of adapter inputs to fp32),
 `bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
 `token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
 `mmap-threshold` (glibc's dynamic mmap threshold left as it is).
@@ -44,11 +46,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5, "batchTokens": 4 * MAX_LENGTH}},
     "defaults": {"method": {}, "training": {}, "max_length": None},
 }
-LEVERS = ("segments", "shared-dropout", "input-cast", "bf16-weights", "token-rows", "warm-start", "mmap-threshold")
+LEVERS = (
+    "segments",
+    "shared-dropout",
+    "fused-lora",
+    "input-cast",
+    "bf16-weights",
+    "token-rows",
+    "warm-start",
+    "mmap-threshold",
+)
 
 
 def without(levers: list[str]) -> None:
     """Undo the named fast paths in this process (monkeypatching the trainer's modules)."""
+    import torch
+
     from kubetune_trainer import attention, config, model, train
 
     for lever in levers:
@@ -56,6 +69,12 @@ def without(levers: list[str]) -> None:
             attention.register = lambda: "sdpa"  # type: ignore[assignment]
         elif lever == "shared-dropout":
             model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
+        elif lever == "fused-lora":
+            model.fuse_lora_update = lambda m: 0  # type: ignore[assignment]
+        elif lever == "dropout-mask":
+            model.dropout = lambda x, p: torch.nn.functional.dropout(x, p, training=True)  # type: ignore[assignment]
+        elif lever == "fp32-attention":
+            attention.CPU_FP32_ATTENTION_BELOW = 0
         elif lever == "input-cast":
             model.keep_adapter_inputs_in_compute_dtype = lambda m, keep=True: None  # type: ignore[assignment]
         elif lever == "bf16-weights":

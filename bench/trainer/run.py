@@ -269,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "date": dt.date.today().isoformat(),
         "data_set": args.data,
-        "shared_machine": "other developers' jobs ran on the same 2 cores during this bench: compare contenders "
-        "by their ratios (alternating runs, each with its load average), not the absolute numbers",
+        # Measured, not asserted: the 1-minute load average before each run (the bench's own previous
+        # subprocess leaves ~1); much above that, other work shared the cores and only ratios compare.
+        "load_average_before_runs": {
+            "min": min(float(r["proc_loadavg_before"].split()[0]) for r in runs),
+            "max": max(float(r["proc_loadavg_before"].split()[0]) for r in runs),
+        },
         "machine": {**machine(), "load_average_at_end": os.getloadavg()},
         "model": {
             "architecture": "LlamaForCausalLM",
