@@ -17,7 +17,7 @@ The memory estimate sums what a training step holds at its peak (the start of th
 - activations saved for backward at the micro-batch of the run that needs the most (one packed row of up to
   training.batchTokens tokens with packing, batchSize padded sequences without), counted per decoder layer
   from the tensors autograd keeps for a Llama-style block (RMSNorm, attention, gated MLP, LoRA's low-rank
-  intermediates and its dropout copies, one per distinct input as `model.SAME_INPUT` groups them);
+  intermediates and its dropout copies, one per distinct input as `model.share_lora_dropout` shares them);
   with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
 - the logits and the loss at the label positions only (the collator's `logits_to_keep`): the head's output,
   its fp32 copy and log-softmax, and their gradient.
@@ -388,11 +388,16 @@ def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int,
     return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
 
 
+# The linear layers of a Llama-style block that read the same tensor: `model.share_lora_dropout` gives
+# adapters on them one dropped copy of it (o_proj and down_proj each read their own input).
+SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
 def _adapter_inputs(modules: list[tuple[str, int, int]]) -> list[int]:
     """Fan-in of each distinct input among one layer's adapted modules (one dropout copy each)."""
     inputs: dict[Any, int] = {}
     for name, fan_in, _ in modules:
-        group = next((i for i, names in enumerate(model_mod.SAME_INPUT) if name in names), name)
+        group = next((i for i, names in enumerate(SAME_INPUT) if name in names), name)
         inputs[group] = fan_in
     return list(inputs.values())
 
