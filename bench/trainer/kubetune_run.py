@@ -13,8 +13,7 @@ one epoch, no held-out split (the bench evaluates every adapter with one evaluat
 `--without LEVER` turns one of the trainer's fast paths back into what it replaced, to measure it:
 `segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
 (peft's own dropout per adapted module), `fused-lora` (peft's forward of each LoRA layer: clone, update,
-scaling and sum as separate tensors), `low-rank-groups` (q/k/v and gate/up each with their own A product),
-`dropout-mask` (torch's Bernoulli mask per element on CPUs),
+scaling and sum as separate tensors), `dropout-mask` (torch's Bernoulli mask per element on CPUs),
 `fp32-attention` (short examples' CPU attention in bf16 as well), `input-cast` (peft's cast of adapter inputs to fp32),
 `bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
 `token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
@@ -51,9 +50,6 @@ LEVERS = (
     "segments",
     "shared-dropout",
     "fused-lora",
-    "low-rank-groups",
-    "dropout-mask",
-    "fp32-attention",
     "input-cast",
     "bf16-weights",
     "token-rows",
@@ -75,8 +71,6 @@ def without(levers: list[str]) -> None:
             model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
         elif lever == "fused-lora":
             model.fuse_lora_update = lambda m: 0  # type: ignore[assignment]
-        elif lever == "low-rank-groups":
-            model.SAME_INPUT = ()  # type: ignore[assignment]
         elif lever == "dropout-mask":
             model.dropout = lambda x, p: torch.nn.functional.dropout(x, p, training=True)  # type: ignore[assignment]
         elif lever == "fp32-attention":

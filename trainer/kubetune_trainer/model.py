@@ -351,11 +351,7 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     ):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
-    group = getattr(self, "kubetune_low_rank_group", None)
-    if group is not None:
-        low_rank = group.low_rank(self, x, adapter)
-    else:
-        low_rank = self.lora_A[adapter](self.lora_dropout[adapter](x))
+    low_rank = self.lora_A[adapter](self.lora_dropout[adapter](x))
     scaling = self.scaling[adapter]
     if result.dtype != low_rank.dtype:  # outside autocast, a base that computes in another dtype
         return result + (self.lora_B[adapter](low_rank) * scaling).to(result.dtype)
@@ -368,74 +364,16 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     return flat.view(result.shape)
 
 
-# The linear layers of a Llama-style block that read the same tensor (o_proj and down_proj each read their
-# own input): their adapters share one dropped copy of it and one low-rank product (`LowRankGroup`).
-SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-
-
-class LowRankGroup:
-    """One `dropout(x) @ [A_1; A_2; ...]^T` for LoRA layers that read the same input, split per layer.
-
-    Three [tokens, r] products of q/k/v (two of gate/up) become one of [tokens, 3r]: fewer, wider matmuls
-    each way (the rank-16 ones ran far below the GEMM rate), and one gradient of the shared input instead of
-    a sum of three. A member that meets another input than the group's computes its own product."""
-
-    def __init__(self, members: list[Any]):
-        self.members = members
-        self.clear()
-
-    def low_rank(self, member: Any, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        owners = [m for m in self.members if adapter in m.lora_A]
-        if member not in owners:
-            return member.lora_A[adapter](member.lora_dropout[adapter](x))
-        if self.input is not x or self.adapter != adapter or member in self.served:
-            weights = [m.lora_A[adapter].weight for m in owners]
-            joint = torch.nn.functional.linear(member.lora_dropout[adapter](x), torch.cat(weights))
-            self.parts = joint.split([w.shape[0] for w in weights], dim=-1)
-            # held until every member has its part, so the input's id is not reused meanwhile
-            self.input, self.adapter, self.served = x, adapter, []
-        part = self.parts[owners.index(member)]
-        self.served.append(member)
-        if len(self.served) == len(owners):  # nothing outlives the group's use (a recomputing backward
-            self.clear()  # under gradient checkpointing must not keep every layer's product)
-        return part
-
-    def clear(self) -> None:
-        self.input: torch.Tensor | None = None
-        self.adapter: str | None = None
-        self.parts: tuple[torch.Tensor, ...] = ()
-        self.served: list[Any] = []
-
-
 def fuse_lora_update(model: torch.nn.Module) -> int:
-    """Give every LoRA linear layer `_fused_lora_forward`, and siblings that read the same input (`SAME_INPUT`,
-    with the same dropout) a `LowRankGroup`; returns the layers changed."""
+    """Give every LoRA linear layer `_fused_lora_forward`; returns the layers changed."""
     from peft.tuners.lora import LoraLayer
 
     changed = 0
-    groups: list[LowRankGroup] = []
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        for names in SAME_INPUT:
-            members = [children[n] for n in sorted(names) if isinstance(children.get(n), LoraLayer)]
-            dropouts = {tuple((k, getattr(d, "p", 0.0)) for k, d in m.lora_dropout.items()) for m in members}
-            if len(members) > 1 and len(dropouts) == 1:
-                group = LowRankGroup(members)
-                groups.append(group)
-                for member in members:
-                    member.kubetune_low_rank_group = group
     for module in model.modules():
         linear = isinstance(module, LoraLayer) and "Linear" in type(module).__name__
         if linear and not any(module.use_dora.values()):
             module.forward = types.MethodType(_fused_lora_forward, module)
             changed += 1
-    if groups:  # nothing outlives a forward pass
-
-        def clear(*_: Any) -> None:
-            for group in groups:
-                group.clear()
-
-        model.register_forward_hook(clear)
     return changed
 
 
