@@ -6,14 +6,16 @@ evaluation are outside), and prints the top operators and the share of each grou
 casts, dropout, 4-bit/8-bit dequantization, elementwise, optimizer). The profiler's own per-op overhead
 inflates small operators, so compare shares between configurations, not times with `run.py`.
 
-Usage: python bench/trainer/op_profile.py [--data long] [--examples 32] [--variant defaults] [--without L]
-       [--result FILE]
+Usage: python bench/trainer/op_profile.py [--data long] [--examples 64] [--variant defaults] [--without L ...]
+       [--shapes] [--result FILE]   (FILE collects the profiles of several invocations)
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,11 +25,13 @@ from typing import Any
 try:
     from bench.trainer import kubetune_run
     from bench.trainer import workload as wl
+    from bench.trainer.run import machine
 except ModuleNotFoundError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "trainer"))
     from bench.trainer import kubetune_run
     from bench.trainer import workload as wl
+    from bench.trainer.run import machine
 
 # Operator name fragments -> group, first match wins (aten names as the CPU profiler records them).
 GROUPS = (
@@ -35,7 +39,7 @@ GROUPS = (
     ("attention", ("attention", "sdpa", "flash", "_efficient", "softmax")),
     ("dequantize", ("bitsandbytes", "dequant", "int8", "quant", "nf4")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
-    ("dropout", ("bernoulli", "dropout", "native_dropout")),
+    ("dropout", ("bernoulli", "dropout", "native_dropout", "aten::random_")),
     ("cast/copy", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous")),
     ("optimizer", ("_foreach", "adam", "Optimizer.step", "aten::addcdiv", "aten::lerp", "aten::sqrt")),
     ("norm", ("rsqrt", "aten::pow", "aten::mean", "rms_norm")),
@@ -78,7 +82,7 @@ def profiled_train(
     recorded: dict[str, Any] = {}
     original = transformers.Trainer.train
 
-    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:  # Trainer.train under the profiler
         started = time.monotonic()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
             result = original(self, *args, **kwargs)
@@ -152,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     for op in report["top_ops"][:20]:
         shape = f"  {op['shapes'][:70]}" if args.shapes else ""
         print(f"    {op['name'][:48]:48s} {op['group']:12s} {op['share'] * 100:5.1f} %  {op['calls']:7d} calls{shape}")
-    if args.result:
+    if args.result:  # one file holds several profiles, one list entry per run, in the order they ran
         args.result.parent.mkdir(parents=True, exist_ok=True)
-        args.result.write_text(json.dumps(report, indent=2) + "\n")
+        profiles = json.loads(args.result.read_text())["profiles"] if args.result.exists() else []
+        command = " ".join(["python bench/trainer/op_profile.py", *(argv if argv is not None else sys.argv[1:])])
+        report = {"command": command, "date": dt.date.today().isoformat(), "load_average": os.getloadavg(), **report}
+        args.result.write_text(json.dumps({"machine": machine(), "profiles": [*profiles, report]}, indent=2) + "\n")
     return 0
 
 
