@@ -50,6 +50,8 @@ LEVERS = (
     "segments",
     "shared-dropout",
     "fused-lora",
+    "dropout-mask",
+    "fp32-attention",
     "input-cast",
     "bf16-weights",
     "token-rows",
