@@ -7,8 +7,7 @@ within each example only, so a row of 20 examples costs what 20 short sequences 
 
 - on CUDA, one call of torch's variable-length flash attention (`torch.nn.attention.varlen`) over the
   whole row, given the examples' cumulative lengths;
-- elsewhere (CPU), one causal sdpa call per example on views of the row - in fp32 for examples shorter
-  than `CPU_FP32_ATTENTION_BELOW` tokens, where torch's CPU kernel is about twice as fast as in bf16.
+- elsewhere (CPU), one causal sdpa call per example on views of the row.
 
 The collator passes the examples' boundaries as `cu_seq_lens_q/k` and `max_length_q/k` (the keyword
 arguments transformers' flash-attention path reads, so `flash_attention_2` works from the same batch);
@@ -87,34 +86,14 @@ def segments_attention(
         # split, not slicing: its backward is one cat of the examples' gradients, where every slice's
         # backward would write a zero-filled gradient of the whole row
         parts = [
-            _example_attention(q, k, v, dropout if module.training else 0.0, scaling)
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=q.shape[2] > 1, scale=scaling
+            )
             for q, k, v in zip(*(t[b : b + 1].split(lengths, dim=2) for t in (query, key, value)), strict=True)
         ]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
-
-
-# Below this many tokens an example's attention on a CPU runs in fp32: torch's CPU flash attention
-# computes short bf16 sequences at about half its fp32 speed (forward + backward, 4 heads of 64, casts
-# included: 0.55 vs 1.00 ms at 64 tokens, 1.08 vs 1.85 at 128, 2.47 vs 3.24 at 256; from 384 tokens bf16
-# is as fast or faster - 2-core AMX Xeon, torch 2.13).
-CPU_FP32_ATTENTION_BELOW = 320
-
-
-def _example_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None
-) -> torch.Tensor:
-    """Causal sdpa over one example's [1, heads, L, head_dim] views."""
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and low_precision and q.shape[2] < CPU_FP32_ATTENTION_BELOW:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), dropout_p=dropout, is_causal=q.shape[2] > 1, scale=scaling
-        )
-        return out.to(q.dtype)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, dropout_p=dropout, is_causal=q.shape[2] > 1, scale=scaling
-    )
 
 
 def segments_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
