@@ -14,7 +14,7 @@ one epoch, no held-out split (the bench evaluates every adapter with one evaluat
 `segments` (sdpa over the whole packed row with transformers' block-diagonal mask), `shared-dropout`
 (peft's own dropout per adapted module), `fused-lora` (peft's forward of each LoRA layer: clone, update,
 scaling and sum as separate tensors), `dropout-mask` (torch's Bernoulli mask per element on CPUs),
-`fp32-attention` (short examples' CPU attention in bf16 as well), `input-cast` (peft's cast of adapter inputs to fp32),
+`input-cast` (peft's cast of adapter inputs to fp32),
 `bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
 `token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
 `mmap-threshold` (glibc's dynamic mmap threshold left as it is).
@@ -51,7 +51,6 @@ LEVERS = (
     "shared-dropout",
     "fused-lora",
     "dropout-mask",
-    "fp32-attention",
     "input-cast",
     "bf16-weights",
     "token-rows",
@@ -75,8 +74,6 @@ def without(levers: list[str]) -> None:
             model.fuse_lora_update = lambda m: 0  # type: ignore[assignment]
         elif lever == "dropout-mask":
             model.dropout = lambda x, p: torch.nn.functional.dropout(x, p, training=True)  # type: ignore[assignment]
-        elif lever == "fp32-attention":
-            attention.CPU_FP32_ATTENTION_BELOW = 0
         elif lever == "input-cast":
             model.keep_adapter_inputs_in_compute_dtype = lambda m, keep=True: None  # type: ignore[assignment]
         elif lever == "bf16-weights":

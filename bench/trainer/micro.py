@@ -1,8 +1,9 @@
-"""Micro-benchmarks behind two CPU choices of the trainer, on this machine.
+"""Micro-benchmarks of two CPU choices of the trainer, on this machine.
 
 - attention: forward + backward of one causal example ([1, 4 heads, L, 64], the bench model's heads) with
-  torch's CPU sdpa, in bf16 and in fp32 with the casts from and to bf16 included - where fp32 is faster is
-  `attention.CPU_FP32_ATTENTION_BELOW`;
+  torch's CPU sdpa, in bf16 and in fp32 with the casts from and to bf16 included. Alone fp32 wins for short
+  examples; inside the model it did not (`op_profile.py`, 2026-12-03: +7 % self CPU), so segment attention
+  stays in the compute dtype - rerun this where the kernels differ (AMX, a newer torch);
 - dropout: torch's dropout (`bernoulli_` mask) against `model.dropout` (16-bit uniforms from 64-bit draws)
   on a [2048, 256] bf16 activation, forward + backward.
 
