@@ -1,9 +1,10 @@
 """Micro-benchmarks of two CPU choices of the trainer, on this machine.
 
 - attention: forward + backward of one causal example ([1, 4 heads, L, 64], the bench model's heads) with
-  torch's CPU sdpa, in bf16 and in fp32 with the casts from and to bf16 included. Alone fp32 wins for short
-  examples; inside the model it did not (`op_profile.py`, 2026-12-03: +7 % self CPU), so segment attention
-  stays in the compute dtype - rerun this where the kernels differ (AMX, a newer torch);
+  torch's CPU sdpa, in bf16 (flash and math backends) and in fp32 with the casts from and to bf16
+  included. Alone fp32 wins for short examples; inside the model it did not (`op_profile.py`, 2026-12-03:
+  +7 % self CPU), so segment attention stays in the compute dtype - rerun this where the kernels differ
+  (AMX, a newer torch);
 - dropout: torch's dropout (`bernoulli_` mask) against `model.dropout` (16-bit uniforms from 64-bit draws)
   on a [2048, 256] bf16 activation, forward + backward.
 
@@ -42,6 +43,7 @@ def milliseconds(fn: Callable[[], Any], reps: int, inner: int) -> float:
 
 def attention(reps: int, inner: int) -> list[dict[str, Any]]:
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
@@ -55,9 +57,12 @@ def attention(reps: int, inner: int) -> list[dict[str, Any]]:
         def fp32(q: Any = q, k: Any = k, v: Any = v) -> None:
             sdpa(q.float(), k.float(), v.float(), is_causal=True).to(torch.bfloat16).sum().backward()
 
-        rows.append(
-            {"tokens": length, "bf16_ms": milliseconds(bf16, reps, inner), "fp32_ms": milliseconds(fp32, reps, inner)}
-        )
+        def math(q: Any = q, k: Any = k, v: Any = v) -> None:
+            with sdpa_kernel(SDPBackend.MATH):
+                sdpa(q, k, v, is_causal=True).sum().backward()
+
+        timed = {"bf16_ms": bf16, "fp32_ms": fp32, "bf16_math_backend_ms": math}
+        rows.append({"tokens": length, **{name: milliseconds(fn, reps, inner) for name, fn in timed.items()}})
     return rows
 
 
@@ -93,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         "dropout_forward_backward": dropout(args.reps, args.inner),
     }
     for row in report["attention_forward_backward"]:
-        print(f"attention {row['tokens']:5d} tokens: bf16 {row['bf16_ms']:8.3f} ms, fp32 {row['fp32_ms']:8.3f} ms")
+        print(
+            f"attention {row['tokens']:5d} tokens: bf16 {row['bf16_ms']:8.3f} ms, fp32 {row['fp32_ms']:8.3f} ms, "
+            f"bf16 math backend {row['bf16_math_backend_ms']:8.3f} ms"
+        )
     print(f"dropout: {report['dropout_forward_backward']}")
     result = args.result or Path(__file__).resolve().parents[1] / "results" / f"trainer-micro-{report['date']}.json"
     result.write_text(json.dumps(report, indent=2) + "\n")
