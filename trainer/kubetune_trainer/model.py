@@ -300,8 +300,9 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
     torch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`, ~7 ns each: 9.5 % of a
     default run's CPU time). Here one 64-bit draw gives four 16-bit uniforms, and an element is dropped
-    when its uniform falls below round(p * 65536) / 65536 - p to within 1/131072 (0.05 -> 0.0500031) -
-    and kept ones are scaled by exactly 1 / (1 - that), so the expectation is the input's."""
+    when its uniform falls in the lowest round(p * 65536) of the 65536 values: with probability p rounded to
+    a multiple of 1/65536 (0.05 -> 0.0500031). Kept elements are scaled by exactly 1 / (1 - that
+    probability), so the expectation is the input's."""
     if x.device.type != "cpu" or p <= 0:
         return torch.nn.functional.dropout(x, p, training=True)
     dropped = round(p * 65536)
@@ -336,8 +337,8 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     three or four full `[tokens, out_features]` tensors a module, and as many elementwise passes backward.
     Here the update, its scaling and the sum are one matmul that accumulates into the base output (its
     backward scales the rank-r gradient, not the full one). Anything else - merged or disabled adapters,
-    several active adapters, variants such as DoRA, mixed-adapter batches, adapter and base dtypes that
-    only peft's casts reconcile - goes through peft's own forward."""
+    several active adapters, variants such as DoRA, a LoRA bias, mixed-adapter batches, adapter and base
+    dtypes that only peft's casts reconcile - goes through peft's own forward."""
     active = self.active_adapters
     adapter = active[0] if len(active) == 1 else None
     if (
@@ -347,6 +348,7 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         or kwargs.get("adapter_names") is not None
         or adapter not in self.lora_A
         or adapter in self.lora_variant
+        or self.lora_B[adapter].bias is not None
         or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[adapter].weight.dtype)
     ):
         return type(self).forward(self, x, *args, **kwargs)
@@ -365,13 +367,13 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
 
 
 def fuse_lora_update(model: torch.nn.Module) -> int:
-    """Give every LoRA linear layer `_fused_lora_forward`; returns the layers changed."""
+    """Give every LoRA linear layer `_fused_lora_forward` (which itself leaves what it cannot fuse, such as
+    DoRA, to peft); returns the layers changed."""
     from peft.tuners.lora import LoraLayer
 
     changed = 0
     for module in model.modules():
-        linear = isinstance(module, LoraLayer) and "Linear" in type(module).__name__
-        if linear and not any(module.use_dora.values()):
+        if isinstance(module, LoraLayer) and "Linear" in type(module).__name__:
             module.forward = types.MethodType(_fused_lora_forward, module)
             changed += 1
     return changed
