@@ -98,7 +98,8 @@ def _all_logits(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")}
 
 
-def _lora_model(tmp_path: Path, dropout: float):
+def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: str = "fp32"):
+    """The tiny model with adapters on all linear layers, as `load_model` prepares it for training."""
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.model import load_model
     from kubetune_trainer.tiny import write_tiny_model
@@ -108,11 +109,19 @@ def _lora_model(tmp_path: Path, dropout: float):
         {
             "model": {"source": str(model_dir)},
             "dataset": {"train": "/d.jsonl"},
-            "method": {"type": "lora", "lora": {"dropout": dropout, "targetModules": ["all-linear"]}},
+            "method": {"type": method, "lora": {"dropout": dropout, "targetModules": ["all-linear"]}},
             "output": {"destination": str(tmp_path / "out")},
         }
     )
-    return load_model(model_dir, cfg, "fp32")
+    return load_model(model_dir, cfg, compute)
+
+
+def _give_updates_weight(model) -> None:
+    """LoRA's B starts at zero, so the update carries nothing; seeded random B's make it count."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
 
 
 def test_lora_dropout_draws_one_mask_per_shared_input(tmp_path: Path) -> None:
@@ -143,27 +152,12 @@ def test_lora_dropout_draws_one_mask_per_shared_input(tmp_path: Path) -> None:
 def test_fused_lora_update_gives_peft_results(tmp_path: Path, method: str) -> None:
     """One addmm per LoRA layer gives peft's loss and adapter gradients: exactly in fp32, to bf16 rounding
     under autocast (4-bit base); disabled adapters still give the base model."""
-    from kubetune_trainer.config import TrainerConfig
-    from kubetune_trainer.model import load_model
-    from kubetune_trainer.tiny import write_tiny_model
-
-    model_dir = write_tiny_model(tmp_path / "model")
     compute = "fp32" if method == "lora" else "bf16"
-    cfg = TrainerConfig.model_validate(
-        {
-            "model": {"source": str(model_dir)},
-            "dataset": {"train": "/d.jsonl"},
-            "method": {"type": method, "lora": {"dropout": 0.0, "targetModules": ["all-linear"]}},
-            "output": {"destination": str(tmp_path / "out")},
-        }
-    )
-    model = load_model(model_dir, cfg, compute)
+    model = _lora_model(tmp_path, 0.0, method, compute)
     model.train()
     fused = [m for m in model.modules() if "forward" in vars(m)]
     assert len(fused) == 7 * model.config.num_hidden_layers  # every adapted projection
-    torch.manual_seed(0)
-    for module in fused:  # B starts at zero; give the update something to carry
-        torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+    _give_updates_weight(model)
     ids = torch.randint(5, 200, (1, 40))
 
     def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
@@ -192,24 +186,8 @@ def test_fused_lora_update_gives_peft_results(tmp_path: Path, method: str) -> No
 def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path: Path) -> None:
     """An eval-mode pass (the Trainer's evaluation) must not change what training computes: bitsandbytes
     repacks 4-bit weights for CPU inference on AVX512-BF16/AMX CPUs into a layout without a backward."""
-    from kubetune_trainer.config import TrainerConfig
-    from kubetune_trainer.model import load_model
-    from kubetune_trainer.tiny import write_tiny_model
-
-    model_dir = write_tiny_model(tmp_path / "model")
-    cfg = TrainerConfig.model_validate(
-        {
-            "model": {"source": str(model_dir)},
-            "dataset": {"train": "/d.jsonl"},
-            "method": {"type": "qlora", "lora": {"dropout": 0.0}},
-            "output": {"destination": str(tmp_path / "out")},
-        }
-    )
-    model = load_model(model_dir, cfg, "bf16")
-    torch.manual_seed(0)
-    for module in model.modules():
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+    model = _lora_model(tmp_path, 0.0, "qlora", "bf16")
+    _give_updates_weight(model)
     ids = torch.randint(5, 200, (1, 40))
 
     def first_layer_grad() -> torch.Tensor:
