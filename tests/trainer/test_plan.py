@@ -283,3 +283,28 @@ def test_plan_reads_s3_and_never_downloads_the_weights(
     assert document["memory"]["precision"] == "fp16"  # a T4 has no bf16: the trainer's choice there
     assert any(uri.endswith("config.json") for uri in fetched) and any("tokenizer" in uri for uri in fetched)
     assert not [uri for uri in fetched if uri.endswith(".safetensors")], fetched
+
+
+def test_plan_counts_trained_tokens_per_example_on_a_real_chat_template(tmp_path: Path, smollm2_dir: Path) -> None:
+    """SmolLM2's chat template once left one trained token an example (`response tokens min 1 ... max 1`)."""
+    conversations = [
+        [
+            {"role": "user", "content": f"What does error E10{i} mean?"},
+            {"role": "assistant", "content": f"E10{i} means the sync token expired; sign out and back in."},
+        ]
+        for i in range(12)
+    ]
+    train = tmp_path / "chat.jsonl"
+    train.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    job = write_job(tmp_path / "job.yaml", smollm2_dir, str(train), format="chat", evalSplit=0)
+    code, out, err = plan_command(str(job), "-o", "json")
+    assert code == 0, err
+    data = json.loads(out)["data"]
+    assert data["response_tokens"]["min"] >= 15 and data["few_trained"] == 0
+
+    one_word = tmp_path / "short.jsonl"
+    one_word.write_text("".join(json.dumps({"prompt": f"Is {i} even?", "response": "No"}) + "\n" for i in range(12)))
+    job = write_job(tmp_path / "short.yaml", smollm2_dir, str(one_word), evalSplit=0)
+    code, out, err = plan_command(str(job))
+    assert code == 0, err
+    assert "12 examples train fewer than 4 tokens" in out

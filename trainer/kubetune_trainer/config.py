@@ -201,8 +201,10 @@ class DatasetSpec(ApiModel):
     format: Literal["instruction", "chat", "text", "preference"] = Field(
         default="instruction",
         description="instruction: prompt/response rows rendered with template; chat: a messages list rendered "
-        "with the tokenizer's chat template; text: plain text rows; preference: prompt/chosen/rejected rows for "
-        "objective dpo (strings, or message lists rendered with the chat template).",
+        "with the tokenizer's chat template, the loss on each assistant message and its end-of-turn token only "
+        "(a row whose template leaves no assistant token fails the run); text: plain text rows; "
+        "preference: prompt/chosen/rejected rows for objective dpo (strings, or message lists rendered with the "
+        "chat template).",
     )
     fields: DatasetFields = Field(default_factory=DatasetFields, description="Column names in the rows.")
     template: InstructionTemplate = Field(

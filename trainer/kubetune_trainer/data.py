@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from kubetune_trainer.storage import Storage
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips
+# An example that trains fewer tokens than this is worth a warning: a one-word answer is rare, a column
+# mapping or chat template that leaves only the end-of-turn token trained is the usual cause.
+FEW_TRAINED_TOKENS = 4
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -56,6 +60,11 @@ class TokenizedData:
     lost_response_tokens: int = 0  # trained (labelled) tokens cut off by truncation
     # (untrained, trained) tokens of every row before truncation, in row order: what `kubetune plan` reports
     lengths: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def few_trained(self) -> int:
+        """Examples whose trained (labelled) tokens, before truncation, are fewer than FEW_TRAINED_TOKENS."""
+        return sum(trained < FEW_TRAINED_TOKENS for _, trained in self.lengths)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -261,39 +270,102 @@ def _check_messages(row: Row, spec: DatasetSpec) -> list[dict[str, str]]:
     return messages
 
 
-def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
-    """Chat rows through the tokenizer's chat template; only assistant turns carry labels.
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # a `{% generation %}` tag, not `add_generation_prompt`
 
-    Templates with `{% generation %}` markers give the assistant mask directly; for others the mask
-    comes from rendering growing prefixes of the conversation (the tokens each assistant turn adds).
+
+def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
+    """Chat rows through the tokenizer's chat template; only assistant turns carry labels: each assistant
+    message's content and the token that ends its turn, never the role header nor the text between turns.
+
+    Templates with `{% generation %}` blocks mark those tokens themselves (`return_assistant_tokens_mask`).
+    For the others (most Hugging Face templates) the text each assistant turn adds is found by rendering
+    the conversation up to that turn with and without it, and the tokens of the whole rendering that fall
+    in that text are trained. Either way a row whose assistant content ends up with no trained token fails
+    the run naming its file and line: a template that hides the answers must never train on nothing.
     """
     messages = _check_messages(row, spec)
-    template = tokenizer.chat_template or ""
+    where = f"{row.file}:{row.line}"
     try:
-        if "generation" in template:
+        if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
             out = tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
             )
             ids = list(out["input_ids"])
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
         else:
-            ids, labels = [], []
-            for i, message in enumerate(messages):
-                rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)
-                new = list(rendered["input_ids"])[len(ids) :]
-                ids.extend(new)
-                labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
+            ids, labels = _label_assistant_spans(messages, tokenizer, where)
     except InvalidInput:
         raise
     except Exception as exc:  # the template raised (unknown role, ...)
         raise InvalidInput(
-            "InvalidDataset", f"{row.file}:{row.line}: chat template failed: {exc}", file=row.file, line=row.line
+            "InvalidDataset", f"{where}: chat template failed: {exc}", file=row.file, line=row.line
         ) from exc
-    # Templates that end assistant turns with EOS (most) already train it; for the others, add it.
-    if messages[-1]["role"] == "assistant" and tokenizer.eos_token_id not in labels:
+    if all(label == IGNORE_INDEX for label in labels) and any(
+        m["role"] == "assistant" and m["content"].strip() for m in messages
+    ):
+        raise InvalidInput(
+            "InvalidDataset",
+            f"{where}: the model's chat template marks no token of the assistant messages as the answer, so "
+            "this row would train on nothing; use dataset.format instruction with a template, or a tokenizer "
+            "whose chat template renders the assistant turns",
+            field="dataset.format",
+            file=row.file,
+            line=row.line,
+        )
+    # A template whose assistant turns end in plain text would never teach the model to stop: add EOS then.
+    trained = [label for label in labels if label != IGNORE_INDEX]
+    if messages[-1]["role"] == "assistant" and not (trained and _ends_turn(trained[-1], tokenizer)):
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return Example(ids, labels)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
+    if not messages and not generation_prompt:
+        return ""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return str(text)
+
+
+def _label_assistant_spans(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    """Tokens of the whole conversation, with labels on the characters each assistant turn adds after its
+    role header (`add_generation_prompt`), up to its end-of-turn token where the template writes one."""
+    full = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise InvalidInput(
+                "InvalidDataset",
+                f"{where}: the model's chat template renders message {i} differently once later messages "
+                "follow, so its answer tokens cannot be told apart; use dataset.format instruction with a template",
+                field="dataset.format",
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    offsets = encoded["offset_mapping"]
+    for start, end in spans:
+        # A token that straddles the header's end (" Paris" after "Assistant:") starts the answer.
+        inside = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
+        closing = [i for i in inside if _ends_turn(ids[i], tokenizer)]
+        if closing:  # the newline a template writes after its end-of-turn token belongs to no answer
+            inside = inside[: inside.index(closing[-1]) + 1]
+        for i in inside:
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def _ends_turn(token: int, tokenizer: Any) -> bool:
+    """EOS, or a special token the template closes turns with (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`)."""
+    if token == tokenizer.eos_token_id:
+        return True
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token)
+    return bool(added is not None and added.special)
 
 
 def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = "train") -> TokenizedData:
@@ -329,6 +401,14 @@ def tokenize(rows: list[Row], spec: DatasetSpec, tokenizer: Any, *, name: str = 
             len(rows),
             spec.max_length,
             out.dropped,
+        )
+    if out.few_trained:
+        log.warning(
+            "%s data: %d of %d examples train fewer than %d tokens each; check dataset.fields and the template",
+            name,
+            out.few_trained,
+            len(rows),
+            FEW_TRAINED_TOKENS,
         )
     if not out.examples:
         raise InvalidInput(

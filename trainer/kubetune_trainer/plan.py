@@ -133,6 +133,7 @@ class DataPlan:
     lost_response_tokens: int
     prompt_tokens: Spread  # before truncation; chat: every token not trained on
     response_tokens: Spread  # before truncation; the tokens trained on
+    few_trained: int  # examples training fewer than data.FEW_TRAINED_TOKENS tokens (a template or mapping problem?)
     real_tokens: int  # per epoch, after truncation
     processed_tokens: int  # per epoch, padding included
     predicted_tokens: int  # per epoch: positions where the model computes logits (their next token is a label)
@@ -209,6 +210,7 @@ def plan_data(
         lost_response_tokens=train.lost_response_tokens,
         prompt_tokens=Spread.of([untrained for untrained, _ in train.lengths]),
         response_tokens=Spread.of([trained for _, trained in train.lengths]),
+        few_trained=train.few_trained,
         real_tokens=real,
         processed_tokens=sum(b.processed for b in batches),
         predicted_tokens=sum(b.predicted for b in batches),
