@@ -51,6 +51,7 @@ from kubetune_trainer.storage import parse_uri
 
 LOCAL_NAMESPACE = "local"
 PR_SET_PDEATHSIG = 1  # prctl(2)
+LOG_EVERY_SECONDS = 10.0  # the most a log (not a terminal) waits for a line while steps go on
 
 
 class LocalRunError(Exception):
@@ -180,14 +181,17 @@ def progress_line(progress: Progress) -> str:
 
 
 class ProgressPrinter:
-    """One live line on a terminal, rewritten in place; in a log, one line per logging interval.
-    Stage changes get lines of their own."""
+    """One live line on a terminal, rewritten in place (its ETA moves while a step runs); in a log, one line
+    per logging interval and, between them, one per step at most every LOG_EVERY_SECONDS. Stage changes get
+    lines of their own."""
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
         self.live = out.isatty()
         self.last_line = ""
         self.last_logged: tuple[float | None, float | None] | None = None
+        self.last_step = 0
+        self.last_print = 0.0
         self.stages_seen: set[str] = set()
 
     def show(self, progress: Progress) -> None:
@@ -204,9 +208,12 @@ class ProgressPrinter:
                 self.last_line = line
             return
         logged = (progress.train_loss, progress.eval_loss)
-        if logged != self.last_logged:
+        now = time.monotonic()
+        # A new loss, or a step done since the last line LOG_EVERY_SECONDS ago: slow steps never look frozen.
+        stepped = progress.step != self.last_step and now - self.last_print >= LOG_EVERY_SECONDS
+        if logged != self.last_logged or stepped:
             print(line, file=self.out, flush=True)
-            self.last_logged = logged
+            self.last_logged, self.last_step, self.last_print = logged, progress.step, now
 
     def finish(self) -> None:
         if self.live and self.last_line:

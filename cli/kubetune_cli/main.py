@@ -58,7 +58,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kubetune_cli.demo import run_demo
 
-    return run_demo(args.workdir, max_steps=args.max_steps)
+    return run_demo(args.workdir, model=args.model, max_steps=args.max_steps)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -176,12 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="fine-tune a tiny model with QLoRA from S3 to S3, all on this machine",
-        description="Build a tiny Llama model, start an S3 server on loopback, and run a real QLoRA FineTuneJob "
-        "on the support dataset shipped with kubetune. No cluster, GPU, network or credentials needed.",
+        help="fine-tune a real pretrained model with QLoRA from S3 to S3, all on this machine",
+        description="Start an S3 server on loopback and run a real QLoRA FineTuneJob that fine-tunes "
+        "SmolLM2-135M-Instruct on the support dataset shipped with kubetune, then show held-out questions answered "
+        "before and after. No cluster, GPU, network or credentials needed.",
     )
     demo.add_argument("--workdir", type=Path, default=Path("kubetune-demo"), help="where it all goes")
-    demo.add_argument("--max-steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument(
+        "--model",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="smollm2 (default): the real SmolLM2-135M-Instruct; tiny: a tiny random Llama, for a run in seconds",
+    )
+    demo.add_argument("--max-steps", type=int, help="training steps (default 24 for smollm2, 200 for tiny)")
     demo.set_defaults(handler=cmd_demo)
 
     render = commands.add_parser(

@@ -72,7 +72,7 @@ def few_trained(d: Any) -> str:
 
 
 def print_table(plan: Any, out: IO[str], color: bool) -> None:
-    from kubetune_trainer.callbacks import format_seconds
+    from kubetune_trainer.contract import format_seconds
     from kubetune_trainer.plan import as_json
 
     d, run, memory = plan.data, plan.schedule, plan.memory

@@ -258,14 +258,14 @@ def test_demo_end_to_end_from_a_wheel(tmp_path: Path) -> None:
     ).stdout.split()  # fmt: skip
     assert len(where) == len(PACKAGES) and all(path.startswith(str(installed.venv)) for path in where), where
     result = subprocess.run(
-        [str(installed.kubetune), "demo", "--workdir", str(tmp_path / "demo"), "--max-steps", "20"],
+        [str(installed.kubetune), "demo", "--model", "tiny", "--workdir", str(tmp_path / "demo"), "--max-steps", "20"],
         capture_output=True, text=True, timeout=600, env=installed.env(), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     artifacts = tmp_path / "demo" / "artifacts"
     assert f"artifacts: {artifacts}" in result.stdout
     assert re.search(r"train loss: [\d.]+ -> [\d.]+ over 20 steps", result.stdout)
-    assert "sample: How do I reset my Quillstack password?" in result.stdout
+    assert "Q: How do I reset my Quillstack password?" in result.stdout
     cluster_yaml = result.stdout.split("the same job on a cluster (kubectl apply -f -):\n---\n", 1)[1]
     from tests.support.admission import admit
 
@@ -284,3 +284,8 @@ def test_demo_end_to_end_from_a_wheel(tmp_path: Path) -> None:
     assert output.shape[1] > inputs["input_ids"].shape[1]
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["train_loss"] < metrics["first_train_loss"]
+    # The same eval data through the base model (the adapter off), and each sample answered by both.
+    assert metrics["base_eval_loss"] > metrics["eval_loss"]
+    assert f"eval loss on held-out questions: {metrics['base_eval_loss']:.3f} (base model) ->" in result.stdout
+    samples = [json.loads(line) for line in (artifacts / "samples.jsonl").read_text().splitlines()]
+    assert all(set(s) == {"prompt", "completion", "base_completion"} for s in samples)

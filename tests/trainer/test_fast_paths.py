@@ -206,6 +206,31 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path: Path) -> Non
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def test_after_training_inference_may_use_the_packed_4bit_kernel_with_the_same_logits(tmp_path: Path) -> None:
+    """Once training is over the trainer lets bitsandbytes repack 4-bit weights for CPU inference again (where
+    the CPU has the kernel): what was turned off is turned back on, and the logits are the same."""
+    from kubetune_trainer.model import keep_4bit_weights_differentiable
+
+    model = _lora_model(tmp_path, 0.0, "qlora", "bf16")
+    _give_updates_weight(model)
+    four_bit = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)  # off for training
+    packable = sum(getattr(m, "kubetune_packs_for_cpu_inference", False) for m in four_bit)
+    ids = torch.randint(5, 200, (1, 12))
+    model.eval()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids).logits.float()
+
+    before = logits()
+    assert keep_4bit_weights_differentiable(model, keep=False) == packable
+    assert sum(m.support_avx512bf16_for_cpu for m in four_bit) == packable  # all of them on an AVX512-BF16 CPU
+    after = logits()
+    print("packed layers", packable, "largest logit difference", (after - before).abs().max().item())
+    torch.testing.assert_close(after, before, rtol=0.02, atol=0.02)  # bf16 either way, summed in another order
+
+
 def test_shared_dropout_keeps_the_expectation() -> None:
     from kubetune_trainer.model import SharedInputDropout
 

@@ -152,6 +152,29 @@ def test_metrics_and_progress_endpoints() -> None:
     assert "kubetune_trainer_checkpoint_upload_seconds_bucket" in text
 
 
+def test_progress_moves_while_a_slow_step_runs() -> None:
+    """A laptop or a busy node may take minutes a step: the ETA counts the step in progress, on /progress and
+    in the eta_seconds gauge, and grows once the step runs longer than the mean; `updatedAt` is the read time."""
+    from kubetune_trainer.server import Telemetry
+
+    now = [1000.0]
+    telemetry = Telemetry(namespace="team", name="slow", clock=lambda: now[0])
+    telemetry.update(step=0, total_steps=10)
+    telemetry.set_stage("train")
+    telemetry.step_done(0, 10, start=True)
+    assert telemetry.progress().eta_seconds is None  # no step done yet: no pace to go by
+    now[0] += 100.0
+    telemetry.step_done(1, 10)  # 100 s a step so far, 9 to go
+    etas = []
+    for elapsed in (0.0, 30.0, 60.0, 100.0, 150.0, 250.0):
+        now[0] = 1100.0 + elapsed
+        etas.append(telemetry.progress().eta_seconds)
+    assert etas == [900.0, 870.0, 840.0, 800.0, 8 * 150.0, 8 * 250.0]
+    assert b'kubetune_trainer_eta_seconds{finetunejob="slow",namespace="team"} 2000.0' in telemetry.exposition()
+    telemetry.set_stage("evaluating")  # no training pace while evaluating: the last ETA stands
+    assert telemetry.progress().eta_seconds is None
+
+
 def test_sigterm_before_training_stops_at_once_and_after_waits_for_the_step() -> None:
     import os
     import signal

@@ -4,7 +4,7 @@ adapter/        adapter_config.json + adapter_model.safetensors + tokenizer file
 model/          full weights + tokenizer files (full fine-tuning)
 merged/         adapter merged into a 16-bit (fp32 on CPU) copy of the base, when output.mergeAdapter
 metrics.json    loss history, final losses, perplexity, tokens, times, throughput, peak memory
-samples.jsonl   generations for evaluation.prompts with the trained model
+samples.jsonl   generations for evaluation.prompts with the trained model (and the base model's, for an adapter)
 README.md       model card
 COMPLETE        written last; holds the result and artifact URIs. Its presence means "done".
 """
@@ -56,31 +56,55 @@ def prompt_text(cfg: TrainerConfig, tokenizer: Any, prompt: str, *, chat: bool =
 
 
 def generate_samples(model: Any, tokenizer: Any, cfg: TrainerConfig, *, chat: bool = False) -> list[dict[str, str]]:
-    """Greedy generations for evaluation.prompts (the seed guide's step 6, with the trained weights)."""
+    """Greedy generations for evaluation.prompts (the seed guide's step 6, with the trained weights); with an
+    adapter, the base model's answer too (`base_completion`, the adapter disabled): what fine-tuning changed."""
     import torch
 
     samples = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    disable_adapter = getattr(model, "disable_adapter", None)  # PEFT models: the base is the adapter switched off
     for prompt in cfg.evaluation.prompts:
         text = prompt_text(cfg, tokenizer, prompt, chat=chat)
         templated = cfg.dataset.format == "chat" or chat
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=cfg.evaluation.max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "completion": completion})
+
+        def complete(inputs: Any = inputs) -> str:
+            with torch.no_grad():
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=cfg.evaluation.max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            return str(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+        sample = {"prompt": prompt, "completion": complete()}
+        if disable_adapter is not None:
+            with disable_adapter():
+                sample["base_completion"] = complete()
+        samples.append(sample)
     if was_training:
         model.train()
     return samples
+
+
+def base_eval_loss(trainer: Any) -> float | None:
+    """The eval loss of the base model (the adapter disabled) on the same eval data and loss as the run's own
+    evaluations: the number fine-tuning is measured against. None for a model without an adapter. It goes
+    through the evaluation loop without `evaluate`, so no callback takes it for the run's eval loss."""
+    disable_adapter = getattr(trainer.model, "disable_adapter", None)
+    if disable_adapter is None:
+        return None
+    with disable_adapter():
+        output = trainer.evaluation_loop(
+            trainer.get_eval_dataloader(), description="base model", prediction_loss_only=True, metric_key_prefix="base"
+        )
+    loss = output.metrics.get("base_loss")
+    return float(loss) if loss is not None else None
 
 
 def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path, cfg: TrainerConfig, dtype: Any) -> None:
@@ -163,7 +187,8 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         "## Results",
         "",
         f"- final train loss: {_number(metrics.get('train_loss'))}",
-        f"- eval loss: {_number(metrics.get('eval_loss'))}",
+        f"- eval loss: {_number(metrics.get('eval_loss'))}"
+        + (f" (base model: {_number(metrics['base_eval_loss'])})" if metrics.get("base_eval_loss") is not None else ""),
         f"- perplexity: {_number(metrics.get('perplexity'))}",
         f"- trained tokens: {metrics.get('trained_tokens')}",
         f"- train time: {metrics.get('train_seconds')} s",

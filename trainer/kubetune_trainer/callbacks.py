@@ -19,17 +19,11 @@ from transformers import TrainerCallback
 
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.config import EarlyStoppingSpec, TrainerConfig
+from kubetune_trainer.contract import format_seconds
 from kubetune_trainer.server import Telemetry
 from kubetune_trainer.storage import Storage
 
 log = logging.getLogger("kubetune_trainer.train")
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None or math.isinf(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class EvalLossCallback(TrainerCallback, ABC):  # type: ignore[misc]
@@ -164,19 +158,17 @@ class ProgressReport(EvalLossCallback):
     def __init__(self, telemetry: Telemetry, dist: Any) -> None:
         self.telemetry = telemetry
         self.dist = dist
-        self.start_time = time.monotonic()
-        self.start_step = 0
         self.last_log = (time.monotonic(), 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.start_time = time.monotonic()
-        self.start_step = state.global_step
-        self.last_log = (self.start_time, state.num_input_tokens_seen)
+        self.last_log = (time.monotonic(), state.num_input_tokens_seen)
         self.telemetry.update(step=state.global_step, total_steps=state.max_steps)
+        self.telemetry.step_done(state.global_step, state.max_steps, start=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         telemetry = self.telemetry
         telemetry.update(step=state.global_step, epoch=state.epoch)
+        telemetry.step_done(state.global_step, state.max_steps)
         if self.dist.is_main:  # sequences consumed by all ranks in this optimizer step
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
             telemetry.child(telemetry.examples_total).inc(per_step)
@@ -196,9 +188,7 @@ class ProgressReport(EvalLossCallback):
         if self.dist.is_main:
             telemetry.child(telemetry.tokens_total).inc(max(tokens - self.last_log[1], 0))
         self.last_log = (now, tokens)
-        done = state.global_step - self.start_step
-        left = max(state.max_steps - state.global_step, 0)
-        eta = left * (now - self.start_time) / done if done > 0 else None
+        eta = telemetry.eta_seconds()
         grad_norm = float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None
         telemetry.update(
             train_loss=logs["loss"],

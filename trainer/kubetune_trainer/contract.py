@@ -11,6 +11,7 @@ read a newer trainer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -206,6 +207,14 @@ class TrackingRun(ContractModel):
     message: str | None = Field(default=None, description="Why reporting failed.")
 
 
+def format_seconds(seconds: float | None) -> str:
+    """Progress.eta's form: H:MM:SS ("?" when unknown)."""
+    if seconds is None or math.isinf(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 class Progress(ContractModel):
     """Live progress of a run: what the trainer serves at /progress, mirrored into status.progress."""
 
@@ -220,7 +229,7 @@ class Progress(ContractModel):
     grad_norm: float | None = Field(default=None, ge=0, description="Gradient norm at the last logged step.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput (real tokens).")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
-    eta: str | None = Field(default=None, description="etaSeconds for humans, e.g. 1h02m (the ETA column).")
+    eta: str | None = Field(default=None, description="etaSeconds for humans, H:MM:SS, e.g. 1:02:00 (the ETA column).")
     reward_accuracy: float | None = Field(
         default=None, ge=0, le=1, description="objective dpo: share of pairs whose chosen reward beats the rejected."
     )

@@ -7,11 +7,15 @@ Labels identify the run only (namespace, finetunejob): never a step or other unb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +33,7 @@ from kubetune_trainer.contract import (
     RUN_NAMESPACE_ENV,
     STAGES,
     Progress,
+    format_seconds,
 )
 
 log = logging.getLogger(__name__)
@@ -36,10 +41,40 @@ PREFIX = "kubetune_trainer_"
 _SAVE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+@dataclass(frozen=True)
+class Pace:
+    """Where the loop started and where it last finished a step (monotonic seconds, optimizer steps)."""
+
+    start_time: float
+    start_step: int
+    last_time: float
+    last_step: int
+    total_steps: int
+
+    def eta_seconds(self, now: float) -> float | None:
+        """Seconds left, counting the step in progress: the mean step time so far, or the current step's
+        time once it runs longer than that. It moves every second, so a 100 s step never looks frozen."""
+        done = self.last_step - self.start_step
+        left = self.total_steps - self.last_step
+        if left <= 0:
+            return 0.0
+        if done <= 0:
+            return None
+        mean = (self.last_time - self.start_time) / done
+        running = max(now - self.last_time, 0.0)
+        if running <= mean:
+            return left * mean - running
+        return (left - 1) * running  # this step is slow: assume the rest are as slow
+
+
 class Telemetry:
     """Metrics and progress of one run."""
 
-    def __init__(self, namespace: str | None = None, name: str | None = None):
+    def __init__(
+        self, namespace: str | None = None, name: str | None = None, clock: Callable[[], float] = time.monotonic
+    ):
+        self.clock = clock
+        self._pace: Pace | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = {
             "namespace": namespace if namespace is not None else os.environ.get(RUN_NAMESPACE_ENV, ""),
@@ -59,7 +94,7 @@ class Telemetry:
         self.learning_rate = gauge("learning_rate", "Current learning rate.")
         self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logging interval.")
         self.tokens_per_second = gauge("tokens_per_second", "Training throughput, non-padding tokens per second.")
-        self.eta_seconds = gauge("eta_seconds", "Estimated seconds until training ends.")
+        self.eta_seconds_gauge = gauge("eta_seconds", "Estimated seconds until training ends.")
         # Preference optimization (objective dpo); absent from SFT runs.
         self.reward_accuracy = gauge("reward_accuracy", "DPO: share of pairs whose chosen reward beats the rejected.")
         self.reward_margin = gauge("reward_margin", "DPO: mean chosen minus rejected reward, last logging interval.")
@@ -147,7 +182,7 @@ class Telemetry:
             "eval_loss": self.eval_loss,
             "learning_rate": self.learning_rate,
             "tokens_per_second": self.tokens_per_second,
-            "eta_seconds": self.eta_seconds,
+            "eta_seconds": self.eta_seconds_gauge,
             "reward_accuracy": self.reward_accuracy,
             "reward_margin": self.reward_margin,
             "reward_chosen": self.reward_chosen,
@@ -159,9 +194,37 @@ class Telemetry:
             if key in gauges and value is not None:
                 self.child(gauges[key]).set(value)
 
-    def progress(self) -> Progress:
+    def step_done(self, step: int, total_steps: int, *, start: bool = False) -> None:
+        """The loop finished optimizer step `step` (or, `start`, begins at it): the live ETA's reference."""
+        now = self.clock()
         with self._lock:
-            return self._progress.model_copy()
+            if start or self._pace is None:
+                self._pace = Pace(now, step, now, step, total_steps)
+            else:
+                self._pace = Pace(self._pace.start_time, self._pace.start_step, now, step, total_steps)
+
+    def eta_seconds(self) -> float | None:
+        with self._lock:
+            pace = self._pace
+        return pace.eta_seconds(self.clock()) if pace is not None else None
+
+    def progress(self) -> Progress:
+        """The current Progress, as fresh as the moment it is read: while training, the ETA counts the step in
+        progress and `updatedAt` is now, so /progress, the status and the CLI move even between slow steps."""
+        eta = self.eta_seconds()
+        with self._lock:
+            current = self._progress
+        if current.total_steps and current.step >= current.total_steps:
+            return current.model_copy(update={"eta_seconds": 0.0, "eta": format_seconds(0)})
+        if current.stage != "train" or eta is None:
+            return current.model_copy()
+        return current.model_copy(
+            update={
+                "eta_seconds": round(eta, 1),
+                "eta": format_seconds(eta),
+                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
 
     def record_gpu_memory(self) -> None:
         if not self._gpu:
@@ -176,6 +239,9 @@ class Telemetry:
 
     def exposition(self) -> bytes:
         self.record_gpu_memory()
+        eta = self.eta_seconds()
+        if eta is not None and self.progress().stage == "train":  # as live as /progress
+            self.child(self.eta_seconds_gauge).set(round(eta, 1))
         return generate_latest(self.registry)
 
 
@@ -219,7 +285,8 @@ def _handler(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the poller gave up waiting
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
             pass

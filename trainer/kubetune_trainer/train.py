@@ -234,11 +234,12 @@ class Prepared:
 
 @dataclass
 class Trained:
-    """What the train stage leaves: the loop's state and the final eval loss."""
+    """What the train stage leaves: the loop's state and the final eval loss (and the base model's)."""
 
     state: Any
     train_seconds: float
     eval_loss: float | None
+    base_eval_loss: float | None = None
 
 
 def _local_model(ctx: Context, args: Any, source: str | None = None, name: str = "model") -> Path:
@@ -470,7 +471,9 @@ def train(ctx: Context, prepared: Prepared) -> Trained:
             eval_loss = evals[-1]["eval_loss"]
         else:
             eval_loss = trainer.evaluate()["eval_loss"]
-    return Trained(state, train_seconds, eval_loss)
+    # DPO's base is its reference policy, against which its eval loss is already measured.
+    base_loss = art.base_eval_loss(trainer) if eval_loss is not None and ctx.cfg.objective.type == "sft" else None
+    return Trained(state, train_seconds, eval_loss, base_loss)
 
 
 def _checkpoint_state(checkpoint_dir: Path) -> dict[str, Any]:
@@ -505,8 +508,10 @@ def _load_finished_checkpoint(trainer: Any, checkpoint_dir: Path) -> None:
 def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
     """The numbers, and (rank 0) the artifacts at the destination with the final marker last."""
     ctx.telemetry.set_stage("save")
-    # Sample generation runs outside autocast: adapters take their fp32 input again.
+    # Sample generation runs outside autocast: adapters take their fp32 input again; no more gradients, so 4-bit
+    # weights may take bitsandbytes' CPU inference layout.
     model_mod.keep_adapter_inputs_in_compute_dtype(prepared.trainer.model, keep=False)
+    model_mod.keep_4bit_weights_differentiable(prepared.trainer.model, keep=False)
     state, eval_loss = trained.state, trained.eval_loss
     metrics = _metrics(ctx, prepared, trained)
     outcome = Outcome(
@@ -615,6 +620,7 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
         "train_loss": losses[-1]["loss"] if losses else None,
         "first_train_loss": losses[0]["loss"] if losses else None,
         "eval_loss": eval_loss,
+        "base_eval_loss": trained.base_eval_loss,  # the same eval data through the base model (adapter off)
         # The DPO loss is no language-model loss: exp() of it is no perplexity.
         "perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None and sft else None,
         "loss_history": losses,
