@@ -8,11 +8,13 @@ truth: `kubetune_operator.crd` generates the CRD schema from them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
+from kubetune_operator.spelling import meant_field, quantity_problem
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     INTEGER_MAX,
@@ -46,6 +48,16 @@ IMMUTABLE_SECTIONS = (
     "resources",
     "image",
 )
+
+
+def _is_quantity(text: str) -> str:
+    if not re.search(QUANTITY, text):
+        raise ValueError(quantity_problem(text))
+    return text
+
+
+# A resource quantity: the CRD's pattern for the API server, and words for `kubetune validate` and the operator.
+Quantity = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": QUANTITY}), AfterValidator(_is_quantity)]
 
 
 class SecretRef(ApiModel):
@@ -166,16 +178,10 @@ class Resources(ApiModel):
     nodes: int = Field(
         default=1, ge=1, le=64, description="Nodes (pods) for multi-node training: an Indexed Job with torchrun."
     )
-    cpu: str | None = Field(
-        default=None, max_length=64, pattern=QUANTITY, description='CPU request and limit, e.g. "8". Unset: none.'
-    )
-    memory: str | None = Field(
-        default=None, max_length=64, pattern=QUANTITY, description="Memory request and limit, e.g. 64Gi. Unset: none."
-    )
-    shared_memory: str = Field(
+    cpu: Quantity | None = Field(default=None, description='CPU request and limit, e.g. "8". Unset: none.')
+    memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. 64Gi. Unset: none.")
+    shared_memory: Quantity = Field(
         default="2Gi",
-        max_length=64,
-        pattern=QUANTITY,
         description="Size of the in-memory /dev/shm (data loader workers and NCCL need more than the 64Mi default).",
     )
 
@@ -352,14 +358,16 @@ class SpecError(ValueError):
         self.problems = problems
 
 
-def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
-    """Pydantic errors as `field.path: message`, with the wire (camelCase) names."""
+def describe_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """Pydantic errors as `field.path: message`, with the wire (camelCase) names; an unknown field of `model`
+    gets the field it most likely meant."""
     problems = []
     for item in error.errors():
         path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field"
+            meant = meant_field(model, item["loc"]) if model is not None else None
+            message = f"unknown field; did you mean `{meant}`?" if meant else "unknown field"
         problems.append(f"{path}: {message}" if path else message)
     return problems
 
@@ -367,9 +375,12 @@ def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
 def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
     """Typed FineTuneJob from a raw object (a handler's body or a YAML document); SpecError if invalid.
 
-    The status is not parsed: it is computed from what runs, never read back as input.
+    The status is not parsed: it is computed from what runs, never read back as input. Fields are read by
+    their wire (camelCase) names only, as the API server reads them: `learning_rate` is an unknown field.
     """
     try:
-        return FineTuneJob.model_validate({key: value for key, value in body.items() if key != "status"})
+        return FineTuneJob.model_validate(
+            {key: value for key, value in body.items() if key != "status"}, by_alias=True, by_name=False
+        )
     except ValidationError as error:
-        raise SpecError(describe_errors(error)) from None
+        raise SpecError(describe_errors(error, model=FineTuneJob)) from None

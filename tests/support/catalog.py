@@ -279,3 +279,45 @@ MUTABLE_CHANGES: tuple[tuple[str, Any], ...] = (
 UNSERVED: dict[str, str] = {
     "wrong-api-version": 'no matches for kind "FineTuneJob" in version "kubetune.dev/v1"',
 }
+
+
+def _job_yaml(spec_lines: str) -> str:
+    """BASE as YAML text with these lines (indented two spaces, under spec:) added to its spec."""
+    return (
+        "apiVersion: kubetune.dev/v1alpha1\n"
+        "kind: FineTuneJob\n"
+        "metadata:\n"
+        "  name: support-bot\n"
+        "spec:\n"
+        "  model:\n"
+        "    source: s3://models/llama/\n"
+        "  dataset:\n"
+        "    train: s3://datasets/support/train.jsonl\n"
+        "  output:\n"
+        "    destination: s3://artifacts/support-bot/\n" + spec_lines
+    )
+
+
+# Files as people write them, where YAML's reading matters (numbers, booleans, tabs) or a field is misspelled:
+# (id, file text, None when kubectl apply and `kubetune validate` must both accept it, else the text that
+# `kubetune validate`'s message must contain). tests/unit/test_manifests.py runs them against kubectl's own
+# YAML reading and the offline apiserver; tests/cluster/test_admission.py against the real apiserver.
+WRITTEN: list[tuple[str, str, str | None]] = [
+    ("exponent-without-dot", _job_yaml("  training:\n    learningRate: 2e-4\n"), None),
+    ("exponent-with-dot", _job_yaml("  training:\n    learningRate: 2.0e-4\n"), None),
+    ("integer-as-float", _job_yaml("  training:\n    maxSteps: 100.0\n"), None),
+    ("yaml11-boolean", _job_yaml("  training:\n    gradientCheckpointing: on\n"), None),
+    ("yes-is-no-string", _job_yaml("  image: yes\n"), "spec.image"),
+    (
+        "date-as-revision",
+        _job_yaml("").replace("source: s3://models/llama/\n", "source: hf://org/model\n    revision: 2024-01-01\n"),
+        None,
+    ),
+    ("snake-case-field", _job_yaml("  training:\n    learning_rate: 1.0e-4\n"), "did you mean `learningRate`?"),
+    ("snake-case-section", _job_yaml("  run_policy:\n    suspend: true\n"), "did you mean `runPolicy`?"),
+    ("misspelled-section", _job_yaml("  trainig:\n    epochs: 1\n"), "did you mean `training`?"),
+    ("lowercase-field", _job_yaml("  training:\n    learningrate: 1.0e-4\n"), "did you mean `learningRate`?"),
+    ("memory-in-gigabytes", _job_yaml("  resources:\n    memory: 32GB\n"), "use 32Gi or 32G"),
+    ("tab-indentation", _job_yaml("  training:\n\tepochs: 1\n"), "indent with spaces"),
+    ("number-as-string", _job_yaml("  training:\n    learningRate: '2e-4'\n"), "spec.training.learningRate"),
+]
