@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
+from kubetune_operator.pod_api import PodSpec
 from kubetune_operator.spelling import meant_field, quantity_problem
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
@@ -47,6 +48,7 @@ IMMUTABLE_SECTIONS = (
     "storage",
     "resources",
     "image",
+    "pod",
 )
 
 
@@ -165,6 +167,14 @@ KUBERNETES_ONLY_FIELDS: dict[str, Any] = {
 }
 
 
+# What a pod asks for when the spec leaves it out. Requests only (Burstable): a default that proves low for a
+# large model slows the pod or lets it use what the node has, never OOM-kills it. `kubetune plan` sizes a run.
+DEFAULT_CPU_PER_GPU = 4
+DEFAULT_MEMORY_GI_PER_GPU = 16
+DEFAULT_MEMORY_PER_GPU = f"{DEFAULT_MEMORY_GI_PER_GPU}Gi"
+DEFAULT_DISK = "50Gi"
+
+
 class Resources(ApiModel):
     """Compute for the trainer pod."""
 
@@ -178,8 +188,22 @@ class Resources(ApiModel):
     nodes: int = Field(
         default=1, ge=1, le=64, description="Nodes (pods) for multi-node training: an Indexed Job with torchrun."
     )
-    cpu: Quantity | None = Field(default=None, description='CPU request and limit, e.g. "8". Unset: none.')
-    memory: Quantity | None = Field(default=None, description="Memory request and limit, e.g. 64Gi. Unset: none.")
+    cpu: Quantity | None = Field(
+        default=None,
+        description=f'CPU request and limit, e.g. "8". Unset: a request (no limit) of {DEFAULT_CPU_PER_GPU} per GPU; '
+        "none on CPU runs.",
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description=f"Memory request and limit, e.g. 64Gi. Unset: a request (no limit) of {DEFAULT_MEMORY_PER_GPU} "
+        "per GPU; none on CPU runs.",
+    )
+    disk: Quantity | None = Field(
+        default=None,
+        description="Local disk per pod (ephemeral-storage) for the model download, checkpoints and caches: "
+        f"requested, and the size limit of the scratch volumes, so a download cannot fill the node. Unset: "
+        f"{DEFAULT_DISK}. `kubetune plan` says what a run needs.",
+    )
     shared_memory: Quantity = Field(
         default="2Gi",
         description="Size of the in-memory /dev/shm (data loader workers and NCCL need more than the 64Mi default).",
@@ -260,6 +284,10 @@ class FineTuneJobSpec(TrainerConfig):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadlines, clean-up.")
     image: str | None = Field(
         default=None, min_length=1, max_length=512, description="Trainer image; default: the operator's setting."
+    )
+    pod: PodSpec = Field(
+        default_factory=PodSpec,
+        description="Additions to the trainer pods: env, volumes and mounts, labels, annotations, image pull Secrets.",
     )
     service_account_name: str | None = Field(
         default=None,

@@ -12,7 +12,12 @@ import json
 from typing import Any
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
-from kubetune_operator.api import FineTuneJob
+from kubetune_operator.api import (
+    DEFAULT_CPU_PER_GPU,
+    DEFAULT_DISK,
+    DEFAULT_MEMORY_GI_PER_GPU,
+    FineTuneJob,
+)
 from kubetune_operator.settings import Settings
 from kubetune_trainer import contract
 
@@ -135,16 +140,28 @@ def gpu_resource_name(job: FineTuneJob, settings: Settings) -> str:
     )
 
 
+def disk(job: FineTuneJob) -> str:
+    """Local disk per pod: the ephemeral-storage request and limit, and the size limit of each scratch volume."""
+    return job.spec.resources.disk or DEFAULT_DISK
+
+
 def _resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """What the spec sets is requested and limited; CPU and memory a GPU run leaves out are requested only
+    (Burstable: a default too small for the model slows it rather than OOM-kills it)."""
     spec = job.spec.resources
-    amounts: dict[str, str] = {}
+    amounts: dict[str, str] = {"ephemeral-storage": disk(job)}
+    defaults: dict[str, str] = {}
     if spec.cpu is not None:
         amounts["cpu"] = spec.cpu
+    elif spec.gpus:
+        defaults["cpu"] = str(DEFAULT_CPU_PER_GPU * spec.gpus)
     if spec.memory is not None:
         amounts["memory"] = spec.memory
+    elif spec.gpus:
+        defaults["memory"] = f"{DEFAULT_MEMORY_GI_PER_GPU * spec.gpus}Gi"
     if spec.gpus:
         amounts[gpu_resource_name(job, settings)] = str(spec.gpus)  # extended resources: requests == limits
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    return {"requests": {**defaults, **amounts}, "limits": dict(amounts)}
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
@@ -170,7 +187,8 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     token = job.spec.model.token_secret_ref
     if token is not None:
         env.append(_secret_env("HF_TOKEN", token.name, token.key))
-    return env + _tracking_env(job)
+    added = [entry.model_dump(by_alias=True, exclude_none=True) for entry in job.spec.pod.env]
+    return env + _tracking_env(job) + added  # spec.pod.env cannot name any of ours (pod_api refuses it)
 
 
 MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -215,6 +233,7 @@ def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(mount.model_dump(by_alias=True, exclude_none=True) for mount in job.spec.pod.volume_mounts),
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -226,9 +245,7 @@ def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    resources = _resources(job, settings)
-    if resources:
-        container["resources"] = resources
+    container["resources"] = _resources(job, settings)
     return container
 
 
@@ -250,10 +267,14 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(job)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            # The model download and checkpoints (tmp) and caches share the pod's disk; neither may outgrow it.
+            {"name": "cache", "emptyDir": {"sizeLimit": disk(job)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": disk(job)}},
+            *(volume.model_dump(by_alias=True, exclude_none=True) for volume in spec.pod.volumes),
         ],
     }
+    if spec.pod.image_pull_secrets:
+        pod["imagePullSecrets"] = [secret.model_dump(by_alias=True) for secret in spec.pod.image_pull_secrets]
     if is_multi_node(job):
         pod["subdomain"] = service_name(job)  # each pod is <job>-<index>.<service> (Indexed Job hostnames)
     if spec.service_account_name:
@@ -269,6 +290,14 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     if scheduling.priority_class_name:
         pod["priorityClassName"] = scheduling.priority_class_name
     return pod
+
+
+def _pod_metadata(job: FineTuneJob) -> dict[str, Any]:
+    """The trainer pods' labels (spec.pod.labels, then kubetune's) and annotations (spec.pod.annotations)."""
+    metadata: dict[str, Any] = {"labels": {**job.spec.pod.labels, **labels(job)}}
+    if job.spec.pod.annotations:
+        metadata["annotations"] = dict(job.spec.pod.annotations)
+    return metadata
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -312,7 +341,6 @@ def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     """
     spec = job.spec
     queue = spec.scheduling.queue_name
-    pod_labels = labels(job)
     nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.run_policy.backoff_limit,
@@ -320,7 +348,7 @@ def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "parallelism": nodes,
         "suspend": job_suspended(job),
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, settings)},
+        "template": {"metadata": _pod_metadata(job), "spec": _pod_spec(job, settings)},
     }
     if is_multi_node(job):
         job_spec["completionMode"] = "Indexed"

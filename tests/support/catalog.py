@@ -194,10 +194,90 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("dpo-unknown-field", _dpo({"refModel": "s3://models/ref/"}), "refModel"),
     ("preference-field-empty", with_changes(("spec.dataset.fields", {"chosen": ""})), "spec.dataset.fields.chosen"),
+    # spec.resources.disk and spec.pod: additions to the pods that may not replace kubetune's own settings
+    ("disk-in-gigabytes", with_changes(("spec.resources", {"disk": "100GB"})), "spec.resources.disk"),
+    ("pod-env-ours", with_changes(("spec.pod", {"env": [{"name": "HF_HOME", "value": "/x"}]})), "kubetune sets"),
+    (
+        "pod-env-kubetune-prefix",
+        with_changes(("spec.pod", {"env": [{"name": "KUBETUNE_RUN_NAME", "value": "x"}]})),
+        "kubetune sets",
+    ),
+    (
+        "pod-env-secret-inline",
+        with_changes(("spec.pod", {"env": [{"name": "PROXY_PASSWORD", "value": "hunter2"}]})),
+        "takes its value from a Secret",
+    ),
+    (
+        "pod-env-value-and-from",
+        with_changes(
+            (
+                "spec.pod",
+                {"env": [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            )
+        ),
+        "set value or valueFrom, not both",
+    ),
+    ("pod-env-bad-name", with_changes(("spec.pod", {"env": [{"name": "1 BAD", "value": "x"}]})), "name"),
+    (
+        "pod-env-twice",
+        with_changes(("spec.pod", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]})),
+        "pod.env",
+    ),
+    ("pod-volume-ours", with_changes(("spec.pod", {"volumes": [{"name": "cache", "emptyDir": {}}]})), "kubetune's own"),
+    (
+        "pod-mount-ours",
+        with_changes(
+            (
+                "spec.pod",
+                {"volumes": [{"name": "m", "emptyDir": {}}], "volumeMounts": [{"name": "m", "mountPath": "/tmp"}]},
+            )
+        ),
+        "kubetune's own",
+    ),
+    (
+        "pod-mount-without-volume",
+        with_changes(("spec.pod", {"volumeMounts": [{"name": "models", "mountPath": "/models"}]})),
+        "each name must be one of pod.volumes",
+    ),
+    (
+        "pod-mount-relative",
+        with_changes(
+            (
+                "spec.pod",
+                {"volumes": [{"name": "m", "emptyDir": {}}], "volumeMounts": [{"name": "m", "mountPath": "m"}]},
+            )
+        ),
+        "mountPath",
+    ),
+    ("pod-label-ours", with_changes(("spec.pod", {"labels": {"kubetune.dev/finetunejob": "x"}})), "set by kubetune"),
+    ("pod-label-value-bad", with_changes(("spec.pod", {"labels": {"team": "a b"}})), "spec.pod.labels"),
+    ("pod-pull-secret-bad", with_changes(("spec.pod", {"imagePullSecrets": [{"name": "Bad_Name"}]})), "name"),
 ]
 
 GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("defaults-only", BASE),
+    (
+        "pod-everything",
+        with_changes(
+            ("spec.model.source", "/models/llama/"),
+            ("spec.resources", {"disk": "200Gi", "cpu": "8", "memory": "64Gi"}),
+            (
+                "spec.pod",
+                {
+                    "labels": {"team": "support", "example.com/cost-centre": "ml-42"},
+                    "annotations": {"sidecar.istio.io/inject": "false"},
+                    "env": [
+                        {"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"},
+                        {"name": "HF_TOKEN_PATH_HINT", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+                        {"name": "PROXY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "pw"}}},
+                    ],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+                    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "x"}],
+                    "imagePullSecrets": [{"name": "registry-credentials"}],
+                },
+            ),
+        ),
+    ),
     (
         "tracking-both",
         with_changes(
@@ -266,6 +346,7 @@ IMMUTABLE_CHANGES: list[tuple[str, Any]] = [
     ("objective", {"type": "dpo"}),
     ("output", {"destination": "s3://artifacts/elsewhere/"}),
     ("image", "registry.example/trainer:2"),
+    ("pod", {"labels": {"team": "other"}}),
 ]
 
 # An update the apiserver must accept: what a user may change on a running FineTuneJob.
