@@ -2,9 +2,10 @@
 
 It reads the job as `kubetune run` does (local paths, file://, s3:// with the standard AWS environment), fetches
 the model's config and tokenizer only (never the weights), reads the data through the trainer's own code, and
-prints the data, the run's schedule, the memory estimate against a GPU, and an ETA range
-(`kubetune_trainer.plan` computes them). Exit codes as `kubetune run`: 2 for input the trainer would reject
-(with the trainer's messages), 1 for an invalid file or option.
+prints the data, the run's schedule, the memory estimate against a GPU, the local disk a pod needs, and an ETA
+range (`kubetune_trainer.plan` computes them). A gate before a run: exit 0 when the run fits, 4 when it does not
+fit the GPU's memory or spec.resources.disk; as `kubetune run`, 2 for input the trainer would reject (with the
+trainer's messages: data that trains on no token among them) and 1 for an invalid file or option.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK
 
 EXIT_INVALID_FILE = 1
+EXIT_DOES_NOT_FIT = 4  # not the trainer's 2 or 3: the input is valid, the run as specified would not succeed
+# Libraries whose notices say nothing about the plan (bitsandbytes' kernel loader, tokenizer and template
+# notices): the plan reads configs and tokenizers and runs no kernel; what the data's problems are, it reports.
+QUIET_LOGGERS = ("bitsandbytes", "transformers", "accelerate", "peft", "trl", "datasets", "huggingface_hub")
 # What a model directory holds besides weights: the config, the tokenizer, the chat template, code.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 
@@ -60,7 +68,49 @@ def render_example(segments: list[dict[str, Any]], color: bool) -> str:
     return "".join(out)
 
 
-def print_table(plan: Any, out: IO[str], color: bool) -> None:
+def disk_bytes(job: Any) -> int:
+    """spec.resources.disk (or the operator's default) in bytes."""
+    from kubetune_operator.builders import disk
+    from kubetune_trainer.plan import parse_memory
+
+    return parse_memory(disk(job))
+
+
+def disk_verdict(plan: Any, disk: int) -> str:
+    needed = plan.disk.total_bytes
+    if needed <= disk:
+        return f"fits in {gib(disk)} with {gib(disk - needed)} to spare"
+    return f"does not fit in {gib(disk)}: set spec.resources.disk to at least {-(-needed // 1024**3)}Gi"
+
+
+def failures(plan: Any, disk: int) -> list[str]:
+    """Why the run as specified would not succeed, from the plan: nothing means the gate opens."""
+    reasons = []
+    if plan.fit is not None and not plan.fit.fits:
+        reasons.append(f"GPU memory: {plan.fit.verdict}")
+    if plan.disk is not None and plan.disk.total_bytes > disk:
+        reasons.append(f"local disk: {disk_verdict(plan, disk)}")
+    return reasons
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=rf"({'|'.join(QUIET_LOGGERS)}|torch)(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def print_table(plan: Any, out: IO[str], color: bool, disk: int) -> None:
     from kubetune_trainer.callbacks import format_seconds
     from kubetune_trainer.plan import as_json
 
@@ -109,6 +159,10 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
         gpu = plan.target.gpu.name if plan.target.gpu is not None else "GPU"
         rows.append(("with CUDA context", f"{gib(plan.fit.needed_bytes)} of {gib(plan.fit.memory_bytes)} ({gpu})"))
         rows.append(("verdict", plan.fit.verdict))
+    if plan.disk is not None:
+        section("local disk per pod (spec.resources.disk)")
+        rows += [(name, gib(value)) for name, value in plan.disk.parts.items()]
+        rows += [("needed", gib(plan.disk.total_bytes)), ("verdict", disk_verdict(plan, disk))]
     if plan.eta is not None:
         e = plan.eta
         section("time")
@@ -117,7 +171,7 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
             (
                 "ETA",
                 f"{format_seconds(e.seconds[0])} to {format_seconds(e.seconds[1])} "
-                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's bf16 peak)",
+                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's {memory.precision} peak)",
             ),
         ]
     width = max(len(row[0]) for row in rows if isinstance(row, tuple))
@@ -160,7 +214,8 @@ def run_plan(
     level = trainer_log.level
     trainer_log.setLevel(logging.ERROR)  # the table says what the data's warnings would
     try:
-        return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
+        with quiet_libraries():
+            return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
     finally:
         trainer_log.setLevel(level)
 
@@ -211,15 +266,23 @@ def _plan(
             print(f"... and {more} more rejected rows", file=sys.stderr)
         if plan.rejected_count > 1:
             print(f"{plan.rejected_count} rows rejected: the trainer stops at the first (exit 2)", file=sys.stderr)
+    disk = disk_bytes(job)
+    reasons = failures(plan, disk) if plan.ok else []
     if output == "json":
         document = plan_mod.as_json(plan)
         document["file"] = str(path)
         document["name"] = job.metadata.name
+        document["disk_available"] = disk
+        document["does_not_fit"] = reasons
         print(json.dumps(document, indent=2), file=out)
     elif plan.ok:
         print(f"{path}: FineTuneJob {job.metadata.name}", file=out)
-        print_table(plan, out, color=out.isatty())
-    return EXIT_OK if plan.ok else EXIT_INVALID_INPUT
+        print_table(plan, out, color=out.isatty(), disk=disk)
+    for reason in reasons:
+        print(f"{path}: does not fit: {reason}", file=sys.stderr)
+    if not plan.ok:
+        return EXIT_INVALID_INPUT
+    return EXIT_DOES_NOT_FIT if reasons else EXIT_OK
 
 
 def plan_target(job: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None) -> Any:
