@@ -32,8 +32,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_crd(args: argparse.Namespace) -> int:
     from kubetune_operator.crd import render_crd_yaml
+    from kubetune_operator.reference import render_reference
 
-    text = render_crd_yaml()
+    text = render_reference() if args.reference else render_crd_yaml()
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.add_argument(
+        "--reference", action="store_true", help="the field reference in Markdown (docs/reference.md) instead"
+    )
     crd.set_defaults(handler=cmd_crd)
 
     run = commands.add_parser(
