@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
@@ -140,6 +141,22 @@ def gpu_resource_name(job: FineTuneJob, settings: Settings) -> str:
     )
 
 
+_QUANTITY_FACTORS = {
+    **{suffix: 1024**power for power, suffix in enumerate(("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{suffix: 1000**power for power, suffix in enumerate(("k", "M", "G", "T", "P", "E"), start=1)},
+    **{"m": 1e-3, "u": 1e-6, "n": 1e-9},
+}
+
+
+def quantity_bytes(text: str) -> int | None:
+    """A Kubernetes quantity of bytes (50Gi, 100G, 1.5Ti, 1e9) as an integer; None for a spelling the API's
+    loose pattern lets through but that names no amount (5Gi3)."""
+    match = re.fullmatch(r"\+?([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)", text)
+    if match is None or match.group(2) not in _QUANTITY_FACTORS:
+        return None
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
 def disk(job: FineTuneJob) -> str:
     """Local disk per pod: the ephemeral-storage request and limit, and the size limit of each scratch volume."""
     return job.spec.resources.disk or DEFAULT_DISK
@@ -178,6 +195,9 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
         *({"name": name, "value": value} for name, value in launch.items()),
         *({"name": name, "value": value} for name, value in CACHE_ENV.items()),
     ]
+    disk_bytes = quantity_bytes(disk(job))
+    if disk_bytes is not None:
+        env.append({"name": contract.DISK_BYTES_ENV, "value": str(disk_bytes)})
     credentials = job.spec.storage.credentials_secret_ref
     if credentials is not None:
         env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))

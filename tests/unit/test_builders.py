@@ -250,6 +250,8 @@ def test_the_model_cache_and_scratch_have_a_size_and_the_pod_requests_that_disk(
         assert volumes["tmp"]["emptyDir"] == {"sizeLimit": size}
         resources = trainer(job)["resources"]
         assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == size
+        # the trainer refuses a model larger than that before downloading it (exit 2, not an eviction loop)
+        assert env(job)[contract.DISK_BYTES_ENV] == str(int(size.removesuffix("Gi")) * 1024**3)
 
 
 def test_pod_additions_reach_the_pod_beside_kubetunes_own() -> None:
