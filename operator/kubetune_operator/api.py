@@ -201,8 +201,9 @@ class Resources(ApiModel):
     disk: Quantity | None = Field(
         default=None,
         description="Local disk per pod (ephemeral-storage) for the model download, checkpoints and caches: "
-        f"requested, and the size limit of the scratch volumes, so a download cannot fill the node. Unset: "
-        f"{DEFAULT_DISK}. `kubetune plan` says what a run needs.",
+        "the size limit of the scratch volumes, so a download cannot fill the node, and requested (except with a "
+        f"Kueue queue, whose ClusterQueues seldom cover ephemeral-storage). Unset: {DEFAULT_DISK}. `kubetune plan` "
+        "says what a run needs.",
     )
     shared_memory: Quantity = Field(
         default="2Gi",

@@ -166,7 +166,9 @@ def _resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     """What the spec sets is requested and limited; CPU and memory a GPU run leaves out are requested only
     (Burstable: a default too small for the model slows it rather than OOM-kills it)."""
     spec = job.spec.resources
-    amounts: dict[str, str] = {"ephemeral-storage": disk(job)}
+    # Kueue admits a Job only when its ClusterQueue covers every resource the pods request, and few cover
+    # ephemeral-storage: a queued run keeps the scratch volumes' size limits and the trainer's check, not the request.
+    amounts: dict[str, str] = {} if job.spec.scheduling.queue_name else {"ephemeral-storage": disk(job)}
     defaults: dict[str, str] = {}
     if spec.cpu is not None:
         amounts["cpu"] = spec.cpu
@@ -178,6 +180,8 @@ def _resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         defaults["memory"] = f"{DEFAULT_MEMORY_GI_PER_GPU * spec.gpus}Gi"
     if spec.gpus:
         amounts[gpu_resource_name(job, settings)] = str(spec.gpus)  # extended resources: requests == limits
+    if not amounts and not defaults:
+        return {}
     return {"requests": {**defaults, **amounts}, "limits": dict(amounts)}
 
 
@@ -265,7 +269,9 @@ def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    container["resources"] = _resources(job, settings)
+    resources = _resources(job, settings)
+    if resources:
+        container["resources"] = resources
     return container
 
 

@@ -254,6 +254,16 @@ def test_the_model_cache_and_scratch_have_a_size_and_the_pod_requests_that_disk(
         assert env(job)[contract.DISK_BYTES_ENV] == str(int(size.removesuffix("Gi")) * 1024**3)
 
 
+def test_a_queued_run_requests_no_disk_that_kueue_would_have_to_cover() -> None:
+    # Kueue admits a Workload only when its ClusterQueue covers every requested resource.
+    _, job = built("kueue")
+    resources = trainer(job)["resources"]
+    assert "ephemeral-storage" not in resources["requests"] and "ephemeral-storage" not in resources["limits"]
+    volumes = {volume["name"]: volume for volume in pod_spec(job)["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "50Gi"}  # still bounded
+    assert env(job)[contract.DISK_BYTES_ENV] == str(50 * 1024**3)
+
+
 def test_pod_additions_reach_the_pod_beside_kubetunes_own() -> None:
     _, job = built("pod-additions")
     template = job["spec"]["template"]
