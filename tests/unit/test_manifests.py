@@ -84,3 +84,15 @@ def test_validate_gives_the_verdict_kubectl_apply_would_get(
     assert code == (1 if server_refuses else 0), err
     if says is not None:
         assert err.startswith(f"{path}:") and says in err, err
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "render"])
+def test_run_plan_and_render_refuse_what_validate_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    case, text, says = next(entry for entry in WRITTEN if entry[0] == "snake-case-field")
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    assert main([command, str(path)]) == 1
+    err = capsys.readouterr().err
+    assert says is not None and says in err and "spec.training.learning_rate" in err, err
