@@ -172,7 +172,7 @@ def _keys_rule(what: str) -> Rule:
     # Only the prefixes: the syntax of each key is checked by the API server when the Job is created (a
     # FineTuneJob cannot check it at admission: CEL cannot bound the cost of a regex over a map's keys).
     return Rule(
-        f"self.{what}.all(k, {_cel_no_prefix('k', OPERATOR_KEY_PREFIXES)})",
+        f"!has(self.{what}) || self.{what}.all(k, {_cel_no_prefix('k', OPERATOR_KEY_PREFIXES)})",
         f"pod.{what}: keys under {', '.join(OPERATOR_KEY_PREFIXES)} are set by kubetune and Kubernetes",
         lambda p: not any(k.startswith(OPERATOR_KEY_PREFIXES) for k in getattr(p, what)),
     )
@@ -217,7 +217,9 @@ class PodSpec(ApiModel):
         _keys_rule("labels"),
         _keys_rule("annotations"),
         Rule(
-            "self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
+            # has(): the API server checks these rules against the schema's default ({}) too, before defaulting
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+            "self.volumes.exists(v, v.name == m.name))",
             "pod.volumeMounts: each name must be one of pod.volumes",
             lambda p: {m.name for m in p.volume_mounts} <= {v.name for v in p.volumes},
         ),
