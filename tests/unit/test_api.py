@@ -142,6 +142,35 @@ def test_every_field_has_a_description_for_kubectl_explain() -> None:
     assert _walk(crd_schema(), "finetunejob") == ["finetunejob.metadata"]
 
 
+def test_every_default_passes_its_own_cel_rules() -> None:
+    """The API server evaluates a node's CEL rules on its schema default when the CRD is created, as given
+    (no nested defaulting): a rule reading a field the default lacks makes the CRD itself invalid."""
+    import celpy
+
+    environment = celpy.Environment()
+    failures = []
+
+    def check(schema: dict[str, Any], path: str) -> None:
+        if "default" in schema:
+            for rule in schema.get("x-kubernetes-validations", []):
+                if "oldSelf" in rule["rule"]:
+                    continue
+                program = environment.program(environment.compile(rule["rule"]))
+                try:
+                    outcome = program.evaluate({"self": celpy.json_to_cel(schema["default"])})
+                except celpy.CELEvalError as error:  # e.g. "no such member in mapping: 'labels'"
+                    outcome = error
+                if isinstance(outcome, celpy.CELEvalError) or not outcome:
+                    failures.append(f"{path}: {rule['rule']}: {outcome}")
+        for name, child in schema.get("properties", {}).items():
+            check(child, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            check(schema["items"], f"{path}[]")
+
+    check(crd_schema(), "finetunejob")
+    assert not failures
+
+
 def test_crd_is_structural() -> None:
     def check(schema: dict[str, Any], path: str) -> None:
         assert "type" in schema, f"{path} has no type"
