@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a FineTuneJob's data through the trainer's own code and its model's config and tokenizer "
         "(never the weights), and report the data (rows, rejections, token counts, truncation, packing, one "
         "example with its label mask), the run (steps, warm-up, checkpoints), an estimate of peak GPU memory per "
-        "GPU and of the local disk a pod needs, each with a verdict, and an ETA range. A gate before a run: exits 0 "
-        "when it fits, 4 when it does not fit the GPU or spec.resources.disk, 2 with the trainer's messages on "
+        "GPU and of the local disk and memory a pod needs, each with a verdict, and an ETA range. A gate before a "
+        "run: exits 0 when it fits, 4 when it does not fit the GPU, spec.resources.disk or a spec.resources.memory "
+        "limit, 2 with the trainer's messages on "
         "input it would reject (data that trains on no token among them), 1 for an invalid file.",
     )
     plan.add_argument("file", type=Path, metavar="FILE")

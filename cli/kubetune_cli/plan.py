@@ -2,10 +2,11 @@
 
 It reads the job as `kubetune run` does (local paths, file://, s3:// with the standard AWS environment), fetches
 the model's config and tokenizer only (never the weights), reads the data through the trainer's own code, and
-prints the data, the run's schedule, the memory estimate against a GPU, the local disk a pod needs, and an ETA
-range (`kubetune_trainer.plan` computes them). A gate before a run: exit 0 when the run fits, 4 when it does not
-fit the GPU's memory or spec.resources.disk; as `kubetune run`, 2 for input the trainer would reject (with the
-trainer's messages: data that trains on no token among them) and 1 for an invalid file or option.
+prints the data, the run's schedule, the memory estimate against a GPU, the local disk and memory a pod needs,
+and an ETA range (`kubetune_trainer.plan` computes them). A gate before a run: exit 0 when the run fits, 4 when
+it does not fit the GPU's memory, spec.resources.disk or a spec.resources.memory limit; as `kubetune run`, 2 for
+input the trainer would reject (with the trainer's messages: data that trains on no token among them) and 1 for
+an invalid file or option.
 """
 
 from __future__ import annotations
@@ -83,13 +84,18 @@ def disk_verdict(plan: Any, disk: int) -> str:
     return f"does not fit in {gib(disk)}: set spec.resources.disk to at least {-(-needed // 1024**3)}Gi"
 
 
-def failures(plan: Any, disk: int) -> list[str]:
+def failures(plan: Any, job: Any, disk: int) -> list[str]:
     """Why the run as specified would not succeed, from the plan: nothing means the gate opens."""
+    from kubetune_trainer.plan import parse_memory
+
     reasons = []
     if plan.fit is not None and not plan.fit.fits:
         reasons.append(f"GPU memory: {plan.fit.verdict}")
     if plan.disk is not None and plan.disk.total_bytes > disk:
         reasons.append(f"local disk: {disk_verdict(plan, disk)}")
+    memory = job.spec.resources.memory
+    if plan.host_memory is not None and memory is not None and plan.host_memory.total_bytes > parse_memory(memory):
+        reasons.append(f"pod memory: {host_memory_verdict(plan, job)}")
     return reasons
 
 
@@ -110,7 +116,27 @@ def quiet_libraries() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def print_table(plan: Any, out: IO[str], color: bool, disk: int) -> None:
+def host_memory_verdict(plan: Any, job: Any) -> str:
+    """Against spec.resources.memory when set (request and limit: below the need, the kernel kills the
+    trainer); else against what the operator requests by default (no limit: a node short of it may evict)."""
+    from kubetune_operator.api import DEFAULT_MEMORY_GI_PER_GPU
+    from kubetune_trainer.plan import parse_memory
+
+    needed = plan.host_memory.total_bytes
+    advice = f"set spec.resources.memory to at least {-(-needed // 1024**3)}Gi"
+    resources = job.spec.resources
+    if resources.memory is not None:
+        limit = parse_memory(resources.memory)
+        if needed <= limit:
+            return f"fits in {gib(limit)} with {gib(limit - needed)} to spare"
+        return f"does not fit in {gib(limit)} (its limit): {advice}"
+    requested = DEFAULT_MEMORY_GI_PER_GPU * resources.gpus * 1024**3
+    if needed <= requested:
+        return f"within the default request ({gib(requested)}, no limit)"
+    return f"more than the default request ({gib(requested)}, no limit): {advice}"
+
+
+def print_table(plan: Any, out: IO[str], color: bool, disk: int, job: Any) -> None:
     from kubetune_trainer.callbacks import format_seconds
     from kubetune_trainer.plan import as_json
 
@@ -163,6 +189,10 @@ def print_table(plan: Any, out: IO[str], color: bool, disk: int) -> None:
         section("local disk per pod (spec.resources.disk)")
         rows += [(name, gib(value)) for name, value in plan.disk.parts.items()]
         rows += [("needed", gib(plan.disk.total_bytes)), ("verdict", disk_verdict(plan, disk))]
+    if plan.host_memory is not None:
+        section("memory per pod (spec.resources.memory)")
+        rows += [(name, gib(value)) for name, value in plan.host_memory.parts.items()]
+        rows += [("needed", gib(plan.host_memory.total_bytes)), ("verdict", host_memory_verdict(plan, job))]
     if plan.eta is not None:
         e = plan.eta
         section("time")
@@ -267,7 +297,7 @@ def _plan(
         if plan.rejected_count > 1:
             print(f"{plan.rejected_count} rows rejected: the trainer stops at the first (exit 2)", file=sys.stderr)
     disk = disk_bytes(job)
-    reasons = failures(plan, disk) if plan.ok else []
+    reasons = failures(plan, job, disk) if plan.ok else []
     if output == "json":
         document = plan_mod.as_json(plan)
         document["file"] = str(path)
@@ -277,7 +307,7 @@ def _plan(
         print(json.dumps(document, indent=2), file=out)
     elif plan.ok:
         print(f"{path}: FineTuneJob {job.metadata.name}", file=out)
-        print_table(plan, out, color=out.isatty(), disk=disk)
+        print_table(plan, out, color=out.isatty(), disk=disk, job=job)
     for reason in reasons:
         print(f"{path}: does not fit: {reason}", file=sys.stderr)
     if not plan.ok:

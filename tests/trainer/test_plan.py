@@ -300,6 +300,21 @@ def test_a_run_that_outgrows_its_disk_fails_the_gate_with_the_size_to_set(tmp_pa
     assert document["disk"]["total_bytes"] <= document["disk_available"] == 3 * 1024**3
 
 
+def test_a_memory_limit_below_what_the_pod_needs_fails_the_gate(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["resources"] = {"memory": "2Gi"}  # request and limit: the runtime alone takes more
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4")
+    assert code == 4 and "memory per pod" in out
+    assert "does not fit: pod memory: does not fit in 2.00 GiB (its limit): set spec.resources.memory" in err
+    spec["spec"]["resources"] = {}  # the default request (16Gi per GPU) and no limit: no gate
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["host_memory"]["total_bytes"] < 16 * 1024**3
+
+
 def test_data_that_trains_on_nothing_fails_the_gate(tmp_path: Path, plan_model: Path) -> None:
     job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl", maxLength=16)
     code, out, err = plan_command(str(job), "--gpu", "L4")

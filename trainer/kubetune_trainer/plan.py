@@ -627,6 +627,32 @@ def estimate_disk(cfg: TrainerConfig, shape: ModelShape, model_config: Any, opti
     return DiskEstimate(parts)
 
 
+# transformers loads safetensors one shard at a time; Hugging Face's default shard is 5 GB.
+SHARD_BYTES = 5 * 10**9
+# Python, torch, CUDA's host side, the tokenizer and the dataset in memory: measured runs sit at 2-4 GiB.
+HOST_RUNTIME_BYTES = 4 * GIB
+
+
+@dataclass
+class HostMemoryEstimate:
+    """The pod's memory (not the GPU's) at its peak: loading the base a shard at a time, or, with
+    output.mergeAdapter, the whole base in 16 bits on the host to merge the adapter into it (`artifacts`)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+def estimate_host_memory(cfg: TrainerConfig, shape: ModelShape, model_config: Any) -> HostMemoryEstimate:
+    stored = shape.total_params * stored_dtype_bytes(model_config)
+    peak = {"model load (a shard)": min(stored, SHARD_BYTES)}
+    if cfg.output.merge_adapter and cfg.method.type != "full":
+        peak = {"merge (16-bit base)": shape.total_params * 2}
+    return HostMemoryEstimate({**peak, "runtime and data": HOST_RUNTIME_BYTES})
+
+
 # -- time ------------------------------------------------------------------------------------------
 
 
@@ -687,6 +713,7 @@ class Plan:
     fit: Fit | None = None
     eta: Eta | None = None
     disk: DiskEstimate | None = None
+    host_memory: HostMemoryEstimate | None = None
 
     @property
     def ok(self) -> bool:
@@ -746,4 +773,5 @@ def make_plan(
         fit(cfg, shape, target, estimate, world_size, train.examples, batches),
         eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
         estimate_disk(cfg, shape, model_config, estimate.optimizer),
+        estimate_host_memory(cfg, shape, model_config),
     )
