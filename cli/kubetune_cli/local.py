@@ -193,8 +193,13 @@ class ProgressPrinter:
         self.last_step = 0
         self.last_print = 0.0
         self.stages_seen: set[str] = set()
+        self.resume_told = False
 
     def show(self, progress: Progress) -> None:
+        if progress.resumed_from_step is not None and not self.resume_told:
+            self.finish()
+            print(f"resuming from step {progress.resumed_from_step} (its checkpoint)", file=self.out, flush=True)
+            self.resume_told = True
         if progress.stage not in self.stages_seen:  # training and evaluation alternate: announce each once
             self.finish()
             print(f"stage: {progress.stage}", file=self.out, flush=True)

@@ -32,8 +32,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_crd(args: argparse.Namespace) -> int:
     from kubetune_operator.crd import render_crd_yaml
+    from kubetune_operator.reference import render_reference
 
-    text = render_crd_yaml()
+    text = render_reference() if args.reference else render_crd_yaml()
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.add_argument(
+        "--reference", action="store_true", help="the field reference in Markdown (docs/reference.md) instead"
+    )
     crd.set_defaults(handler=cmd_crd)
 
     run = commands.add_parser(
@@ -164,11 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a FineTuneJob's data through the trainer's own code and its model's config and tokenizer "
         "(never the weights), and report the data (rows, rejections, token counts, truncation, packing, one "
         "example with its label mask), the run (steps, warm-up, checkpoints), an estimate of peak GPU memory per "
-        "GPU with a verdict, and an ETA range. Exits 2 with the trainer's messages on input it would reject, "
-        "1 for an invalid file.",
+        "GPU and of the local disk and memory a pod needs, each with a verdict, and an ETA range. A gate before a "
+        "run: exits 0 when it fits, 4 when it does not fit the GPU, spec.resources.disk or a spec.resources.memory "
+        "limit, 2 with the trainer's messages on "
+        "input it would reject (data that trains on no token among them), 1 for an invalid file.",
     )
     plan.add_argument("file", type=Path, metavar="FILE")
-    plan.add_argument("--gpu", help="GPU by name, e.g. H100-80GB, A100-40GB, L4-24GB (memory and peak FLOPs)")
+    plan.add_argument(
+        "--gpu",
+        help="GPU as people name it, e.g. L4, A100, a100-80gb, H100, T4 (memory, peak FLOPs, bf16 or fp16 only); "
+        "a model sold in several sizes is planned on the smallest",
+    )
     plan.add_argument("--gpu-memory", help="GPU memory, e.g. 24Gi (overrides --gpu's; no ETA without --gpu)")
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table", help="table (default) or json")
     plan.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")

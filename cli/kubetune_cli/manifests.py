@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from kubetune_cli.kubeyaml import KubectlLoader
 from kubetune_operator import API_GROUP, KIND
 from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
 
@@ -21,9 +22,9 @@ YAML_SUFFIXES = (".yaml", ".yml")
 MAX_DEPTH = 64
 
 
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses what the API server's strict decoding refuses (a key given twice) and
-    nesting deeper than MAX_DEPTH, each as a YAML error with the line."""
+class StrictLoader(KubectlLoader):
+    """kubectl's reading of YAML (`kubeyaml`), refusing what the API server's strict decoding refuses (a key
+    given twice) and nesting deeper than MAX_DEPTH, each as a YAML error with the line."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -131,6 +132,11 @@ def read_documents(path: Path) -> list[Document]:
         bodies = list(yaml.load_all(text, Loader=StrictLoader))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
+        tab = _tab_in_indentation(text, mark.line + 1 if mark is not None else None)
+        if tab is not None:
+            raise SpecError(
+                [f"{path}:{tab}: a tab in the indentation (YAML allows only spaces): indent with spaces"]
+            ) from None
         line = f":{mark.line + 1}" if mark is not None else ""
         raise SpecError([f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
     return [
@@ -138,6 +144,17 @@ def read_documents(path: Path) -> list[Document]:
         for index, (body, node) in enumerate(zip(bodies, nodes, strict=True))
         if body is not None
     ]
+
+
+def _tab_in_indentation(text: str, error_line: int | None) -> int | None:
+    """The first line up to the one a YAML error points at that is indented with a tab, if any: the usual
+    cause of the error, which PyYAML words as "found character '\\t' that cannot start any token"."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if error_line is not None and number > error_line:
+            break
+        if "\t" in line[: len(line) - len(line.lstrip(" \t"))]:
+            return number
+    return None
 
 
 def check_document(document: Document) -> Checked:

@@ -2,9 +2,11 @@
 
 It reads the job as `kubetune run` does (local paths, file://, s3:// with the standard AWS environment), fetches
 the model's config and tokenizer only (never the weights), reads the data through the trainer's own code, and
-prints the data, the run's schedule, the memory estimate against a GPU, and an ETA range
-(`kubetune_trainer.plan` computes them). Exit codes as `kubetune run`: 2 for input the trainer would reject
-(with the trainer's messages), 1 for an invalid file or option.
+prints the data, the run's schedule, the memory estimate against a GPU, the local disk and memory a pod needs,
+and an ETA range (`kubetune_trainer.plan` computes them). A gate before a run: exit 0 when the run fits, 4 when
+it does not fit the GPU's memory, spec.resources.disk or a spec.resources.memory limit; as `kubetune run`, 2 for
+input the trainer would reject (with the trainer's messages: data that trains on no token among them) and 1 for
+an invalid file or option.
 """
 
 from __future__ import annotations
@@ -12,12 +14,19 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK
 
 EXIT_INVALID_FILE = 1
+EXIT_DOES_NOT_FIT = 4  # not the trainer's 2 or 3: the input is valid, the run as specified would not succeed
+# Libraries whose notices say nothing about the plan (bitsandbytes' kernel loader, tokenizer and template
+# notices): the plan reads configs and tokenizers and runs no kernel; what the data's problems are, it reports.
+QUIET_LOGGERS = ("bitsandbytes", "transformers", "accelerate", "peft", "trl", "datasets", "huggingface_hub")
 # What a model directory holds besides weights: the config, the tokenizer, the chat template, code.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 
@@ -71,7 +80,74 @@ def few_trained(d: Any) -> str:
     )
 
 
-def print_table(plan: Any, out: IO[str], color: bool) -> None:
+def disk_bytes(job: Any) -> int:
+    """spec.resources.disk (or the operator's default) in bytes."""
+    from kubetune_operator.builders import disk
+    from kubetune_trainer.plan import parse_memory
+
+    return parse_memory(disk(job))
+
+
+def disk_verdict(plan: Any, disk: int) -> str:
+    needed = plan.disk.total_bytes
+    if needed <= disk:
+        return f"fits in {gib(disk)} with {gib(disk - needed)} to spare"
+    return f"does not fit in {gib(disk)}: set spec.resources.disk to at least {-(-needed // 1024**3)}Gi"
+
+
+def failures(plan: Any, job: Any, disk: int) -> list[str]:
+    """Why the run as specified would not succeed, from the plan: nothing means the gate opens."""
+    from kubetune_trainer.plan import parse_memory
+
+    reasons = []
+    if plan.fit is not None and not plan.fit.fits:
+        reasons.append(f"GPU memory: {plan.fit.verdict}")
+    if plan.disk is not None and plan.disk.total_bytes > disk:
+        reasons.append(f"local disk: {disk_verdict(plan, disk)}")
+    memory = job.spec.resources.memory
+    if plan.host_memory is not None and memory is not None and plan.host_memory.total_bytes > parse_memory(memory):
+        reasons.append(f"pod memory: {host_memory_verdict(plan, job)}")
+    return reasons
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=rf"({'|'.join(QUIET_LOGGERS)}|torch)(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def host_memory_verdict(plan: Any, job: Any) -> str:
+    """Against spec.resources.memory when set (request and limit: below the need, the kernel kills the
+    trainer); else against what the operator requests by default (no limit: a node short of it may evict)."""
+    from kubetune_operator.api import DEFAULT_MEMORY_GI_PER_GPU
+    from kubetune_trainer.plan import parse_memory
+
+    needed = plan.host_memory.total_bytes
+    advice = f"set spec.resources.memory to at least {-(-needed // 1024**3)}Gi"
+    resources = job.spec.resources
+    if resources.memory is not None:
+        limit = parse_memory(resources.memory)
+        if needed <= limit:
+            return f"fits in {gib(limit)} with {gib(limit - needed)} to spare"
+        return f"does not fit in {gib(limit)} (its limit): {advice}"
+    requested = DEFAULT_MEMORY_GI_PER_GPU * resources.gpus * 1024**3
+    if needed <= requested:
+        return f"within the default request ({gib(requested)}, no limit)"
+    return f"more than the default request ({gib(requested)}, no limit): {advice}"
+
+
+def print_table(plan: Any, out: IO[str], color: bool, disk: int, job: Any) -> None:
     from kubetune_trainer.contract import format_seconds
     from kubetune_trainer.plan import as_json
 
@@ -121,6 +197,14 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
         gpu = plan.target.gpu.name if plan.target.gpu is not None else "GPU"
         rows.append(("with CUDA context", f"{gib(plan.fit.needed_bytes)} of {gib(plan.fit.memory_bytes)} ({gpu})"))
         rows.append(("verdict", plan.fit.verdict))
+    if plan.disk is not None:
+        section("local disk per pod (spec.resources.disk)")
+        rows += [(name, gib(value)) for name, value in plan.disk.parts.items()]
+        rows += [("needed", gib(plan.disk.total_bytes)), ("verdict", disk_verdict(plan, disk))]
+    if plan.host_memory is not None:
+        section("memory per pod (spec.resources.memory)")
+        rows += [(name, gib(value)) for name, value in plan.host_memory.parts.items()]
+        rows += [("needed", gib(plan.host_memory.total_bytes)), ("verdict", host_memory_verdict(plan, job))]
     if plan.eta is not None:
         e = plan.eta
         section("time")
@@ -129,7 +213,7 @@ def print_table(plan: Any, out: IO[str], color: bool) -> None:
             (
                 "ETA",
                 f"{format_seconds(e.seconds[0])} to {format_seconds(e.seconds[1])} "
-                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's bf16 peak)",
+                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's {memory.precision} peak)",
             ),
         ]
     width = max(len(row[0]) for row in rows if isinstance(row, tuple))
@@ -172,7 +256,8 @@ def run_plan(
     level = trainer_log.level
     trainer_log.setLevel(logging.ERROR)  # the table says what the data's warnings would
     try:
-        return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
+        with quiet_libraries():
+            return _plan(path, job, config, plan_mod, gpu=gpu, gpu_memory=gpu_memory, output=output, out=out)
     finally:
         trainer_log.setLevel(level)
 
@@ -223,15 +308,23 @@ def _plan(
             print(f"... and {more} more rejected rows", file=sys.stderr)
         if plan.rejected_count > 1:
             print(f"{plan.rejected_count} rows rejected: the trainer stops at the first (exit 2)", file=sys.stderr)
+    disk = disk_bytes(job)
+    reasons = failures(plan, job, disk) if plan.ok else []
     if output == "json":
         document = plan_mod.as_json(plan)
         document["file"] = str(path)
         document["name"] = job.metadata.name
+        document["disk_available"] = disk
+        document["does_not_fit"] = reasons
         print(json.dumps(document, indent=2), file=out)
     elif plan.ok:
         print(f"{path}: FineTuneJob {job.metadata.name}", file=out)
-        print_table(plan, out, color=out.isatty())
-    return EXIT_OK if plan.ok else EXIT_INVALID_INPUT
+        print_table(plan, out, color=out.isatty(), disk=disk, job=job)
+    for reason in reasons:
+        print(f"{path}: does not fit: {reason}", file=sys.stderr)
+    if not plan.ok:
+        return EXIT_INVALID_INPUT
+    return EXIT_DOES_NOT_FIT if reasons else EXIT_OK
 
 
 def plan_target(job: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None) -> Any:

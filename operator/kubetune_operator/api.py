@@ -8,11 +8,14 @@ truth: `kubetune_operator.crd` generates the CRD schema from them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
+from kubetune_operator.pod_api import PodSpec
+from kubetune_operator.spelling import meant_field, quantity_problem
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     INTEGER_MAX,
@@ -45,7 +48,18 @@ IMMUTABLE_SECTIONS = (
     "storage",
     "resources",
     "image",
+    "pod",
 )
+
+
+def _is_quantity(text: str) -> str:
+    if not re.search(QUANTITY, text):
+        raise ValueError(quantity_problem(text))
+    return text
+
+
+# A resource quantity: the CRD's pattern for the API server, and words for `kubetune validate` and the operator.
+Quantity = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": QUANTITY}), AfterValidator(_is_quantity)]
 
 
 class SecretRef(ApiModel):
@@ -153,6 +167,14 @@ KUBERNETES_ONLY_FIELDS: dict[str, Any] = {
 }
 
 
+# What a pod asks for when the spec leaves it out. Requests only (Burstable): a default that proves low for a
+# large model slows the pod or lets it use what the node has, never OOM-kills it. `kubetune plan` sizes a run.
+DEFAULT_CPU_PER_GPU = 4
+DEFAULT_MEMORY_GI_PER_GPU = 16
+DEFAULT_MEMORY_PER_GPU = f"{DEFAULT_MEMORY_GI_PER_GPU}Gi"
+DEFAULT_DISK = "50Gi"
+
+
 class Resources(ApiModel):
     """Compute for the trainer pod."""
 
@@ -166,16 +188,25 @@ class Resources(ApiModel):
     nodes: int = Field(
         default=1, ge=1, le=64, description="Nodes (pods) for multi-node training: an Indexed Job with torchrun."
     )
-    cpu: str | None = Field(
-        default=None, max_length=64, pattern=QUANTITY, description='CPU request and limit, e.g. "8". Unset: none.'
+    cpu: Quantity | None = Field(
+        default=None,
+        description=f'CPU request and limit, e.g. "8". Unset: a request (no limit) of {DEFAULT_CPU_PER_GPU} per GPU; '
+        "none on CPU runs.",
     )
-    memory: str | None = Field(
-        default=None, max_length=64, pattern=QUANTITY, description="Memory request and limit, e.g. 64Gi. Unset: none."
+    memory: Quantity | None = Field(
+        default=None,
+        description=f"Memory request and limit, e.g. 64Gi. Unset: a request (no limit) of {DEFAULT_MEMORY_PER_GPU} "
+        "per GPU; none on CPU runs.",
     )
-    shared_memory: str = Field(
+    disk: Quantity | None = Field(
+        default=None,
+        description="Local disk per pod (ephemeral-storage) for the model download, checkpoints and caches: "
+        "the size limit of the scratch volumes, so a download cannot fill the node, and requested (except with a "
+        f"Kueue queue, whose ClusterQueues seldom cover ephemeral-storage). Unset: {DEFAULT_DISK}. `kubetune plan` "
+        "says what a run needs.",
+    )
+    shared_memory: Quantity = Field(
         default="2Gi",
-        max_length=64,
-        pattern=QUANTITY,
         description="Size of the in-memory /dev/shm (data loader workers and NCCL need more than the 64Mi default).",
     )
 
@@ -254,6 +285,10 @@ class FineTuneJobSpec(TrainerConfig):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadlines, clean-up.")
     image: str | None = Field(
         default=None, min_length=1, max_length=512, description="Trainer image; default: the operator's setting."
+    )
+    pod: PodSpec = Field(
+        default_factory=PodSpec,
+        description="Additions to the trainer pods: env, volumes and mounts, labels, annotations, image pull Secrets.",
     )
     service_account_name: str | None = Field(
         default=None,
@@ -352,14 +387,16 @@ class SpecError(ValueError):
         self.problems = problems
 
 
-def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
-    """Pydantic errors as `field.path: message`, with the wire (camelCase) names."""
+def describe_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """Pydantic errors as `field.path: message`, with the wire (camelCase) names; an unknown field of `model`
+    gets the field it most likely meant."""
     problems = []
     for item in error.errors():
         path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field"
+            meant = meant_field(model, item["loc"]) if model is not None else None
+            message = f"unknown field; did you mean `{meant}`?" if meant else "unknown field"
         problems.append(f"{path}: {message}" if path else message)
     return problems
 
@@ -367,9 +404,12 @@ def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
 def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
     """Typed FineTuneJob from a raw object (a handler's body or a YAML document); SpecError if invalid.
 
-    The status is not parsed: it is computed from what runs, never read back as input.
+    The status is not parsed: it is computed from what runs, never read back as input. Fields are read by
+    their wire (camelCase) names only, as the API server reads them: `learning_rate` is an unknown field.
     """
     try:
-        return FineTuneJob.model_validate({key: value for key, value in body.items() if key != "status"})
+        return FineTuneJob.model_validate(
+            {key: value for key, value in body.items() if key != "status"}, by_alias=True, by_name=False
+        )
     except ValidationError as error:
-        raise SpecError(describe_errors(error)) from None
+        raise SpecError(describe_errors(error, model=FineTuneJob)) from None

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
-from kubetune_operator.api import FineTuneJob
+from kubetune_operator.api import (
+    DEFAULT_CPU_PER_GPU,
+    DEFAULT_DISK,
+    DEFAULT_MEMORY_GI_PER_GPU,
+    FineTuneJob,
+)
 from kubetune_operator.settings import Settings
 from kubetune_trainer import contract
 
@@ -135,16 +141,48 @@ def gpu_resource_name(job: FineTuneJob, settings: Settings) -> str:
     )
 
 
+_QUANTITY_FACTORS = {
+    **{suffix: 1024**power for power, suffix in enumerate(("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{suffix: 1000**power for power, suffix in enumerate(("k", "M", "G", "T", "P", "E"), start=1)},
+    **{"m": 1e-3, "u": 1e-6, "n": 1e-9},
+}
+
+
+def quantity_bytes(text: str) -> int | None:
+    """A Kubernetes quantity of bytes (50Gi, 100G, 1.5Ti, 1e9) as an integer; None for a spelling the API's
+    loose pattern lets through but that names no amount (5Gi3)."""
+    match = re.fullmatch(r"\+?([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)", text)
+    if match is None or match.group(2) not in _QUANTITY_FACTORS:
+        return None
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+def disk(job: FineTuneJob) -> str:
+    """Local disk per pod: the ephemeral-storage request and limit, and the size limit of each scratch volume."""
+    return job.spec.resources.disk or DEFAULT_DISK
+
+
 def _resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """What the spec sets is requested and limited; CPU and memory a GPU run leaves out are requested only
+    (Burstable: a default too small for the model slows it rather than OOM-kills it)."""
     spec = job.spec.resources
-    amounts: dict[str, str] = {}
+    # Kueue admits a Job only when its ClusterQueue covers every resource the pods request, and few cover
+    # ephemeral-storage: a queued run keeps the scratch volumes' size limits and the trainer's check, not the request.
+    amounts: dict[str, str] = {} if job.spec.scheduling.queue_name else {"ephemeral-storage": disk(job)}
+    defaults: dict[str, str] = {}
     if spec.cpu is not None:
         amounts["cpu"] = spec.cpu
+    elif spec.gpus:
+        defaults["cpu"] = str(DEFAULT_CPU_PER_GPU * spec.gpus)
     if spec.memory is not None:
         amounts["memory"] = spec.memory
+    elif spec.gpus:
+        defaults["memory"] = f"{DEFAULT_MEMORY_GI_PER_GPU * spec.gpus}Gi"
     if spec.gpus:
         amounts[gpu_resource_name(job, settings)] = str(spec.gpus)  # extended resources: requests == limits
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    if not amounts and not defaults:
+        return {}
+    return {"requests": {**defaults, **amounts}, "limits": dict(amounts)}
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
@@ -161,6 +199,9 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
         *({"name": name, "value": value} for name, value in launch.items()),
         *({"name": name, "value": value} for name, value in CACHE_ENV.items()),
     ]
+    disk_bytes = quantity_bytes(disk(job))
+    if disk_bytes is not None:
+        env.append({"name": contract.DISK_BYTES_ENV, "value": str(disk_bytes)})
     credentials = job.spec.storage.credentials_secret_ref
     if credentials is not None:
         env.append(_secret_env("AWS_ACCESS_KEY_ID", credentials.name, credentials.access_key_id_key))
@@ -170,7 +211,8 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     token = job.spec.model.token_secret_ref
     if token is not None:
         env.append(_secret_env("HF_TOKEN", token.name, token.key))
-    return env + _tracking_env(job)
+    added = [entry.model_dump(by_alias=True, exclude_none=True) for entry in job.spec.pod.env]
+    return env + _tracking_env(job) + added  # spec.pod.env cannot name any of ours (pod_api refuses it)
 
 
 MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -215,6 +257,7 @@ def _container(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(mount.model_dump(by_alias=True, exclude_none=True) for mount in job.spec.pod.volume_mounts),
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -250,10 +293,14 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(job)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            # The model download and checkpoints (tmp) and caches share the pod's disk; neither may outgrow it.
+            {"name": "cache", "emptyDir": {"sizeLimit": disk(job)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": disk(job)}},
+            *(volume.model_dump(by_alias=True, exclude_none=True) for volume in spec.pod.volumes),
         ],
     }
+    if spec.pod.image_pull_secrets:
+        pod["imagePullSecrets"] = [secret.model_dump(by_alias=True) for secret in spec.pod.image_pull_secrets]
     if is_multi_node(job):
         pod["subdomain"] = service_name(job)  # each pod is <job>-<index>.<service> (Indexed Job hostnames)
     if spec.service_account_name:
@@ -269,6 +316,14 @@ def _pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     if scheduling.priority_class_name:
         pod["priorityClassName"] = scheduling.priority_class_name
     return pod
+
+
+def _pod_metadata(job: FineTuneJob) -> dict[str, Any]:
+    """The trainer pods' labels (spec.pod.labels, then kubetune's) and annotations (spec.pod.annotations)."""
+    metadata: dict[str, Any] = {"labels": {**job.spec.pod.labels, **labels(job)}}
+    if job.spec.pod.annotations:
+        metadata["annotations"] = dict(job.spec.pod.annotations)
+    return metadata
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -312,7 +367,6 @@ def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     """
     spec = job.spec
     queue = spec.scheduling.queue_name
-    pod_labels = labels(job)
     nodes = spec.resources.nodes
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.run_policy.backoff_limit,
@@ -320,7 +374,7 @@ def build_trainer_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "parallelism": nodes,
         "suspend": job_suspended(job),
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, settings)},
+        "template": {"metadata": _pod_metadata(job), "spec": _pod_spec(job, settings)},
     }
     if is_multi_node(job):
         job_spec["completionMode"] = "Indexed"

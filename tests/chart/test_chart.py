@@ -717,7 +717,9 @@ def parse_install(arguments: list[str]) -> tuple[list[str], list[str]]:
         elif word.startswith("--constraint="):
             constraints.append(word.partition("=")[2])
         elif word.startswith("-"):
-            assert word in ("--no-cache-dir", "--no-compile", "-q", "--quiet"), f"unexpected pip option {word}"
+            assert word in ("--no-cache-dir", "--no-compile", "--no-deps", "-q", "--quiet"), (
+                f"unexpected pip option {word}"
+            )
         else:
             requirements.append(word)
     return constraints, requirements
@@ -854,3 +856,41 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
     assert lines[0] == "*"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert {"pyproject.toml", "constraints.txt", "README.md", "operator", "trainer", "cli"} <= included
+
+
+def test_the_readme_gives_each_value_the_default_values_yaml_has() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    readme = (CHART_DIR / "README.md").read_text().partition("\n## Values\n")[2]
+    contradictions = []
+    for key, shown in re.findall(r"^\| `([^`]+)` \| \w+ \| ([^|]*) \|", readme, flags=re.MULTILINE):
+        value: Any = values
+        for part in key.split("."):
+            value = value[part]
+        if isinstance(value, dict | list) and value:
+            continue  # described in words (requests 50m / 128Mi...)
+        expected = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
+        if shown.strip().strip("`").strip('"') != expected.strip('"'):
+            contradictions.append((key, shown.strip(), expected))
+    assert not contradictions
+
+
+def test_the_notes_upgrade_the_crd_from_where_the_readme_says() -> None:
+    notes = (CHART_DIR / "templates" / "NOTES.txt").read_text()
+    readme = (CHART_DIR / "README.md").read_text()
+    command = "kubectl apply --server-side -f charts/kubetune/crds/kubetune.dev_finetunejobs.yaml"
+    assert command in notes and command in readme
+
+
+def test_one_install_namespace_in_every_document() -> None:
+    """README and chart README once named two (kubetune, kubetune-system): a newcomer copied both."""
+    texts = [
+        CHART_DIR / "README.md",
+        CHART_DIR.parents[1] / "README.md",
+        *sorted((CHART_DIR.parents[1] / "docs").glob("*.md")),
+    ]
+    namespaces = {
+        (path.name, match)
+        for path in texts
+        for match in re.findall(r"helm (?:install|upgrade|uninstall) [^\n]*--namespace (\S+)", path.read_text())
+    }
+    assert {namespace for _, namespace in namespaces} == {RELEASE_NAMESPACE}, namespaces

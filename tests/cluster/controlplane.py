@@ -585,7 +585,7 @@ AUDIT_POLICY: dict[str, Any] = {
 def kwok_node(
     name: str, *, gpus: int, pod_cidr: str | None = None, taints: list[dict[str, str]] | None = None
 ) -> dict[str, Any]:
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110"}
+    capacity = {"cpu": "64", "memory": "512Gi", "ephemeral-storage": "2Ti", "pods": "110"}
     if gpus:
         capacity[GPU_RESOURCE] = str(gpus)
     spec: dict[str, Any] = {"taints": taints or []}

@@ -18,9 +18,19 @@ import kubernetes
 import pytest
 import yaml
 
+from kubetune_cli.main import main as kubetune
 from kubetune_operator.api import FineTuneJob
 from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, wait_for
-from tests.support.catalog import BAD, BASE, GOOD_EDGE_CASES, IMMUTABLE_CHANGES, MUTABLE_CHANGES, UNSERVED, with_changes
+from tests.support.catalog import (
+    BAD,
+    BASE,
+    GOOD_EDGE_CASES,
+    IMMUTABLE_CHANGES,
+    MUTABLE_CHANGES,
+    UNSERVED,
+    WRITTEN,
+    with_changes,
+)
 
 pytestmark = pytest.mark.usefixtures("installed")
 
@@ -130,3 +140,33 @@ def test_kubectl_apply_refuses_unknown_fields(kube: Kube, namespace: str, case: 
     code, message = kubectl_dry_run_apply(kube, rehomed(obj, namespace))
     assert code != 0
     assert "strict decoding error" in message and names in message, message
+
+
+# Every object of the catalog as a file (JSON is YAML, and leaves no scalar to interpretation), and the files as
+# people write them: (id, file text, whether the API must refuse it).
+FILES: list[tuple[str, str, bool]] = [
+    *((case, json.dumps(obj), True) for case, obj, _ in BAD),
+    *((case, json.dumps(obj), False) for case, obj in GOOD_EDGE_CASES),
+    *((case, text, says is not None) for case, text, says in WRITTEN),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "refused"), FILES, ids=[case for case, _, _ in FILES])
+def test_kubetune_validate_and_kubectl_apply_give_one_verdict(
+    kube: Kube,
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    text: str,
+    refused: bool,
+) -> None:
+    """The same file, `kubectl apply --dry-run=server` (kubectl's YAML reading, the apiserver's strict field
+    validation, schema and CEL) and `kubetune validate`: both accept it or both refuse it."""
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text.replace('"namespace": "default"', f'"namespace": "{namespace}"'))
+    applied = kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    validated = kubetune(["validate", str(path)])
+    said = capsys.readouterr().err
+    assert (applied.returncode != 0) == refused, applied.stderr
+    assert (validated != 0) == refused, said

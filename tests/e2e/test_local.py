@@ -165,6 +165,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path, tiny_mo
 
     again = kubetune("run", str(path), "--workdir", str(tmp_path / "work"), "--max-steps", str(stopped_at + 3))
     assert again.returncode == EXIT_OK, again.stdout + again.stderr
+    assert f"resuming from step {stopped_at}" in again.stdout, again.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == stopped_at
     assert status_of(again.stdout)["result"]["steps"] == stopped_at + 3

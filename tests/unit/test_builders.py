@@ -62,6 +62,22 @@ CASES: dict[str, dict[str, Any]] = {
         }
     },
     "kueue": {"scheduling": {"queueName": "gpu-queue"}},
+    "pod-additions": {
+        "model": {"source": "/models/llama-3.1-8b/"},
+        "resources": {"disk": "200Gi"},
+        "pod": {
+            "labels": {"team": "support", "example.com/cost-centre": "ml-42"},
+            "annotations": {"sidecar.istio.io/inject": "false"},
+            "env": [
+                {"name": "HTTPS_PROXY", "value": "http://proxy.internal:3128"},
+                {"name": "HF_ENDPOINT", "valueFrom": {"configMapKeyRef": {"name": "hub", "key": "endpoint"}}},
+                {"name": "PROXY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "password"}}},
+            ],
+            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+            "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+            "imagePullSecrets": [{"name": "registry-credentials"}],
+        },
+    },
     "multi-node": {"resources": {"gpus": 8, "nodes": 2}, "scheduling": {"queueName": "gpu-queue"}},
     "suspended": {"runPolicy": {"suspend": True, "backoffLimit": 0, "activeDeadlineSeconds": 3600}},
     "secrets": {
@@ -208,16 +224,68 @@ def test_run_identity_and_cache_env() -> None:
 def test_gpu_requests_equal_limits_and_cpu_memory_when_set() -> None:
     _, job = built("multi-gpu")
     resources = trainer(job)["resources"]
-    assert resources["requests"] == resources["limits"] == {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": "4"}
+    assert resources["requests"] == resources["limits"]
+    assert resources["limits"] == {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": "4", "ephemeral-storage": "50Gi"}
     _, amd = built("amd")
-    assert trainer(amd)["resources"]["limits"] == {"amd.com/gpu": "2"}
+    assert trainer(amd)["resources"]["limits"] == {"amd.com/gpu": "2", "ephemeral-storage": "50Gi"}
     _, cpu_only = built("cpu-only")
-    assert trainer(cpu_only)["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert trainer(cpu_only)["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "50Gi"}
+
+
+def test_gpu_runs_request_cpu_and_memory_by_default_without_limiting_them() -> None:
+    # Before: a BestEffort pod with nothing but nvidia.com/gpu, the first one evicted on a busy node.
+    for case, gpus in (("minimal", 1), ("amd", 2)):
+        resources = trainer(built(case)[1])["resources"]
+        assert resources["requests"]["cpu"] == str(4 * gpus)
+        assert resources["requests"]["memory"] == f"{16 * gpus}Gi"
+        assert "cpu" not in resources["limits"] and "memory" not in resources["limits"]  # Burstable
+    assert trainer(built("cpu-only")[1])["resources"]["requests"]["cpu"] == "2"  # as set, nothing added
+
+
+def test_the_model_cache_and_scratch_have_a_size_and_the_pod_requests_that_disk() -> None:
+    for case, size in (("minimal", "50Gi"), ("pod-additions", "200Gi")):
+        _, job = built(case)
+        volumes = {volume["name"]: volume for volume in pod_spec(job)["volumes"]}
+        assert volumes["cache"]["emptyDir"] == {"sizeLimit": size}
+        assert volumes["tmp"]["emptyDir"] == {"sizeLimit": size}
+        resources = trainer(job)["resources"]
+        assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == size
+        # the trainer refuses a model larger than that before downloading it (exit 2, not an eviction loop)
+        assert env(job)[contract.DISK_BYTES_ENV] == str(int(size.removesuffix("Gi")) * 1024**3)
+
+
+def test_a_queued_run_requests_no_disk_that_kueue_would_have_to_cover() -> None:
+    # Kueue admits a Workload only when its ClusterQueue covers every requested resource.
+    _, job = built("kueue")
+    resources = trainer(job)["resources"]
+    assert "ephemeral-storage" not in resources["requests"] and "ephemeral-storage" not in resources["limits"]
+    volumes = {volume["name"]: volume for volume in pod_spec(job)["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "50Gi"}  # still bounded
+    assert env(job)[contract.DISK_BYTES_ENV] == str(50 * 1024**3)
+
+
+def test_pod_additions_reach_the_pod_beside_kubetunes_own() -> None:
+    _, job = built("pod-additions")
+    template = job["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "support"
+    assert template["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
+    assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    pod = pod_spec(job)
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    container = trainer(job)
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True} in container["volumeMounts"]
+    values = env(job)
+    assert values["HTTPS_PROXY"] == "http://proxy.internal:3128" and values["HF_HOME"].startswith("/cache")
+    by_name = {entry["name"]: entry for entry in container["env"]}
+    assert by_name["PROXY_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "proxy", "key": "password"}}
+    assert "imagePullSecrets" not in pod_spec(built("minimal")[1])
 
 
 def test_default_gpu_resource_comes_from_settings_when_the_spec_leaves_it_out() -> None:
     job = build_trainer_job(finetunejob(), Settings(default_gpu_resource="amd.com/gpu"))
-    assert trainer(job)["resources"]["limits"] == {"amd.com/gpu": "1"}
+    assert trainer(job)["resources"]["limits"] == {"amd.com/gpu": "1", "ephemeral-storage": "50Gi"}
 
 
 def test_one_gpu_runs_the_trainer_many_go_through_its_launcher() -> None:
@@ -260,7 +328,7 @@ def test_multi_node_is_an_indexed_job_with_one_pod_per_node() -> None:
     assert spec["podFailurePolicy"] == pod_failure_policy()  # one policy for the whole run
     assert "backoffLimitPerIndex" not in spec
     assert pod_spec(job)["subdomain"] == "support-bot-nodes"
-    assert trainer(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}  # per node
+    assert trainer(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"  # per node
     ports = {port["name"]: port["containerPort"] for port in trainer(job)["ports"]}
     assert ports == {contract.METRICS_PORT_NAME: contract.METRICS_PORT, "rendezvous": contract.RENDEZVOUS_PORT}
 

@@ -27,6 +27,8 @@ BIN = Path(sys.executable).parent
             "operator/kubetune_operator/api.py",
             "operator/kubetune_operator/crd.py",
             "cli/kubetune_cli/manifests.py",
+            "cli/kubetune_cli/kubeyaml.py",
+            "operator/kubetune_operator/spelling.py",
         ],
         # the layers of pyproject's [tool.importlinter] (who imports whom)
         ["lint-imports"],

@@ -139,3 +139,18 @@ def test_a_killed_trainer_is_reported_as_killed(tmp_path: Path, monkeypatch: pyt
     assert "killed by SIGKILL" in status["message"] and "exited with 1" not in status["message"], status
     # The operator says the same of a pod whose trainer the kubelet killed (exit code 137).
     assert "killed by SIGKILL" in trainer_ending(None, 137).status()["message"]
+
+
+def test_the_console_says_which_step_a_run_resumes_from_once() -> None:
+    import io
+
+    out = io.StringIO()
+    printer = local.ProgressPrinter(out)
+    for step in (40, 41, 42):
+        printer.show(contract.Progress(stage="train", step=step, total_steps=100, resumed_from_step=40))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "resuming from step 40 (its checkpoint)"
+    assert sum("resuming" in line for line in lines) == 1
+    fresh = io.StringIO()
+    local.ProgressPrinter(fresh).show(contract.Progress(stage="train", step=1, total_steps=100))
+    assert "resuming" not in fresh.getvalue()

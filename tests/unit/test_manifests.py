@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from kubetune_cli.main import main
+from tests.support.admission import admit
+from tests.support.catalog import WRITTEN
+from tests.support.tools import kubectl_reads
 
 EXAMPLE = (Path(__file__).parents[2] / "examples" / "qlora-minimal.yaml").read_bytes()
 
@@ -63,3 +66,33 @@ def test_other_groups_kinds_are_still_skipped(tmp_path: Path, capsys: pytest.Cap
     path.write_bytes(EXAMPLE + b"---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\n")
     assert main(["validate", str(path)]) == 0
     assert "skipped: Secret is not a FineTuneJob" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("case", "text", "says"), WRITTEN, ids=[case for case, _, _ in WRITTEN])
+def test_validate_gives_the_verdict_kubectl_apply_would_get(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, text: str, says: str | None
+) -> None:
+    """The file as kubectl reads it, judged by the apiserver's rules (offline here; tests/cluster asks the real
+    one), and `kubetune validate` agree: both accept it, or both refuse it and validate says why in words."""
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    sent = kubectl_reads(path)
+    server_refuses = isinstance(sent, str) or bool(admit(sent))
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert server_refuses == (says is not None), sent if isinstance(sent, str) else admit(sent)
+    assert code == (1 if server_refuses else 0), err
+    if says is not None:
+        assert err.startswith(f"{path}:") and says in err, err
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "render"])
+def test_run_plan_and_render_refuse_what_validate_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    case, text, says = next(entry for entry in WRITTEN if entry[0] == "snake-case-field")
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    assert main([command, str(path)]) == 1
+    err = capsys.readouterr().err
+    assert says is not None and says in err and "spec.training.learning_rate" in err, err

@@ -52,6 +52,10 @@ TERMINATION_GRACE_SECONDS = 300  # room to finish a checkpoint upload on SIGTERM
 KUBERNETES_DEFAULT_GRACE_SECONDS = 30  # a pod that does not say: the trainer image run by hand
 STOP_GRACE_MARGIN_SECONDS = 10  # exit, flush logs, write the termination message
 STOP_GRACE_ENV = "KUBETUNE_STOP_GRACE_SECONDS"
+# The pod's local disk (spec.resources.disk) in bytes: a model that cannot fit is refused before its download
+# (exit 2) rather than evicted by the kubelet mid-download, which the Job would retry without end (an eviction
+# is a disruption, which the podFailurePolicy ignores). Unset (kubetune run): no check.
+DISK_BYTES_ENV = "KUBETUNE_DISK_BYTES"
 
 # Objects under output.destination.
 CHECKPOINTS_DIR = "checkpoints"

@@ -95,12 +95,24 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * _FACTORS[match.group(2)])
 
 
+def _squashed(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower()).removeprefix("nvidia")
+
+
 def find_gpu(name: str) -> Gpu:
-    gpu = GPUS.get(name.lower())
-    if gpu is None:
+    """A GPU by the name people write: the table's (H100-80GB), its model alone in any case (l4, A100, H100,
+    "nvidia h100"), or with its memory in another spelling (a100 40gb, A100-80G). A model sold with more than
+    one memory size or form is planned on the smallest and slowest of them: a plan that fits there fits on all."""
+    wanted = _squashed(name)
+    matches = [
+        gpu
+        for gpu in GPUS.values()
+        if wanted in (_squashed(gpu.name), _squashed(gpu.name).removesuffix("b"), _squashed(gpu.name.split("-")[0]))
+    ]
+    if not matches:
         known = ", ".join(g.name for g in GPUS.values())
         raise PlanError(f"--gpu {name!r}: not a GPU this table knows ({known}); or give --gpu-memory")
-    return gpu
+    return min(matches, key=lambda gpu: (gpu.memory_bytes, gpu.bf16_tflops))
 
 
 # -- the data --------------------------------------------------------------------------------------
@@ -574,6 +586,75 @@ def fit(
     return Fit(target.memory_bytes, needed, False, f"does not fit ({short:.1f} GiB short): {' or '.join(advice)}")
 
 
+# -- local disk ------------------------------------------------------------------------------------
+
+# A stored weight's bytes by the config's dtype (safetensors keep it); fp32 where the config names none.
+STORED_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+DISK_HEADROOM_BYTES = 2 * GIB  # the data files, the tokenizer, logs, Python's caches
+
+
+@dataclass
+class DiskEstimate:
+    """What one trainer pod writes to its local disk at the peak (the model download, the resume copy of a
+    checkpoint and two local checkpoints while one uploads, the outputs)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+def stored_dtype_bytes(model_config: Any) -> int:
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return STORED_DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 4)
+
+
+def estimate_disk(cfg: TrainerConfig, shape: ModelShape, model_config: Any, optimizer: str) -> DiskEstimate:
+    trainable = trainable_parameters(cfg, shape)
+    state = OPTIMIZER_STATE_BYTES.get(optimizer, 8)
+    # A checkpoint: the trained weights (an adapter in fp32, or the whole model) and the optimizer's state.
+    checkpoint = trainable * (4 + state) if cfg.method.type != "full" else shape.total_params * (2 + state)
+    parts = {
+        "model download": shape.total_params * stored_dtype_bytes(model_config),
+        # the Trainer keeps two local checkpoints (save_total_limit 2); a resumed run also holds the one it read
+        "checkpoints": 3 * checkpoint,
+        "adapter" if cfg.method.type != "full" else "model": (
+            trainable * 4 if cfg.method.type != "full" else shape.total_params * 2
+        ),
+    }
+    if cfg.output.merge_adapter:
+        parts["merged model"] = shape.total_params * 2  # a 16-bit copy of the base with the adapter merged
+    parts["headroom"] = DISK_HEADROOM_BYTES
+    return DiskEstimate(parts)
+
+
+# transformers loads safetensors one shard at a time; Hugging Face's default shard is 5 GB.
+SHARD_BYTES = 5 * 10**9
+# Python, torch, CUDA's host side, the tokenizer and the dataset in memory: measured runs sit at 2-4 GiB.
+HOST_RUNTIME_BYTES = 4 * GIB
+
+
+@dataclass
+class HostMemoryEstimate:
+    """The pod's memory (not the GPU's) at its peak: loading the base a shard at a time, or, with
+    output.mergeAdapter, the whole base in 16 bits on the host to merge the adapter into it (`artifacts`)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+def estimate_host_memory(cfg: TrainerConfig, shape: ModelShape, model_config: Any) -> HostMemoryEstimate:
+    stored = shape.total_params * stored_dtype_bytes(model_config)
+    peak = {"model load (a shard)": min(stored, SHARD_BYTES)}
+    if cfg.output.merge_adapter and cfg.method.type != "full":
+        peak = {"merge (16-bit base)": shape.total_params * 2}
+    return HostMemoryEstimate({**peak, "runtime and data": HOST_RUNTIME_BYTES})
+
+
 # -- time ------------------------------------------------------------------------------------------
 
 
@@ -633,6 +714,8 @@ class Plan:
     memory: MemoryEstimate | None = None
     fit: Fit | None = None
     eta: Eta | None = None
+    disk: DiskEstimate | None = None
+    host_memory: HostMemoryEstimate | None = None
 
     @property
     def ok(self) -> bool:
@@ -691,4 +774,6 @@ def make_plan(
         estimate,
         fit(cfg, shape, target, estimate, world_size, train.examples, batches),
         eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
+        estimate_disk(cfg, shape, model_config, estimate.optimizer),
+        estimate_host_memory(cfg, shape, model_config),
     )

@@ -196,6 +196,14 @@ class Storage:
             return []
         return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
+    def size(self, uri: str) -> int | None:
+        """Bytes of every object under an s3:// prefix (the listing's sizes); None where no listing says
+        (local paths, hf://)."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            return None
+        return sum(size for key, size in self._s3_keys(loc) if not key.endswith("/"))
+
     def exists(self, uri: str) -> bool:
         loc = parse_uri(uri)
         if loc.scheme == "file":

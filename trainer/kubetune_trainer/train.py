@@ -25,7 +25,7 @@ from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.contract import COMPLETE_MARKER, Artifacts, CheckpointRef, Result
+from kubetune_trainer.contract import COMPLETE_MARKER, DISK_BYTES_ENV, Artifacts, CheckpointRef, Result
 from kubetune_trainer.server import Telemetry
 from kubetune_trainer.storage import Storage, join, parse_uri
 
@@ -256,6 +256,7 @@ def _local_model(ctx: Context, args: Any, source: str | None = None, name: str =
 
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
         elif dist.local_rank == 0 and not (target / COMPLETE_MARKER).exists():
+            _refuse_a_model_the_disk_cannot_hold(ctx.storage, source)
             log.info("downloading model %s", source)
             telemetry.set_stage("downloading")
             path = _download_model(
@@ -266,6 +267,22 @@ def _local_model(ctx: Context, args: Any, source: str | None = None, name: str =
     telemetry.set_stage("setup")
     model_mod.check_model_dir(path, source)
     return path
+
+
+def _refuse_a_model_the_disk_cannot_hold(storage: Storage, source: str) -> None:
+    budget = os.environ.get(DISK_BYTES_ENV)
+    size = storage.size(source if source.endswith("/") else source + "/") if budget else None
+    if budget and size is not None and size > int(budget):
+        from kubetune_trainer.errors import InvalidInput
+
+        gib = 1024**3
+        raise InvalidInput(
+            "DiskTooSmall",
+            f"model.source {source} is {size / gib:.1f} GiB, more than the pod's local disk "
+            f"(spec.resources.disk, {int(budget) / gib:.1f} GiB) holds: raise spec.resources.disk "
+            "(`kubetune plan` says how much the run needs)",
+            field="model.source",
+        )
 
 
 def _download_model(storage: Storage, source: str, target: Path) -> Path:
