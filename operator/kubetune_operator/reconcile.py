@@ -179,15 +179,17 @@ class Reconciler:
         """Keep Kueue's Workload of a kubetune Job and sync its FineTuneJob; other Workloads are ignored."""
         metadata = workload.get("metadata", {})
         namespace = metadata.get("namespace", "")
-        owners = [ref["name"] for ref in metadata.get("ownerReferences") or []
+        owners = [(ref["name"], ref.get("uid")) for ref in metadata.get("ownerReferences") or []
                   if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1"]  # fmt: skip
-        if not owners or self.cache.finetunejob(namespace, owners[0]) is None:
+        if not owners or self.cache.finetunejob(namespace, owners[0][0]) is None:
             return  # not the Workload of a FineTuneJob's Job (the Job is named after its FineTuneJob)
-        key = (namespace, owners[0])
+        key = (namespace, owners[0][0])
+        kept, job = self.cache.workloads.get(key), self.cache.job(*key)
         if deleted:
-            self.cache.workloads.pop(key, None)
-        else:
-            self.cache.workloads[key] = workload
+            if kept is not None and kept["metadata"].get("uid") == metadata.get("uid"):
+                del self.cache.workloads[key]
+        elif job is None or job["metadata"].get("uid") == owners[0][1]:
+            self.cache.workloads[key] = workload  # not the Workload of a Job deleted since (a recreated Job's is)
         self.enqueue(*key)
 
     def trainer_url(self, namespace: str, name: str) -> str | None:
@@ -296,6 +298,7 @@ class Reconciler:
             if observed is not None:
                 self.cache.store_job(observed)
         if observed is None and not is_finished(previous):  # new, or deleted by someone while unfinished
+            self._check_no_stale_workload(namespace, child)
             observed = await self._create_children(body, job, previous)
             self._created.add(key)
             if self.queue.has_first():  # a burst: the others' Jobs first, this status write after (the Job's event)
@@ -320,6 +323,16 @@ class Reconciler:
         status = compute_status(job, observed, pods, previous, self.clock(), workload)
         await self._publish(body, self._with_progress(key, status, job.metadata.generation))
         self._follow_phase(key, status, job)
+
+    def _check_no_stale_workload(self, namespace: str, child: str) -> None:
+        """Raise (to wait) while Kueue's Workload of a deleted Job of this name remains: Kueue does not admit a Job
+        recreated under the same name until the old Job's Workload is gone (the garbage collector deletes it; its
+        DELETED event queues this run again)."""
+        stale = self.cache.workloads.get((namespace, child))
+        if stale is not None:
+            raise kopf.TemporaryError(f"waiting for Kueue's Workload {stale['metadata'].get('name')} of a deleted "
+                                      f"Job {child} to go before creating the Job again",
+                                      delay=PREDECESSOR_RETRY_SECONDS)  # fmt: skip
 
     async def _follow_suspend(self, job: FineTuneJob, workload: Body) -> None:
         """Deactivate (or reactivate) Kueue's Workload so that Kueue keeps a suspended run suspended."""
@@ -396,7 +409,8 @@ class Reconciler:
         updated = await self.kube.patch_status(*key, patch)
         if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
             self.cache.store_finetunejob(updated)  # the next sync starts from what was written
-            self._own_writes[key] = str(updated["metadata"].get("resourceVersion"))
+            if updated["metadata"].get("resourceVersion"):
+                self._own_writes[key] = str(updated["metadata"]["resourceVersion"])
         event = phase_event(previous, status)
         if event is not None:
             self.kube.event(body, *event)
