@@ -45,6 +45,8 @@ IMMUTABLE_SECTIONS = (
     "storage",
     "resources",
     "image",
+    "tracking",  # read by the trainer at its start: an edit would reach only a restarted attempt
+    "serviceAccountName",  # in the Job's pod template, which Kubernetes does not let change
 )
 
 

@@ -38,6 +38,7 @@ from kubetune_operator.builders import (
     build_trainer_configmap,
     build_trainer_job,
     job_name,
+    run_policy_patch,
     scheduling_patch,
     suspend_patch,
     workload_activation_patch,
@@ -311,10 +312,10 @@ class Reconciler:
         elif observed is not None and not is_finished(previous):
             if key in self._reschedule:
                 await self._apply_scheduling(body, job, observed)
-            patch = suspend_patch(job, observed)
-            if patch is not None:
-                observed = await self.kube.patch(JOBS, namespace, child, patch)
-                self.cache.store_job(observed)
+            for patch in (suspend_patch(job, observed), run_policy_patch(job, observed)):
+                if patch is not None:
+                    observed = await self.kube.patch(JOBS, namespace, child, patch)
+                    self.cache.store_job(observed)
         self._reschedule.discard(key)
         workload = self.cache.workloads.get((namespace, child)) if observed is not None else None
         if workload is not None and not is_finished(previous):
