@@ -98,3 +98,40 @@ def test_a_refusal_outlasting_many_retries_is_retried_until_it_clears_and_shown_
         loop.run_until_complete(refused_for_long())
     finally:
         loop.close()
+
+
+async def relisted_after_own_write() -> None:
+    body = finetunejob_body("run", "default")
+    body["metadata"].update(uid="ftj-uid", resourceVersion="1", generation=1)
+    kube = QuotaKube(body, refusals=0)
+    metrics = Metrics()
+    reconciler = Reconciler(kube, Settings(), metrics, ProgressPoller(1, 1))  # type: ignore[arg-type]
+
+    def syncs() -> float:
+        return reconciler.metrics.reconcile_total.labels("ok")._value.get()  # type: ignore[no-any-return]
+
+    async def settled(count: float) -> None:
+        for _ in range(300):
+            if syncs() >= count and reconciler.queue.idle():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{syncs()} syncs, expected {count}")
+
+    reconciler.observe_finetunejob(body, deleted=False)
+    await settled(1)
+    written = copy.deepcopy(kube.body)  # the status the sync wrote, as the watch echoes it
+    before = syncs()
+    reconciler.observe_finetunejob(written, deleted=False)  # the echo of its own write: nothing to do
+    await asyncio.sleep(0.05)
+    assert syncs() == before
+    reconciler.observe_finetunejob(copy.deepcopy(written), deleted=False)  # a re-list (a watch restarted)
+    await settled(before + 1)
+    await reconciler.close()
+
+
+def test_a_relisted_finetunejob_is_synced_even_at_the_resource_version_already_kept() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(relisted_after_own_write())
+    finally:
+        loop.close()
