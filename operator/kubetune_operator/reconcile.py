@@ -287,43 +287,69 @@ class Reconciler:
             raise
 
     async def _reconcile(self, namespace: str, name: str, body: Body) -> None:
-        previous = body.get("status") or {}
-        try:
-            job = parse_finetunejob(body)
-        except SpecError as error:
-            await self._refuse(body, "InvalidSpec", "invalid spec: " + "; ".join(error.problems))
-        key, child = (namespace, name), job_name(job)
-        observed = self.cache.job(namespace, child)
-        if observed is None and previous.get("phase"):  # it had a Job: not watched yet (a restart), or gone
-            observed = await self.kube.get(JOBS, namespace, child)
-            if observed is not None:
-                self.cache.store_job(observed)
+        """The steps of a sync: parse, find the Job, create the children or bring the Job to the spec, follow
+        Kueue's Workload, then compute the status from what exists and publish it."""
+        key, previous = (namespace, name), body.get("status") or {}
+        job = await self._parse(body)
+        observed = await self._find_job(namespace, job, previous)
         if observed is None and not is_finished(previous):  # new, or deleted by someone while unfinished
-            self._check_no_stale_workload(namespace, child)
             observed = await self._create_children(body, job, previous)
-            self._created.add(key)
             if self.queue.has_first():  # a burst: the others' Jobs first, this status write after (the Job's event)
                 self.enqueue(namespace, name)
                 return
-        elif observed is not None and not owned_by(observed, job.metadata.uid or ""):
-            if not is_finished(previous):
-                await self._check_owner(body, observed)
-            observed = None
-        elif observed is not None and not is_finished(previous):
-            if key in self._reschedule:
-                await self._apply_scheduling(body, job, observed)
-            for patch in (suspend_patch(job, observed), run_policy_patch(job, observed)):
-                if patch is not None:
-                    observed = await self.kube.patch(JOBS, namespace, child, patch)
-                    self.cache.store_job(observed)
+        elif observed is not None:
+            observed = await self._update_job(body, job, observed, previous)
         self._reschedule.discard(key)
-        workload = self.cache.workloads.get((namespace, child)) if observed is not None else None
-        if workload is not None and not is_finished(previous):
-            await self._follow_suspend(job, workload)
-        pods = self.cache.pods(namespace, name)
-        status = compute_status(job, observed, pods, previous, self.clock(), workload)
+        workload = await self._follow_kueue(job, observed, previous)
+        status = compute_status(job, observed, self.cache.pods(namespace, name), previous, self.clock(), workload)
         await self._publish(body, self._with_progress(key, status, job.metadata.generation))
         self._follow_phase(key, status, job)
+
+    async def _parse(self, body: Body) -> FineTuneJob:
+        """The typed FineTuneJob; a spec that breaks the API's rules fails the run (InvalidSpec), once."""
+        try:
+            return parse_finetunejob(body)
+        except SpecError as error:
+            await self._refuse(body, "InvalidSpec", "invalid spec: " + "; ".join(error.problems))
+
+    async def _find_job(self, namespace: str, job: FineTuneJob, previous: Body) -> Body | None:
+        """The run's Job as the watch saw it; read from the API only for a run that had one (after a restart its
+        Job may not be watched yet)."""
+        child = job_name(job)
+        observed = self.cache.job(namespace, child)
+        if observed is None and previous.get("phase"):
+            observed = await self.kube.get(JOBS, namespace, child)
+            if observed is not None:
+                self.cache.store_job(observed)
+        return observed
+
+    async def _update_job(self, body: Body, job: FineTuneJob, observed: Body, previous: Body) -> Body | None:
+        """An existing Job of the run's name: None if it is not this run's (a conflict is refused, a predecessor's
+        waited out); an unfinished run's Job follows spec.scheduling (when it changed), suspend, backoffLimit and
+        activeDeadlineSeconds."""
+        if not owned_by(observed, job.metadata.uid or ""):
+            if not is_finished(previous):
+                await self._check_owner(body, observed)
+            return None
+        if is_finished(previous):
+            return observed
+        namespace, child = observed["metadata"]["namespace"], job_name(job)
+        if (namespace, body["metadata"]["name"]) in self._reschedule:
+            await self._apply_scheduling(body, job, observed)
+        for patch in (suspend_patch(job, observed), run_policy_patch(job, observed)):
+            if patch is not None:
+                observed = await self.kube.patch(JOBS, namespace, child, patch)
+                self.cache.store_job(observed)
+        return observed
+
+    async def _follow_kueue(self, job: FineTuneJob, observed: Body | None, previous: Body) -> Body | None:
+        """Kueue's Workload of the run's Job (None without Kueue), deactivated or reactivated to follow suspend."""
+        if observed is None:
+            return None
+        workload = self.cache.workloads.get((observed["metadata"]["namespace"], job_name(job)))
+        if workload is not None and not is_finished(previous):
+            await self._follow_suspend(job, workload)
+        return workload
 
     def _check_no_stale_workload(self, namespace: str, child: str) -> None:
         """Raise (to wait) while Kueue's Workload of a deleted Job of this name remains: Kueue does not admit a Job
@@ -345,6 +371,9 @@ class Reconciler:
             self.cache.workloads[(metadata["namespace"], job_name(job))] = updated
 
     async def _create_children(self, body: Body, job: FineTuneJob, previous: Body) -> Body:
+        """The ConfigMap, the multi-node Service and the Job, each created unless it exists (and is this run's)."""
+        namespace = body["metadata"]["namespace"]
+        self._check_no_stale_workload(namespace, job_name(job))
         children = [build_trainer_configmap(job, self.settings)]
         service = build_nodes_service(job, self.settings)
         if service is not None:  # before the pods, which resolve each other through it
@@ -358,6 +387,7 @@ class Reconciler:
         except OwnedByPredecessor as error:
             raise kopf.TemporaryError(str(error), delay=PREDECESSOR_RETRY_SECONDS) from None
         self.cache.store_job(observed)
+        self._created.add((namespace, body["metadata"]["name"]))
         if created and previous.get("phase"):  # it had a Job before: someone deleted it mid-run
             self.kube.event(body, "Warning", "JobRecreated", f"Job {job_name(job)} was deleted; recreated it, "
                             "the trainer resumes from its newest checkpoint")  # fmt: skip
