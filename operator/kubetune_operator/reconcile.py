@@ -399,7 +399,7 @@ class Reconciler:
         try:
             return await self.kube.ensure(child, body)
         except ApiError as error:
-            if error.status in (404, 409) or NAMESPACE_TERMINATING in error.message:
+            if not refused(error):
                 raise
             what = f"{child['kind']} {child['metadata']['name']}"
             refusal = f"creating {what} was refused (HTTP {error.status}): {error.message}; retrying with backoff"
@@ -582,6 +582,15 @@ class Reconciler:
 
 class CreateRefused(Exception):
     """The API server refused to create a child of a FineTuneJob; the sync is retried with backoff."""
+
+
+def refused(error: ApiError) -> bool:
+    """Whether the API server refused a create for a reason the user should see: a quota, a policy or an admission
+    webhook (which may also fail to answer: a 500 naming the webhook). Not a conflict, a namespace being deleted, or
+    the API server's own trouble (a 5xx: etcd unavailable, a timeout), which a retry outlives."""
+    if error.status in (404, 409) or NAMESPACE_TERMINATING in error.message:
+        return False
+    return 400 <= error.status < 500 or "webhook" in error.message
 
 
 def retry_reason(error: Exception) -> str:
