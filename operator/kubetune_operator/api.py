@@ -49,6 +49,8 @@ IMMUTABLE_SECTIONS = (
     "resources",
     "image",
     "pod",
+    "tracking",  # read by the trainer at its start: an edit would reach only a restarted attempt
+    "serviceAccountName",  # in the Job's pod template, which Kubernetes does not let change
 )
 
 

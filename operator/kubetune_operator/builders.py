@@ -440,6 +440,18 @@ def suspend_patch(job: FineTuneJob, observed_job: dict[str, Any]) -> dict[str, A
     return None
 
 
+def run_policy_patch(job: FineTuneJob, observed_job: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch making a Job's backoffLimit and activeDeadlineSeconds follow spec.runPolicy (a Job takes
+    changes to both while it runs), or None if they do."""
+    current = observed_job.get("spec", {})
+    wanted = {
+        "backoffLimit": job.spec.run_policy.backoff_limit,
+        "activeDeadlineSeconds": job.spec.run_policy.active_deadline_seconds,  # None: the patch removes it
+    }
+    changed = {field: value for field, value in wanted.items() if current.get(field) != value}
+    return {"spec": changed} if changed else None
+
+
 def workload_activation_patch(job: FineTuneJob, workload: dict[str, Any] | None) -> dict[str, Any] | None:
     """The merge patch making a queued run's Kueue Workload follow spec.runPolicy.suspend, or None.
 

@@ -141,12 +141,12 @@ def openapi_schema() -> dict[str, Any]:
 
     spec = properties["spec"]
     for section in IMMUTABLE_SECTIONS:
-        if section == "image":  # optional scalar: a transition rule on it alone would miss set/unset
+        if section in ("image", "serviceAccountName"):  # optional scalars: a rule on one alone misses set/unset
             spec.setdefault("x-kubernetes-validations", []).append(
                 {
-                    "rule": "has(self.image) == has(oldSelf.image)"
-                    " && (!has(self.image) || self.image == oldSelf.image)",
-                    "message": "spec.image is immutable: create a new FineTuneJob instead",
+                    "rule": f"has(self.{section}) == has(oldSelf.{section})"
+                    f" && (!has(self.{section}) || self.{section} == oldSelf.{section})",
+                    "message": f"spec.{section} is immutable: create a new FineTuneJob instead",
                 }
             )
             continue

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import kopf
 import kubernetes
+import urllib3
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
 
@@ -34,6 +35,10 @@ class ApiError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+class ApiUnreachable(Exception):
+    """The API server did not answer (refused the connection, timed out): nothing is known of the call's fate."""
 
 
 class NameConflict(Exception):
@@ -150,8 +155,15 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self._client.call_api(*params, _request_timeout=30)
-        data = response.read()
+        try:
+            response = self._client.call_api(*params, _request_timeout=30)
+            data = response.read()
+        except urllib3.exceptions.HTTPError as error:
+            raise ApiUnreachable(f"{method} {path}: {error}") from None
+        except kubernetes.client.ApiException as error:
+            if error.status:
+                raise
+            raise ApiUnreachable(f"{method} {path}: {error.reason}") from None  # a TLS failure
         parsed = json.loads(data) if data else {}
         if not 200 <= response.status < 300:
             message = parsed.get("message") if isinstance(parsed, dict) else None

@@ -6,7 +6,9 @@ itself, and only when it changed).
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -45,6 +47,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         # Watching listed namespaces: Kopf would list all namespaces (and watch CRDs) to follow them, which a
         # namespaced install is not granted. It takes the listed namespaces and the kinds served at start-up.
         settings.scanning.disabled = True
+    settings.networking.error_backoffs = EndlessBackoffs()
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our phase events are posted explicitly; Kopf's chatter is not
     kube = Kube.connect(config.api_concurrency)
@@ -55,6 +58,20 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     logger.info(
         "kubetune operator started: trainer image %s, metrics on :%d", config.trainer_image, config.metrics_port
     )
+
+
+class EndlessBackoffs:
+    """Delays between Kopf's retries of a failed API request, never running out.
+
+    Kopf's default (1, 1, 2, 3, 5, 8, 13, 21 s) gives up after about 54 s, and a watch that gives up is not
+    started again: an API server away for a minute (a control-plane upgrade, an etcd hiccup) would leave the
+    operator deaf to that kind for good. These start the same, then retry every 10 s for as long as it takes,
+    so a watch resumes within 10 s of the API server's return. Iterable afresh for every request (not a one-shot
+    iterator), and not Sized: Kopf then counts no last attempt.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1.0, 1.0, 2.0, 3.0, 5.0, 8.0), itertools.repeat(10.0))
 
 
 class NoDiffBase(kopf.DiffBaseStorage):

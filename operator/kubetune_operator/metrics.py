@@ -21,6 +21,7 @@ from kubetune_operator.api import Phase
 
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 RUN_LABELS = ("namespace", "finetunejob")
+RETRY_REASONS = ("CreateRefused", "Unreachable", "ApiError", "Waiting", "Error")
 # Queue waits and runs span seconds to days.
 LONG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200, float("inf"))
 
@@ -53,6 +54,13 @@ class Metrics:
         self.reconcile_errors = prometheus_client.Counter(
             "kubetune_reconcile_errors", "Reconciliations that failed with an error (retried).", registry=r
         )
+        self.sync_retries = prometheus_client.Counter(
+            "kubetune_sync_retries",
+            "Failed syncs of a FineTuneJob put back on the queue with backoff, by reason (CreateRefused: the API "
+            "server refused a child, e.g. a quota or an admission webhook; Unreachable; ApiError; Waiting; Error).",
+            ["reason"],
+            registry=r,
+        )
         self.reconcile_duration = prometheus_client.Histogram(
             "kubetune_reconcile_duration_seconds", "Time to reconcile one FineTuneJob.", registry=r
         )
@@ -82,6 +90,8 @@ class Metrics:
             self.progress_polls.labels(result)
         for result in ("ok", "failed", "error"):
             self.reconcile_total.labels(result)
+        for reason in RETRY_REASONS:
+            self.sync_retries.labels(reason)
         for outcome in ("succeeded", "failed"):  # likewise: increase() must count the first finished run
             self.run_duration.labels(outcome)
 

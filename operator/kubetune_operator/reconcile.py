@@ -5,12 +5,15 @@ of the FineTuneJob's Job or pods, a progress poll, Kueue's Workload), so the res
 not on which event arrived (STYLE.md habit 6). It reads the watch-fed `Cache`, not the API: a sync calls the
 API only to write (children it creates, a status that changed) or on a cache miss.
 
-Triggers do not sync directly: they put the FineTuneJob on a work queue (controller-runtime's workqueue), which
-holds each FineTuneJob once however many events arrive, never hands one to two workers at a time, and lets a
-bounded number of workers (`SYNC_WORKERS`, the API client's concurrency) drain it in arrival order. Runs that
-still need their children come first, and a new run's first status write waits while others still need
-theirs: in a burst of creations, every Job is created before the burst's status writes, in order, so none
-waits behind the whole burst's writes.
+Triggers do not sync directly: they put the FineTuneJob on the work queue (`workqueue.WorkQueue`, as
+controller-runtime's), which holds each FineTuneJob once however many events arrive, never hands one to two
+workers at a time, and lets a bounded number of workers (`SYNC_WORKERS`, the API client's concurrency) drain
+it in arrival order. Runs that still need their children come first, and a new run's first status write waits
+while others still need theirs: in a burst of creations, every Job is created before the burst's status
+writes, in order, so none waits behind the whole burst's writes. A sync that fails comes back after the
+queue's per-key backoff, forever (a quota, a webhook or an apiserver may refuse for longer than any fixed
+number of tries); a refused create shows in status meanwhile (reason CreateRefused). Every known FineTuneJob
+is also synced every `resync_seconds`, whatever the events.
 
 One writer per status field: the progress poller only records what it polled and queues a sync; the sync
 writes it with everything else, so the two can never overwrite each other.
@@ -19,7 +22,6 @@ writes it with everything else, so the two can never overwrite each other.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from kubetune_operator.builders import (
     build_trainer_configmap,
     build_trainer_job,
     job_name,
+    run_policy_patch,
     scheduling_patch,
     suspend_patch,
     workload_activation_patch,
@@ -46,6 +49,7 @@ from kubetune_operator.kube import (
     FINETUNEJOBS,
     JOBS,
     ApiError,
+    ApiUnreachable,
     Kube,
     NameConflict,
     OwnedByPredecessor,
@@ -64,8 +68,9 @@ from kubetune_operator.status import (
     phase_event,
     status_patch,
 )
+from kubetune_operator.workqueue import Backoff, QueueClosed, WorkQueue
 
-PREDECESSOR_RETRY_SECONDS = 2.0
+PREDECESSOR_RETRY_SECONDS = 2.0  # at least this long before a run whose children's names are held is retried
 # A starting run's status moves through reasons within Pending (WaitingForPod, ContainerCreating, ...) in quick
 # succession: such a change is written only once it has held for this many seconds (a pod that runs sooner
 # goes from the first Pending write straight to Running). A change of phase or of spec (observedGeneration)
@@ -107,16 +112,10 @@ class Reconciler:
         self.cache = Cache()
         self._locks: dict[Key, asyncio.Lock] = {}
         self._closed = False
-        self._retries: set[asyncio.Task[None]] = set()
-        # The work queue: keys waiting (each once), those being synced, those to sync again after that.
+        self.queue: WorkQueue[Key] = WorkQueue(Backoff(settings.retry_base_seconds, settings.retry_max_seconds))
         self._workers_wanted = workers
         self._workers: list[asyncio.Task[None]] = []
-        self._first: collections.deque[Key] = collections.deque()  # runs that still need their children
-        self._then: collections.deque[Key] = collections.deque()
-        self._waiting: set[Key] = set()
-        self._active: set[Key] = set()
-        self._again: set[Key] = set()
-        self._ready: asyncio.Event | None = None
+        self._own_writes: dict[Key, str] = {}  # resourceVersion of our last status write, until its echo arrives
         self._created: set[Key] = set()  # children created by this process (their run no longer goes first)
         self._reschedule: set[Key] = set()  # spec.scheduling changed: apply it on the next sync
         # Background work per FineTuneJob, owned here rather than by Kopf daemons (which hold a finalizer):
@@ -132,8 +131,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [*self._retries, *self._workers, *self._polls.values(), *self._expiries.values(),
-                 *self._deferred.values()]  # fmt: skip
+        await self.queue.close()
+        tasks = [*self._workers, *self._polls.values(), *self._expiries.values(), *self._deferred.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -150,12 +149,10 @@ class Reconciler:
             return
         before = self.cache.finetunejob(namespace, name)
         same = before is not None and before["metadata"].get("uid") == body["metadata"].get("uid")
-        if (
-            same
-            and before is not None
-            and before["metadata"].get("resourceVersion") == body["metadata"].get("resourceVersion")
-        ):
-            return  # the answer to our own status patch is already kept
+        version = body["metadata"].get("resourceVersion")
+        if same and version is not None and self._own_writes.get(key) == version:
+            del self._own_writes[key]
+            return  # the echo of our own status write, whose answer is kept already (a re-list is not skipped)
         kept = self.cache.store_finetunejob(body)
         status = kept.get("status") or {}
         self.metrics.phases[key] = status.get("phase") or "Pending"
@@ -183,15 +180,17 @@ class Reconciler:
         """Keep Kueue's Workload of a kubetune Job and sync its FineTuneJob; other Workloads are ignored."""
         metadata = workload.get("metadata", {})
         namespace = metadata.get("namespace", "")
-        owners = [ref["name"] for ref in metadata.get("ownerReferences") or []
+        owners = [(ref["name"], ref.get("uid")) for ref in metadata.get("ownerReferences") or []
                   if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1"]  # fmt: skip
-        if not owners or self.cache.finetunejob(namespace, owners[0]) is None:
+        if not owners or self.cache.finetunejob(namespace, owners[0][0]) is None:
             return  # not the Workload of a FineTuneJob's Job (the Job is named after its FineTuneJob)
-        key = (namespace, owners[0])
+        key = (namespace, owners[0][0])
+        kept, job = self.cache.workloads.get(key), self.cache.job(*key)
         if deleted:
-            self.cache.workloads.pop(key, None)
-        else:
-            self.cache.workloads[key] = workload
+            if kept is not None and kept["metadata"].get("uid") == metadata.get("uid"):
+                del self.cache.workloads[key]
+        elif job is None or job["metadata"].get("uid") == owners[0][1]:
+            self.cache.workloads[key] = workload  # not the Workload of a Job deleted since (a recreated Job's is)
         self.enqueue(*key)
 
     def trainer_url(self, namespace: str, name: str) -> str | None:
@@ -206,44 +205,46 @@ class Reconciler:
 
     def enqueue(self, namespace: str, name: str) -> None:
         """Sync this FineTuneJob soon (once, however often it is asked while it waits)."""
-        key = (namespace, name)
         if self._closed:
             return
-        if key in self._active:
-            self._again.add(key)
-            return
-        if key in self._waiting:
-            return
-        self._waiting.add(key)
-        (self._first if self._needs_children(key) else self._then).append(key)
-        if self._ready is None:
-            self._ready = asyncio.Event()
-        self._ready.set()
+        key = (namespace, name)
+        self.queue.add(key, first=self._needs_children(key))
         if not self._workers:
             self._workers = [asyncio.create_task(self._work(), name=f"kubetune-sync-{i}")
                              for i in range(self._workers_wanted)]  # fmt: skip
+            self.queue.resync_every(self.settings.resync_seconds, lambda: list(self.cache.finetunejobs))
 
     def _needs_children(self, key: Key) -> bool:
         body = self.cache.finetunejob(*key)
         return body is not None and not (body.get("status") or {}).get("phase") and key not in self._created
 
     async def _work(self) -> None:
-        assert self._ready is not None
-        while not self._closed:
-            if not (self._first or self._then):
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            key = (self._first or self._then).popleft()
-            self._waiting.discard(key)
-            self._active.add(key)
+        while True:
             try:
-                await self.sync_from_event(*key, PREDECESSOR_RETRY_SECONDS)
+                key = await self.queue.get()
+            except QueueClosed:
+                return
+            try:
+                await self._sync_queued(*key)
             finally:
-                self._active.discard(key)
-            if key in self._again:
-                self._again.discard(key)
-                self.enqueue(*key)
+                self.queue.done(key)
+
+    async def _sync_queued(self, namespace: str, name: str) -> None:
+        """`sync` for a key the queue handed out: forgotten by the queue's backoff on success, back on the queue
+        after its backoff on failure (however many times it failed before)."""
+        key = (namespace, name)
+        try:
+            await self.sync(namespace, name)
+        except kopf.PermanentError:
+            pass  # reported in status and events already
+        except Exception as error:
+            at_least = error.delay if isinstance(error, kopf.TemporaryError) and error.delay else 0.0
+            delay = self.queue.add_rate_limited(key, at_least)
+            self.metrics.sync_retries.labels(retry_reason(error)).inc()
+            logger.warning("sync of %s/%s failed (%d in a row): %s; retrying in %.1f s", namespace, name,
+                           self.queue.failures(key), error, delay)  # fmt: skip
+            return
+        self.queue.forget(key)
 
     # -- the one reconciliation path ---------------------------------------------------------------
 
@@ -272,33 +273,6 @@ class Reconciler:
             finally:
                 self.metrics.reconcile_duration.observe(time.monotonic() - started)
 
-    async def sync_from_event(self, namespace: str, name: str, retry_seconds: float) -> None:
-        """`sync` for a queued trigger. A failed sync (an API error) is retried here in the background: a Job
-        deleted during an API hiccup is still recreated."""
-        try:
-            await self.sync(namespace, name)
-        except kopf.PermanentError:
-            pass  # reported in status and events already
-        except Exception as error:
-            delay = error.delay if isinstance(error, kopf.TemporaryError) and error.delay else retry_seconds
-            logger.warning("sync of %s/%s failed (%s); retrying in %s s", namespace, name, error, delay)
-            task = asyncio.create_task(self._retry(namespace, name, delay))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
-
-    async def _retry(self, namespace: str, name: str, delay: float, attempts: int = 5) -> None:
-        for attempt in range(attempts):
-            await asyncio.sleep(delay * (attempt + 1))
-            if self._closed or self.cache.finetunejob(namespace, name) is None:
-                return
-            try:
-                await self.sync(namespace, name)
-                return
-            except kopf.PermanentError:
-                return
-            except Exception as error:
-                logger.warning("sync of %s/%s failed again: %s", namespace, name, error)
-
     async def _sync(self, namespace: str, name: str) -> None:
         body = self.cache.finetunejob(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -313,42 +287,79 @@ class Reconciler:
             raise
 
     async def _reconcile(self, namespace: str, name: str, body: Body) -> None:
-        previous = body.get("status") or {}
+        """The steps of a sync: parse, find the Job, create the children or bring the Job to the spec, follow
+        Kueue's Workload, then compute the status from what exists and publish it."""
+        key, previous = (namespace, name), body.get("status") or {}
+        job = await self._parse(body)
+        observed = await self._find_job(namespace, job, previous)
+        if observed is None and not is_finished(previous):  # new, or deleted by someone while unfinished
+            observed = await self._create_children(body, job, previous)
+            if self.queue.has_first():  # a burst: the others' Jobs first, this status write after (the Job's event)
+                self.enqueue(namespace, name)
+                return
+        elif observed is not None:
+            observed = await self._update_job(body, job, observed, previous)
+        self._reschedule.discard(key)
+        workload = await self._follow_kueue(job, observed, previous)
+        status = compute_status(job, observed, self.cache.pods(namespace, name), previous, self.clock(), workload)
+        await self._publish(body, self._with_progress(key, status, job.metadata.generation))
+        self._follow_phase(key, status, job)
+
+    async def _parse(self, body: Body) -> FineTuneJob:
+        """The typed FineTuneJob; a spec that breaks the API's rules fails the run (InvalidSpec), once."""
         try:
-            job = parse_finetunejob(body)
+            return parse_finetunejob(body)
         except SpecError as error:
             await self._refuse(body, "InvalidSpec", "invalid spec: " + "; ".join(error.problems))
-        key, child = (namespace, name), job_name(job)
+
+    async def _find_job(self, namespace: str, job: FineTuneJob, previous: Body) -> Body | None:
+        """The run's Job as the watch saw it; read from the API only for a run that had one (after a restart its
+        Job may not be watched yet)."""
+        child = job_name(job)
         observed = self.cache.job(namespace, child)
-        if observed is None and previous.get("phase"):  # it had a Job: not watched yet (a restart), or gone
+        if observed is None and previous.get("phase"):
             observed = await self.kube.get(JOBS, namespace, child)
             if observed is not None:
                 self.cache.store_job(observed)
-        if observed is None and not is_finished(previous):  # new, or deleted by someone while unfinished
-            observed = await self._create_children(body, job, previous)
-            self._created.add(key)
-            if self._first:  # a burst: the others' Jobs first, this status write after (the Job's event queues it)
-                self.enqueue(namespace, name)
-                return
-        elif observed is not None and not owned_by(observed, job.metadata.uid or ""):
+        return observed
+
+    async def _update_job(self, body: Body, job: FineTuneJob, observed: Body, previous: Body) -> Body | None:
+        """An existing Job of the run's name: None if it is not this run's (a conflict is refused, a predecessor's
+        waited out); an unfinished run's Job follows spec.scheduling (when it changed), suspend, backoffLimit and
+        activeDeadlineSeconds."""
+        if not owned_by(observed, job.metadata.uid or ""):
             if not is_finished(previous):
                 await self._check_owner(body, observed)
-            observed = None
-        elif observed is not None and not is_finished(previous):
-            if key in self._reschedule:
-                await self._apply_scheduling(body, job, observed)
-            patch = suspend_patch(job, observed)
+            return None
+        if is_finished(previous):
+            return observed
+        namespace, child = observed["metadata"]["namespace"], job_name(job)
+        if (namespace, body["metadata"]["name"]) in self._reschedule:
+            await self._apply_scheduling(body, job, observed)
+        for patch in (suspend_patch(job, observed), run_policy_patch(job, observed)):
             if patch is not None:
                 observed = await self.kube.patch(JOBS, namespace, child, patch)
                 self.cache.store_job(observed)
-        self._reschedule.discard(key)
-        workload = self.cache.workloads.get((namespace, child)) if observed is not None else None
+        return observed
+
+    async def _follow_kueue(self, job: FineTuneJob, observed: Body | None, previous: Body) -> Body | None:
+        """Kueue's Workload of the run's Job (None without Kueue), deactivated or reactivated to follow suspend."""
+        if observed is None:
+            return None
+        workload = self.cache.workloads.get((observed["metadata"]["namespace"], job_name(job)))
         if workload is not None and not is_finished(previous):
             await self._follow_suspend(job, workload)
-        pods = self.cache.pods(namespace, name)
-        status = compute_status(job, observed, pods, previous, self.clock(), workload)
-        await self._publish(body, self._with_progress(key, status, job.metadata.generation))
-        self._follow_phase(key, status, job)
+        return workload
+
+    def _check_no_stale_workload(self, namespace: str, child: str) -> None:
+        """Raise (to wait) while Kueue's Workload of a deleted Job of this name remains: Kueue does not admit a Job
+        recreated under the same name until the old Job's Workload is gone (the garbage collector deletes it; its
+        DELETED event queues this run again)."""
+        stale = self.cache.workloads.get((namespace, child))
+        if stale is not None:
+            raise kopf.TemporaryError(f"waiting for Kueue's Workload {stale['metadata'].get('name')} of a deleted "
+                                      f"Job {child} to go before creating the Job again",
+                                      delay=PREDECESSOR_RETRY_SECONDS)  # fmt: skip
 
     async def _follow_suspend(self, job: FineTuneJob, workload: Body) -> None:
         """Deactivate (or reactivate) Kueue's Workload so that Kueue keeps a suspended run suspended."""
@@ -360,22 +371,42 @@ class Reconciler:
             self.cache.workloads[(metadata["namespace"], job_name(job))] = updated
 
     async def _create_children(self, body: Body, job: FineTuneJob, previous: Body) -> Body:
-        trainer_job = build_trainer_job(job, self.settings)
+        """The ConfigMap, the multi-node Service and the Job, each created unless it exists (and is this run's)."""
+        namespace = body["metadata"]["namespace"]
+        self._check_no_stale_workload(namespace, job_name(job))
+        children = [build_trainer_configmap(job, self.settings)]
         service = build_nodes_service(job, self.settings)
+        if service is not None:  # before the pods, which resolve each other through it
+            children.append(service)
+        children.append(build_trainer_job(job, self.settings))
         try:
-            await self.kube.ensure(build_trainer_configmap(job, self.settings), body)
-            if service is not None:  # before the pods, which resolve each other through it
-                await self.kube.ensure(service, body)
-            observed, created = await self.kube.ensure(trainer_job, body)
+            for child in children:
+                observed, created = await self._ensure(body, job, child, previous)
         except NameConflict as error:
             await self._refuse(body, "NameConflict", str(error))
         except OwnedByPredecessor as error:
             raise kopf.TemporaryError(str(error), delay=PREDECESSOR_RETRY_SECONDS) from None
         self.cache.store_job(observed)
+        self._created.add((namespace, body["metadata"]["name"]))
         if created and previous.get("phase"):  # it had a Job before: someone deleted it mid-run
             self.kube.event(body, "Warning", "JobRecreated", f"Job {job_name(job)} was deleted; recreated it, "
                             "the trainer resumes from its newest checkpoint")  # fmt: skip
         return observed
+
+    async def _ensure(self, body: Body, job: FineTuneJob, child: Body, previous: Body) -> tuple[Body, bool]:
+        """`Kube.ensure` of one child; a create the API server refuses (a quota, an admission webhook) is told in
+        status (reason CreateRefused, the refusal's own words) and raised as CreateRefused, to be retried."""
+        try:
+            return await self.kube.ensure(child, body)
+        except ApiError as error:
+            if not refused(error):
+                raise
+            what = f"{child['kind']} {child['metadata']['name']}"
+            refusal = f"creating {what} was refused (HTTP {error.status}): {error.message}; retrying with backoff"
+            pods = self.cache.pods(*key_of(body))
+            status = compute_status(job, None, pods, previous, self.clock(), refused=refusal)
+            await self._publish(body, status)
+            raise CreateRefused(refusal) from error
 
     async def _check_owner(self, body: Body, observed: Body) -> None:
         try:
@@ -409,6 +440,8 @@ class Reconciler:
         updated = await self.kube.patch_status(*key, patch)
         if updated.get("metadata", {}).get("uid") == metadata.get("uid"):
             self.cache.store_finetunejob(updated)  # the next sync starts from what was written
+            if updated["metadata"].get("resourceVersion"):
+                self._own_writes[key] = str(updated["metadata"]["resourceVersion"])
         event = phase_event(previous, status)
         if event is not None:
             self.kube.event(body, *event)
@@ -538,11 +571,39 @@ class Reconciler:
         self._reschedule.discard(key)
         self._polled.pop(key, None)
         self._held_since.pop(key, None)
+        self._own_writes.pop(key, None)
+        self.queue.forget(key)
         for tasks in (self._polls, self._expiries, self._deferred):
             task = tasks.pop(key, None)
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         self.metrics.forget(namespace, name)
+
+
+class CreateRefused(Exception):
+    """The API server refused to create a child of a FineTuneJob; the sync is retried with backoff."""
+
+
+def refused(error: ApiError) -> bool:
+    """Whether the API server refused a create for a reason the user should see: a quota, a policy or an admission
+    webhook (which may also fail to answer: a 500 naming the webhook). Not a conflict, a namespace being deleted, or
+    the API server's own trouble (a 5xx: etcd unavailable, a timeout), which a retry outlives."""
+    if error.status in (404, 409) or NAMESPACE_TERMINATING in error.message:
+        return False
+    return 400 <= error.status < 500 or "webhook" in error.message
+
+
+def retry_reason(error: Exception) -> str:
+    """Why a sync is retried, as the label of kubetune_sync_retries_total."""
+    if isinstance(error, CreateRefused):
+        return "CreateRefused"
+    if isinstance(error, ApiUnreachable):
+        return "Unreachable"
+    if isinstance(error, ApiError):
+        return "ApiError"
+    if isinstance(error, kopf.TemporaryError):
+        return "Waiting"
+    return "Error"
 
 
 def _finetunejob_of(obj: Body) -> str | None:

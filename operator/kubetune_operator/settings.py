@@ -35,6 +35,10 @@ class Settings:
     progress_concurrency: int = 16
     api_concurrency: int = 16  # Kubernetes API calls in flight at once (and syncs running at once)
     progress_failure_threshold: int = 3  # consecutive failed polls before ProgressAvailable=False
+    # A failed sync is retried after retry_base_seconds, doubling per failure up to retry_max_seconds, forever.
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 180.0
+    resync_seconds: float = 600.0  # every known FineTuneJob is synced this often, whatever the events
     log_level: str = "INFO"
 
     @classmethod
@@ -51,7 +55,14 @@ class Settings:
                 values[field.name] = _PARSERS[field.name](raw)
             except ValueError as error:
                 raise SettingsError(f"{name}={raw!r}: {error}") from None
-        return cls(**values)
+        settings = cls(**values)
+        if settings.retry_max_seconds < settings.retry_base_seconds:
+            raise SettingsError(
+                f"{ENV_PREFIX}RETRY_MAX_SECONDS={settings.retry_max_seconds:g} is below "
+                f"{ENV_PREFIX}RETRY_BASE_SECONDS={settings.retry_base_seconds:g}: the cap must be at least the "
+                "first delay"
+            )
+        return settings
 
 
 def _namespaces(raw: str) -> tuple[str, ...]:
@@ -101,5 +112,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "progress_concurrency": _positive_int,
     "api_concurrency": _positive_int,
     "progress_failure_threshold": _positive_int,
+    "retry_base_seconds": _positive_float,
+    "retry_max_seconds": _positive_float,
+    "resync_seconds": _positive_float,
     "log_level": _one_of(LOG_LEVELS, str.upper),
 }

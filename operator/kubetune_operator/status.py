@@ -51,7 +51,8 @@ STUCK_REASONS = (
     "CreateContainerError",
 )
 # (phase, reason) transitions that deserve a Warning event rather than a Normal one.
-WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying")
+CREATE_REFUSED = "CreateRefused"  # the API server refused a child (a quota, an admission webhook); retried
+WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying", CREATE_REFUSED)
 MESSAGE_MAX = 1024
 
 
@@ -306,12 +307,15 @@ def _outcome(
     pods: list[dict[str, Any]],
     previous: dict[str, Any],
     workload: dict[str, Any] | None,
+    refused: str | None = None,
 ) -> Outcome:
     if observed_job is None:
         if previous.get("phase") in FINISHED:  # the outcome outlives a Job deleted after it finished
             return Outcome(
                 previous["phase"], previous.get("reason") or previous["phase"], previous.get("message") or ""
             )
+        if refused:
+            return Outcome("Pending", CREATE_REFUSED, _short(refused))
         if job.spec.run_policy.suspend:
             return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
         return Outcome("Pending", "CreatingJob", f"creating Job {job_name(job)}")
@@ -431,12 +435,14 @@ def compute_status(
     previous_status: dict[str, Any] | None,
     now: datetime,
     workload: dict[str, Any] | None = None,
+    refused: str | None = None,
 ) -> dict[str, Any]:
     """The whole FineTuneJob status (wire names) for what runs now; `workload` is Kueue's Workload for the Job
-    when the run is queued (it says why Kueue has not admitted it)."""
+    when the run is queued (it says why Kueue has not admitted it); `refused` is why the API server refused to
+    create the Job that does not exist (Pending, reason CreateRefused)."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
-    outcome = _outcome(job, observed_job, pods, previous, workload)
+    outcome = _outcome(job, observed_job, pods, previous, workload, refused)
     status: dict[str, Any] = {
         "phase": outcome.phase,
         "reason": outcome.reason,

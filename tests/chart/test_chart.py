@@ -121,6 +121,7 @@ VALUE_SETS: dict[str, tuple[str, dict[str, Any]]] = {
             "defaults": {"gpuResourceName": "amd.com/gpu", "progressIntervalSeconds": 30},
             "logLevel": "DEBUG",
             "apiConcurrency": 8,
+            "sync": {"retryBaseSeconds": 0.5, "retryMaxSeconds": 60, "resyncSeconds": 3600},
             "resources": {
                 "requests": {"cpu": "100m", "memory": "256Mi"},
                 "limits": {"cpu": 1, "memory": "1Gi"},
@@ -149,6 +150,9 @@ OPERATOR_SETTINGS = {
     "KUBETUNE_LOG_LEVEL",
     "KUBETUNE_DEFAULT_GPU_RESOURCE",
     "KUBETUNE_API_CONCURRENCY",
+    "KUBETUNE_RETRY_BASE_SECONDS",
+    "KUBETUNE_RETRY_MAX_SECONDS",
+    "KUBETUNE_RESYNC_SECONDS",
 }
 
 TRAINER_LABELS = {"app.kubernetes.io/name": "kubetune-trainer", "app.kubernetes.io/managed-by": "kubetune"}
@@ -336,6 +340,7 @@ BAD_VALUES = [
     pytest.param({"podAnnotations": {"a": 1}}, "/podAnnotations/a", id="wrong-type-map-value"),
     pytest.param({"logLevel": "VERBOSE"}, "/logLevel", id="bad-enum-log-level"),
     pytest.param({"apiConcurrency": 0}, "/apiConcurrency", id="api-concurrency-zero"),
+    pytest.param({"sync": {"retryMaxSeconds": 0}}, "/sync/retryMaxSeconds", id="retry-cap-zero"),
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="bad-enum-pull-policy"),
     pytest.param({"defaults": {"progressIntervalSeconds": 0}}, "/defaults/progressIntervalSeconds", id="out-of-range"),
     pytest.param(
@@ -498,6 +503,8 @@ def test_operator_deployment_custom(rendered: dict[str, list[dict[str, Any]]]) -
     assert env["KUBETUNE_PROGRESS_INTERVAL_SECONDS"] == "30"
     assert env["KUBETUNE_LOG_LEVEL"] == "DEBUG"
     assert env["KUBETUNE_API_CONCURRENCY"] == "8"
+    assert (env["KUBETUNE_RETRY_BASE_SECONDS"], env["KUBETUNE_RETRY_MAX_SECONDS"]) == ("0.5", "60")
+    assert env["KUBETUNE_RESYNC_SECONDS"] == "3600"
     assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
     for key in ("imagePullSecrets", "nodeSelector", "tolerations", "affinity", "priorityClassName"):
         assert pod["spec"][key] == values[key], key

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         if not state_file.exists():
             print(f"no cluster in {args.dir}", file=sys.stderr)
             return 1
-        stop_pids(json.loads(state_file.read_text())["pids"])
+        stop_pids(reversed(json.loads(state_file.read_text())["pids"]))  # saved in start order: etcd first
         state_file.unlink()
         return 0
     plane = ControlPlane(args.dir)

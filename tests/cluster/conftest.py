@@ -126,6 +126,27 @@ class Kube:
             reached, timeout, lambda: f"{ns}/{name} {phase} {reason or ''}; status: {self.status(ns, name)}"
         )
 
+    def watch_phase(self, ns: str, phase: str, since: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        """The status in which the FineTuneJob `since` (as the API answered a write of it) reached `phase`, seen
+        through a watch from that write: every status written after it is seen, even one that held for a moment
+        only (a run that ttlSecondsAfterFinished deletes right after it succeeded), where polling may miss it."""
+        name = since["metadata"]["name"]
+        seen: list[str] = []
+        watch = kubernetes.watch.Watch()
+        try:
+            for event in watch.stream(
+                self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                field_selector=f"metadata.name={name}", resource_version=since["metadata"]["resourceVersion"],
+                timeout_seconds=int(timeout),
+            ):  # fmt: skip
+                status = event["object"].get("status") or {}
+                seen.append(f"{event['type']} {status.get('phase')}/{status.get('reason')}")
+                if status.get("phase") == phase:
+                    return dict(status)
+        finally:
+            watch.stop()
+        pytest.fail(f"{ns}/{name} did not reach {phase} within {timeout} s; the watch saw: {seen}")
+
     # ---- children --------------------------------------------------------------------------------------
     def job(self, ns: str, name: str = "run") -> dict[str, Any] | None:
         return self.read(self.batch.read_namespaced_job, name, ns)
@@ -281,6 +302,9 @@ class OperatorProcess:
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",
             "KUBETUNE_PROGRESS_TIMEOUT_SECONDS": "0.5",
             "KUBETUNE_PROGRESS_FAILURE_THRESHOLD": "2",
+            # A failing sync is retried every 8 s at most (180 s by default), so that the tests of outages can
+            # ask for convergence within 30 s of a fault clearing (tests/cluster/test_outages.py).
+            "KUBETUNE_RETRY_MAX_SECONDS": "8",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

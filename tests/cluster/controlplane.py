@@ -170,17 +170,28 @@ class Component:
 
 
 def stop_pids(pids: Iterable[int], timeout: float = 10.0) -> None:
-    """SIGTERM each process group, then SIGKILL what is left after `timeout`."""
-    pids = list(pids)
+    """End each process group in turn, in the order given (callers name dependents before what they depend on:
+    an apiserver whose etcd is already gone waits out a graceful shutdown): SIGTERM, SIGKILL what is left after
+    `timeout`, and return only once every process has ended. A SIGKILL is not instant: a process that has been
+    sent one may still run for a moment, and "stopped" must mean ended."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
+        if _wait_ended(pid, timeout):
+            continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+        if not _wait_ended(pid, timeout):
+            raise ControlPlaneError(f"process {pid} still runs {timeout:g} s after SIGKILL")
+
+
+def _wait_ended(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -224,6 +235,7 @@ class ControlPlane:
         self.components: list[Component] = []
         self.ports: dict[str, int] = {}
         self.started_seconds: float | None = None
+        self._tie_to_parent = True
 
     # ---- paths -------------------------------------------------------------------------------------------
     @property
@@ -245,6 +257,7 @@ class ControlPlane:
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self, *, tie_to_parent: bool = True) -> None:
         started = time.monotonic()
+        self._tie_to_parent = tie_to_parent
         if (self.directory / STATE_FILE).exists():
             raise ControlPlaneError(f"{self.directory} already holds a cluster; run `down` first")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -280,6 +293,33 @@ class ControlPlane:
                 component.process.wait(timeout=10)  # already ended by stop_pids: this only reaps it
         self.components.clear()
         (self.directory / STATE_FILE).unlink(missing_ok=True)
+
+    # ---- faults ------------------------------------------------------------------------------------------
+    def kill_component(self, name: str) -> None:
+        """Kill one component (`kube-apiserver`, `etcd`) with SIGKILL, as a crash would: requests in flight get no
+        answer and no graceful shutdown keeps serving meanwhile. `start_component` brings it back."""
+        component = self._component(name)
+        assert component.process is not None, f"{name} is not running"
+        os.killpg(component.process.pid, signal.SIGKILL)
+        component.process.wait(timeout=30)
+        component.process = None
+
+    def start_component(self, name: str) -> None:
+        """Start a stopped component again, with its flags, ports and data; returns once it answers as ready."""
+        component = self._component(name)
+        component.start(tie_to_parent=self._tie_to_parent)
+        ready: dict[str, Callable[[], bool]] = {
+            "etcd": lambda: http_ok(f"http://127.0.0.1:{self.ports['etcd']}/health"),
+            "kube-apiserver": lambda: self._get("/readyz") is not None,
+        }
+        self._wait(component, ready[name])
+        self._save_state()
+
+    def _component(self, name: str) -> Component:
+        found = [component for component in self.components if component.name == name]
+        if not found:
+            raise ControlPlaneError(f"no component {name}: {', '.join(c.name for c in self.components)}")
+        return found[0]
 
     def _save_state(self) -> None:
         state = {

@@ -52,3 +52,16 @@ def test_a_users_suspend_of_an_admitted_run_is_not_undone_by_kueue(kube: Kube, n
     kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
     kube.run_pod_to(ns, 0, succeeded_message())
     kube.wait_phase(ns, "Succeeded")
+
+
+def test_a_queued_runs_job_deleted_mid_run_is_recreated_and_admitted_again(kube: Kube, ns: str) -> None:
+    kube.apply(ns, spec=EIGHT_GPUS)
+    first = kube.wait_running_pod(ns)["metadata"]["name"]
+    old = kube.job(ns)["metadata"]["uid"]
+    kube.batch.delete_namespaced_job("run", ns, propagation_policy="Background")  # someone deletes it mid-run
+    # Recreated once the old Job's Workload is gone (Kueue admits a Job of the same name only then), and admitted.
+    recreated = wait_for(lambda: (j := kube.job(ns)) and j["metadata"]["uid"] != old and j, 60, "the Job recreated")
+    kube.wait_running_pod(ns, exclude={first}, timeout=60)
+    owners = {o["uid"] for o in (workload(kube, ns, "run") or {}).get("metadata", {}).get("ownerReferences", [])}
+    assert owners == {recreated["metadata"]["uid"]}
+    kube.wait_phase(ns, "Running")

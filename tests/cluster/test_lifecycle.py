@@ -126,9 +126,9 @@ def test_deleting_a_finetunejob_removes_its_children(kube: Kube, ns: str) -> Non
 
 
 def test_ttl_after_finished_deletes_the_finetunejob_and_its_job(kube: Kube, ns: str) -> None:
-    kube.apply(ns, spec={"runPolicy": {"ttlSecondsAfterFinished": 2}})
+    created = kube.apply(ns, spec={"runPolicy": {"ttlSecondsAfterFinished": 2}})
     kube.run_pod_to(ns, 0, succeeded_message())
-    kube.wait_phase(ns, "Succeeded")
+    kube.watch_phase(ns, "Succeeded", since=created)  # it may hold for a moment only before the TTL deletes it
     wait_for(lambda: kube.ftj(ns) is None, 30, "the TTL to delete the FineTuneJob")
     wait_for(lambda: kube.job(ns) is None, 60, "the garbage collector to delete the Job")
 
@@ -234,3 +234,18 @@ def test_scheduling_changes_reach_a_suspended_job_that_has_not_started(kube: Kub
              == "gpu-node-2", 30, "the Job's template to take the new nodeSelector")  # fmt: skip
     kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
     assert kube.wait_running_pod(ns)["spec"]["nodeName"] == "gpu-node-2"
+
+
+def test_edits_to_the_retry_limit_and_the_deadline_reach_the_running_job(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    kube.wait_running_pod(ns)
+    edited = kube.patch_spec(ns, {"runPolicy": {"backoffLimit": 5, "activeDeadlineSeconds": 7200}})
+    wait_for(lambda: (kube.job(ns) or {}).get("spec", {}).get("activeDeadlineSeconds") == 7200, 30,
+             lambda: f"the Job to follow the edit; Job spec: {(kube.job(ns) or {}).get('spec')}")  # fmt: skip
+    assert kube.job(ns)["spec"]["backoffLimit"] == 5
+    generation = edited["metadata"]["generation"]
+    wait_for(lambda: kube.status(ns).get("observedGeneration") == generation, 30, "observedGeneration to follow")
+    kube.patch_spec(ns, {"runPolicy": {"activeDeadlineSeconds": None}})  # the limit lifted again
+    wait_for(lambda: "activeDeadlineSeconds" not in (kube.job(ns) or {}).get("spec", {"activeDeadlineSeconds": 0}),
+             30, "the Job's deadline to go")  # fmt: skip
+    assert kube.status(ns)["phase"] == "Running"

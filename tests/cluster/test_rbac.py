@@ -28,7 +28,7 @@ def test_every_call_is_granted_and_every_grant_is_used(
 ) -> None:
     queued = {"resources": {"gpus": 8}, "scheduling": {"queueName": eight_gpu_queue}}
     # With the finalizer an earlier version added: Kopf removes it (patch finetunejobs), so the TTL can delete it.
-    kube.apply(
+    created = kube.apply(
         ns, "queued", spec={**queued, "runPolicy": {"ttlSecondsAfterFinished": 1}}, finalizers=[LEGACY_FINALIZER]
     )
     first = kube.wait_running_pod(ns, "queued")["metadata"]["name"]
@@ -36,7 +36,8 @@ def test_every_call_is_granted_and_every_grant_is_used(
     kube.wait_phase(ns, "Suspended", "queued")
     kube.patch_spec(ns, {"runPolicy": {"suspend": False}}, "queued")
     kube.run_pod_to(ns, 0, succeeded_message(), "queued", exclude={first})
-    kube.wait_phase(ns, "Succeeded", "queued", timeout=90)
+    # Succeeded holds for about a second before the TTL deletes the run: watched, not polled.
+    kube.watch_phase(ns, "Succeeded", since=created, timeout=90)
     wait_for(lambda: kube.ftj(ns, "queued") is None, 30, "the TTL to delete the FineTuneJob")
     # Not queued: Kueue 0.17 may not readmit a Job recreated under the same name at once (see the closing note).
     kube.apply(ns)

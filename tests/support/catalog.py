@@ -347,11 +347,14 @@ IMMUTABLE_CHANGES: list[tuple[str, Any]] = [
     ("output", {"destination": "s3://artifacts/elsewhere/"}),
     ("image", "registry.example/trainer:2"),
     ("pod", {"labels": {"team": "other"}}),
+    ("tracking", {"mlflow": {"trackingUri": "http://mlflow.example:5000"}}),
+    ("serviceAccountName", "s3-reader"),
 ]
 
 # An update the apiserver must accept: what a user may change on a running FineTuneJob.
 MUTABLE_CHANGES: tuple[tuple[str, Any], ...] = (
-    ("spec.runPolicy", {"suspend": True}),
+    # backoffLimit and activeDeadlineSeconds: the operator patches the Job (tests/cluster/test_lifecycle.py)
+    ("spec.runPolicy", {"suspend": True, "backoffLimit": 5, "activeDeadlineSeconds": 7200}),
     ("spec.scheduling", {"nodeSelector": {"pool": "h100"}}),
 )
 

@@ -19,6 +19,7 @@ from kubetune_operator.builders import (
     job_name,
     owner_reference,
     pod_failure_policy,
+    run_policy_patch,
     scheduling_patch,
     suspend_patch,
     workload_activation_patch,
@@ -496,6 +497,17 @@ def test_suspend_patch_follows_the_spec_and_leaves_resuming_to_kueue() -> None:
     assert suspend_patch(finetunejob(), suspended) == {"spec": {"suspend": False}}
     assert suspend_patch(finetunejob(), running) is None
     assert suspend_patch(finetunejob(spec=CASES["kueue"]), suspended) is None  # Kueue admits and unsuspends
+
+
+def test_run_policy_patch_brings_the_jobs_retry_limit_and_deadline_to_the_spec() -> None:
+    built_job = build_trainer_job(finetunejob(), Settings())
+    assert run_policy_patch(finetunejob(), built_job) is None  # as built: nothing to change
+    edited = finetunejob(spec={"runPolicy": {"backoffLimit": 7, "activeDeadlineSeconds": 3600}})
+    assert run_policy_patch(edited, built_job) == {"spec": {"backoffLimit": 7, "activeDeadlineSeconds": 3600}}
+    with_deadline = build_trainer_job(edited, Settings())
+    assert run_policy_patch(finetunejob(spec={"runPolicy": {"backoffLimit": 7}}), with_deadline) == {
+        "spec": {"activeDeadlineSeconds": None}  # the deadline removed from the spec goes from the Job
+    }
 
 
 def test_a_suspended_queued_run_deactivates_its_kueue_workload_and_only_reactivates_its_own() -> None:

@@ -51,6 +51,7 @@ def test_metrics_series_follow_the_finetunejobs() -> None:
     assert 'kubetune_run_train_loss{finetunejob="run",namespace="ns"} 1.75' in text
     assert 'kubetune_reconcile_total{result="ok"} 0.0' in text
     assert "kubetune_reconcile_errors_total 0.0" in text
+    assert 'kubetune_sync_retries_total{reason="CreateRefused"} 0.0' in text
     assert 'kubetune_progress_polls_total{result="error"} 0.0' in text
     metrics.forget("ns", "run")
     text = metrics.render().decode()

@@ -91,7 +91,7 @@ def running_objects() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
 
 async def settle(reconciler: Reconciler, kube: RecordingKube, patches: int) -> None:
     for _ in range(300):
-        if len(kube.patches) >= patches and not reconciler._active and not reconciler._waiting:
+        if len(kube.patches) >= patches and reconciler.queue.idle():
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{len(kube.patches)} status patches, expected {patches}: {kube.patches}")

@@ -50,6 +50,9 @@ def test_every_variable_the_chart_sets_is_read() -> None:
         ("KUBETUNE_API_CONCURRENCY", "0", "at least 1"),
         ("KUBETUNE_LOG_LEVEL", "loud", "must be one of DEBUG"),
         ("KUBETUNE_TRAINER_IMAGE_PULL_POLICY", "Sometimes", "must be one of Always"),
+        ("KUBETUNE_RETRY_MAX_SECONDS", "-1", "greater than 0"),
+        ("KUBETUNE_RESYNC_SECONDS", "0", "greater than 0"),
+        ("KUBETUNE_RETRY_MAX_SECONDS", "0.5", "is below KUBETUNE_RETRY_BASE_SECONDS=1: the cap must be at least"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, expected: str) -> None:
