@@ -295,3 +295,58 @@ def test_checkpoint_uploads_run_while_training_goes_on(
     assert overlapped == [2]
     for step in (2, 4, 6):
         assert (destination / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
+
+
+def test_a_changed_model_source_downloads_the_new_model(
+    tmp_path: Path, tiny_model_dir: Path, s3_moto, s3_bucket_name: str, s3_credentials
+) -> None:
+    """One work dir, the model source changed between runs (hidden size 64, then 32): the second run downloads
+    the new model and trains an adapter shaped for it, not for the cached one (issue 29.5)."""
+    from safetensors import safe_open
+
+    from kubetune_trainer.tiny import write_tiny_model
+
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    narrow = write_tiny_model(tmp_path / "narrow-model", hidden_size=32, intermediate_size=64)
+    s3_moto.upload_dir(tiny_model_dir, s3_bucket_name, "models/wide")
+    s3_moto.upload_dir(narrow, s3_bucket_name, "models/narrow")
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 20)
+
+    def run(model: str, destination: str) -> Path:
+        cfg = base_config(
+            f"s3://{s3_bucket_name}/models/{model}",
+            str(train),
+            str(tmp_path / destination),
+            training={"maxSteps": 1},
+            storage={"endpoint": s3_moto.url, "region": s3_moto.region},
+        )
+        result = run_in_process(cfg, tmp_path)  # the same work dir (run-work) both times
+        assert result.code == 0, result.termination
+        return tmp_path / destination / "adapter" / "adapter_model.safetensors"
+
+    def input_widths(adapter: Path) -> set[int]:
+        with safe_open(str(adapter), "pt") as weights:
+            return {weights.get_slice(k).get_shape()[1] for k in weights.keys() if "lora_A" in k and "q_proj" in k}  # noqa: SIM118 (safe_open is no dict)
+
+    assert input_widths(run("wide", "out-wide")) == {64}
+    assert input_widths(run("narrow", "out-narrow")) == {32}
+    assert json.loads((tmp_path / "run-work" / "model" / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_the_model_version_follows_the_objects_at_the_prefix(s3_moto, s3_bucket_name: str, s3_credentials) -> None:
+    from kubetune_trainer.config import StorageSpec
+
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    client = s3_moto.client()
+    client.put_object(Bucket=s3_bucket_name, Key="models/a/config.json", Body=b"{}")
+    client.put_object(Bucket=s3_bucket_name, Key="models/ab/config.json", Body=b"{}")  # not below models/a/
+    storage = Storage(StorageSpec(endpoint=s3_moto.url, region=s3_moto.region))
+    first = storage.version(f"s3://{s3_bucket_name}/models/a/")
+    assert storage.version(f"s3://{s3_bucket_name}/models/a") == first
+    client.put_object(Bucket=s3_bucket_name, Key="models/ab/model.safetensors", Body=b"x")
+    assert storage.version(f"s3://{s3_bucket_name}/models/a/") == first
+    client.put_object(Bucket=s3_bucket_name, Key="models/a/config.json", Body=b'{"hidden_size": 32}')
+    assert storage.version(f"s3://{s3_bucket_name}/models/a/") != first
+    assert storage.version("hf://org/model@v2") != storage.version("hf://org/model@v1")

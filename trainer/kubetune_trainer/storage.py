@@ -6,6 +6,7 @@ object, wrong credentials) become `InvalidInput` naming the URI, everything else
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -195,6 +196,25 @@ class Storage:
         if not root.is_dir():
             return []
         return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+    def version(self, uri: str) -> str:
+        """What identifies the content at `uri` today, for a local cache of it: for an S3 prefix, a digest of its
+        objects' keys, sizes and ETags (a changed or replaced file changes it), for hf:// the source with its
+        revision; elsewhere the URI itself."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            return loc.uri
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
+        digest = hashlib.sha256(f"s3://{loc.bucket}/{prefix}".encode())
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    digest.update(f"\n{obj['Key']} {obj['Size']} {obj.get('ETag', '')}".encode())
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "list") from exc
+        return f"s3://{loc.bucket}/{prefix} sha256:{digest.hexdigest()}"
 
     def exists(self, uri: str) -> bool:
         loc = parse_uri(uri)

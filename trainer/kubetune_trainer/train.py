@@ -254,12 +254,15 @@ def _local_model(ctx: Context, args: Any, source: str | None = None, name: str =
                 from kubetune_trainer.errors import InvalidInput
 
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
-        elif dist.local_rank == 0 and not (target / COMPLETE_MARKER).exists():
-            log.info("downloading model %s", source)
-            telemetry.set_stage("downloading")
-            path = _download_model(
-                ctx.storage, source if source.endswith("/") or loc.scheme == "hf" else source + "/", target
-            )
+        elif dist.local_rank == 0:
+            prefix = source if source.endswith("/") or loc.scheme == "hf" else source + "/"
+            version = ctx.storage.version(prefix)
+            if _cached_model_version(target) == version:
+                path = target
+            else:
+                log.info("downloading model %s", source)
+                telemetry.set_stage("downloading")
+                path = _download_model(ctx.storage, prefix, target, version)
         else:
             path = target
     telemetry.set_stage("setup")
@@ -267,16 +270,27 @@ def _local_model(ctx: Context, args: Any, source: str | None = None, name: str =
     return path
 
 
-def _download_model(storage: Storage, source: str, target: Path) -> Path:
+def _cached_model_version(target: Path) -> str | None:
+    """The version (`Storage.version`) of the model cached in `target`, None without a complete one. The cache
+    follows the spec: a changed model.source, or changed files at the same S3 prefix, is downloaded again (a
+    cache of another model trained an adapter that did not load on this one)."""
+    try:
+        recorded = json.loads((target / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None  # no marker, or an empty one from before the cache was keyed: download again
+    return recorded.get("version") if isinstance(recorded, dict) else None
+
+
+def _download_model(storage: Storage, source: str, target: Path, version: str) -> Path:
     """The model in `target`, complete or not at all: it is fetched into a fresh directory beside it, which
-    gets the marker and is then renamed into place (a kill mid-download leaves only the partial directory,
-    which the next attempt starts again)."""
+    gets the marker (naming the version fetched) and is then renamed into place (a kill mid-download leaves
+    only the partial directory, which the next attempt starts again)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     fetched = storage.download(source, partial)
     if fetched.resolve() != partial.resolve():  # the Hub client may hand back a directory of its own
         shutil.copytree(fetched, partial, dirs_exist_ok=True)
-    (partial / COMPLETE_MARKER).write_text("")
+    (partial / COMPLETE_MARKER).write_text(json.dumps({"source": source, "version": version}))
     shutil.rmtree(target, ignore_errors=True)  # a cache from before the marker, maybe partial
     partial.rename(target)
     return target
