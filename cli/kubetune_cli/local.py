@@ -294,12 +294,17 @@ def execute(
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
-            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to stop at once)", file=out)
+            print(
+                "stopping: the trainer saves a checkpoint first; press Ctrl-C again to stop without saving "
+                "(the steps since the last checkpoint are lost)",
+                file=out,
+                flush=True,
+            )
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=TERMINATION_GRACE_SECONDS)  # the pod's grace, then SIGKILL as the kubelet
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                print("stopping at once: the newest complete checkpoint is kept", file=out)
+                print("stopping at once, without saving: the newest complete checkpoint is kept", file=out)
                 child.kill()
                 child.wait()
         printer.finish()
