@@ -386,6 +386,19 @@ class Storage:
         except Exception as exc:
             raise TrainerFailure("StorageError", f"cannot download {loc.uri}: {exc}") from exc
 
+    def delete_object(self, uri: str) -> None:
+        """Delete one object or file; one that is not there is no error."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            Path(loc.path).unlink(missing_ok=True)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=loc.bucket, Key=loc.key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "delete") from exc
+
     def delete_prefix(self, uri: str) -> None:
         loc = parse_uri(uri)
         if loc.scheme == "file":

@@ -4,7 +4,8 @@ The loop is transformers' `Trainer` (TRL's SFTTrainer is a subclass of it; we to
 ourselves in `data` so that bad rows fail with file:line and truncation is counted, which leaves
 SFTTrainer nothing to add). The callbacks in `callbacks` connect it to the run: progress/metrics and one
 log line per interval, checkpoint upload after each save, stopping on SIGTERM, early stopping on eval loss.
-`run` is the recipe: `finished_outcome` (nothing to do?), `setup`, `train`, `save`, `cleanup`.
+`run` is the recipe: `claim_destination` (this run's, or nobody's?), `finished_outcome` (nothing to do?),
+`setup`, `train`, `save`, `cleanup`.
 """
 
 from __future__ import annotations
@@ -296,12 +297,20 @@ def _download_model(storage: Storage, source: str, target: Path, version: str) -
     return target
 
 
-def finished_outcome(ctx: Context) -> Outcome | None:
-    """The outcome of a run already finished at this destination, or None. Cheapest checks first, so a bad
-    destination fails before any download."""
+def claim_destination(ctx: Context) -> None:
+    """The destination holds this run or none (`destination.claim`): cheapest checks first, so a bad
+    destination fails before any download. Rank 0 speaks for the run."""
     ctx.telemetry.set_stage("setup")
+    ctx.storage.check_bucket(ctx.cfg.output.destination)
+    if ctx.dist.is_main:
+        from kubetune_trainer.destination import claim
+
+        claim(ctx.storage, ctx.cfg)
+
+
+def finished_outcome(ctx: Context) -> Outcome | None:
+    """The outcome of this run if it already finished at this destination, or None."""
     destination = ctx.cfg.output.destination
-    ctx.storage.check_bucket(destination)
     finished = art.finished_run(ctx.storage, destination)
     if finished is None:
         return None
@@ -566,6 +575,7 @@ def run(
     )
     ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
     ctx.storage.cancel_downloads = ctx.stop.event
+    claim_destination(ctx)
     finished = finished_outcome(ctx)
     if finished is not None:
         return finished
