@@ -286,6 +286,77 @@ class Storage:
 
         self._write_with_retries(uri, put)
 
+    # -- conditional writes (the destination's lease) ----------------------------------------------
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """An object's content and version (S3: its ETag; a file: a digest of its content), None if absent.
+        One attempt: the caller polls."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            try:
+                data = Path(loc.path).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise TrainerFailure("StorageError", f"cannot read {uri}: {exc.strerror}") from exc
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
+            return answer["Body"].read(), str(answer["ETag"])
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND - {"NoSuchBucket"}:
+                return None
+            raise self._failure(exc, uri, "read") from exc
+        except BotoCoreError as exc:
+            raise self._failure(exc, uri, "read") from exc
+
+    def write_if(self, uri: str, data: bytes, *, version: str | None) -> str | None:
+        """Write `data` only if the object is still at `version` (None: only if there is none); returns the new
+        version, or None when the condition did not hold. S3's conditional writes (If-Match, If-None-Match: *;
+        AWS, moto and SeaweedFS honour both); a store that refuses them (501) gets a plain write, and the
+        caller's read-back is then the only check. Files: compare and replace under an flock. One attempt."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            return self._write_file_if(Path(loc.path), data, version)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            try:
+                answer = self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in (409, 412):
+                    return None
+                if code != "NotImplemented" and status != 501:
+                    raise
+                log.warning("storage: %s has no conditional writes; writing %s unconditionally", loc.bucket, uri)
+                answer = self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "write") from exc
+        return str(answer["ETag"])
+
+    @staticmethod
+    def _write_file_if(path: Path, data: bytes, version: str | None) -> str | None:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.with_name(path.name + ".lock").open("a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                current: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return None
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return hashlib.sha256(data).hexdigest()
+
     def upload_file(self, local: Path, uri: str) -> None:
         loc = parse_uri(uri)
         if loc.scheme == "file":

@@ -575,6 +575,39 @@ def run(
     )
     ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
     ctx.storage.cancel_downloads = ctx.stop.event
+    lease = hold_destination(ctx)
+    try:
+        return _run_holding(ctx)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def hold_destination(ctx: Context) -> Any:
+    """Rank 0 holds the destination's lease (`destination.Lease`) for the whole run, before it reads or writes
+    anything there; the other ranks follow rank 0."""
+    if not ctx.dist.is_main:
+        return None
+    from kubetune_trainer.contract import RUN_NAME_ENV, RUN_NAMESPACE_ENV
+    from kubetune_trainer.destination import Lease
+
+    ctx.telemetry.set_stage("setup")
+    ctx.storage.check_bucket(ctx.cfg.output.destination)
+    job = f"{os.environ.get(RUN_NAMESPACE_ENV, 'local')}/{os.environ.get(RUN_NAME_ENV, 'run')}"
+    lease = Lease(ctx.storage, ctx.cfg.output.destination, f"{job} in {ctx.workdir}")
+
+    def lost(taker: Any) -> None:
+        # Another trainer writes the destination now: anything this one writes could be taken for its work.
+        log.error("stopping at once: the destination's lease went to %s", taker.name if taker else "nobody")
+        logging.shutdown()
+        os._exit(1)
+
+    lease.on_lost = lost
+    lease.acquire(on_wait=lambda message: log.warning("%s", message))
+    return lease
+
+
+def _run_holding(ctx: Context) -> Outcome:
     claim_destination(ctx)
     finished = finished_outcome(ctx)
     if finished is not None:
