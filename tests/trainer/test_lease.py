@@ -74,6 +74,22 @@ def test_a_holder_gone_without_letting_go_is_taken_over_after_its_term(place: tu
         taker.release()
 
 
+def test_a_holder_whose_process_is_gone_from_this_host_is_taken_over_at_once(place: tuple[Storage, str]) -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = Holder.this_process("local/job in /work", 3600)  # a term no test waits out
+    place[0].write_if(place[1] + LEASE, dataclasses.replace(gone, pid=dead.pid).encode(), version=None)
+    started = time.monotonic()
+    rerun = _lease(place, "local/job in /work")
+    rerun.acquire()
+    rerun.release()
+    assert time.monotonic() - started < 2
+
+
 def test_a_holder_of_the_same_run_is_waited_for_and_a_race_has_one_winner(place: tuple[Storage, str]) -> None:
     old = _lease(place, "local/job in /work")
     old.acquire()

@@ -174,13 +174,28 @@ class Holder:
     run: str
     name: str
     seconds: float
+    host: str = ""
+    pid: int = 0
     renewals: int = 0
     renewed_at: float = 0.0  # wall clock, for people: waiters time the term on their own clock
 
     @classmethod
     def this_process(cls, run: str, seconds: float) -> Holder:
-        host = socket.gethostname()  # a pod's name in a cluster
-        return cls(uuid.uuid4().hex, run, f"pid {os.getpid()} on {host} ({run})", seconds, 0, time.time())
+        host, pid = socket.gethostname(), os.getpid()  # the host is a pod's name in a cluster
+        return cls(uuid.uuid4().hex, run, f"pid {pid} on {host} ({run})", seconds, host, pid, 0, time.time())
+
+    def is_dead_here(self) -> bool:
+        """Known gone without waiting out its term: it ran on this host and its process is no more (a local
+        rerun after SIGKILL). Elsewhere only its silence tells."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
@@ -240,9 +255,11 @@ class Lease:
                         field="output.destination",
                     )
                 seen = (version, now)
-            elif now - seen[1] >= (other.seconds if other else self.holder.seconds):
+            if (other is not None and other.is_dead_here()) or now - seen[1] >= (
+                other.seconds if other else self.holder.seconds
+            ):
                 log.warning(
-                    "taking over %s: %s did not renew it for %.0f s",
+                    "taking over %s: %s is gone (not renewed for %.0f s)",
                     self.uri,
                     other.name if other else "an unreadable holder",
                     now - seen[1],
