@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 _NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken"}
 DOWNLOAD_THREADS = 8
-# Writes (checkpoints, artifacts, markers) ride out a storage outage this long, whole objects retried with
-# backoff doubling from 1 s to at most 30 s; then the run fails with exit 1 (retryable). Reads need no such
-# patience: they happen at setup, where failing is cheap.
+# Writes (checkpoints, artifacts, markers) ride out a storage outage this long, measured once for every write
+# from the first failure (files still queued behind it share the window, they do not start their own): whole
+# objects retried with backoff doubling from 1 s to at most 30 s, the last retry at the window's end; then the
+# run fails with exit 1 (retryable, resumed from the newest complete checkpoint). Reads need no such patience:
+# they happen at setup, where failing is cheap.
 WRITE_RETRY_SECONDS = 180.0
 WRITE_RETRY_MAX_DELAY = 30.0
+RETRY_REPORT_SECONDS = 5.0  # how often a waiting write refreshes what `on_retry` says (the seconds it counts)
 T = TypeVar("T")
 
 
@@ -89,6 +92,10 @@ class Storage:
         self.write_retry_seconds = WRITE_RETRY_SECONDS
         # Told the error being retried (None once writes go through again), e.g. to show it in /progress.
         self.on_retry: Callable[[str | None], None] | None = None
+        # When the current outage began (the first failed write since the last one that went through): every
+        # write retries until write_retry_seconds after it.
+        self._outage_since: float | None = None
+        self._outage_lock = threading.Lock()
         # Set (by a stop request): downloads in flight give up at their next chunk, so a stop during a long
         # model download ends within the grace. Uploads are never cut: they may be the checkpoint a stop wants.
         self.cancel_downloads: threading.Event | None = None
@@ -160,28 +167,54 @@ class Storage:
         return out
 
     def _write_with_retries(self, uri: str, write: Callable[[], T]) -> T:
-        """`write()`, retried through transient failures (unreachable, 5xx, throttling) for up to
-        `write_retry_seconds`; what retrying cannot fix (InvalidInput) fails at once."""
-        deadline = time.monotonic() + self.write_retry_seconds
+        """`write()`, retried through transient failures (unreachable, 5xx, throttling) until
+        `write_retry_seconds` after the outage's first failure, whichever write saw it; what retrying cannot fix
+        (InvalidInput) fails at once."""
         delay, attempt = 1.0, 1
         while True:
             try:
                 result = write()
             except TrainerFailure as failure:
-                if isinstance(failure, InvalidInput) or time.monotonic() + delay > deadline:
+                if isinstance(failure, InvalidInput):
                     raise
-                message = f"{failure.error.message}; retrying in {delay:.0f} s (attempt {attempt})"
-                log.warning("storage: %s", message)
-                if self.on_retry is not None:
-                    self.on_retry(message)
-                time.sleep(delay)
+                now = time.monotonic()
+                with self._outage_lock:
+                    if self._outage_since is None:
+                        self._outage_since = now
+                    since = self._outage_since
+                left = since + self.write_retry_seconds - now
+                if left <= 0:
+                    raise
+                wait = min(delay, left)  # the last retry is at the deadline, never skipped
+                log.warning(
+                    "storage: %s; retrying in %.0f s (attempt %d, %.0f s of %.0f)",
+                    failure.error.message,
+                    wait,
+                    attempt,
+                    now - since,
+                    self.write_retry_seconds,
+                )
+                self._wait_reporting(wait, since, failure.error.message)
                 delay, attempt = min(delay * 2, WRITE_RETRY_MAX_DELAY), attempt + 1
                 continue
+            with self._outage_lock:
+                self._outage_since = None
             if attempt > 1:
                 log.info("storage: %s written after %d attempts", uri, attempt)
                 if self.on_retry is not None:
                     self.on_retry(None)
             return result
+
+    def _wait_reporting(self, seconds: float, since: float, problem: str) -> None:
+        """Sleep `seconds`, telling `on_retry` every few seconds how long the outage has lasted."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.on_retry is not None:
+                self.on_retry(
+                    f"storage unreachable, retrying for {time.monotonic() - since:.0f} s of "
+                    f"{self.write_retry_seconds:.0f}: {problem}"
+                )
+            time.sleep(min(left, RETRY_REPORT_SECONDS))
 
     # -- the operations ----------------------------------------------------------------------------
 
