@@ -179,34 +179,62 @@ def progress_line(progress: Progress) -> str:
     return "  ".join(parts)
 
 
+RETRY_LOG_SECONDS = 30.0  # in a log (not a terminal), a storage outage gets a line this often
+
+
 class ProgressPrinter:
     """One live line on a terminal, rewritten in place; in a log, one line per logging interval.
-    Stage changes get lines of their own."""
+    Stage changes get lines of their own, and so do storage outages the trainer is riding out (their words
+    come from /progress: "storage unreachable, retrying for 42 s of 180: ...")."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.live = out.isatty()
+        self.clock = clock
         self.last_line = ""
         self.last_logged: tuple[float | None, float | None] | None = None
         self.stages_seen: set[str] = set()
+        self.retry_logged_at: float | None = None
 
     def show(self, progress: Progress) -> None:
         if progress.stage not in self.stages_seen:  # training and evaluation alternate: announce each once
             self.finish()
             print(f"stage: {progress.stage}", file=self.out, flush=True)
             self.stages_seen.add(progress.stage)
+        if self._show_retry(progress.storage_retry):
+            return
         if not progress.total_steps or progress.stage not in ("train", "evaluating"):
             return
         line = progress_line(progress)
         if self.live:
-            if line != self.last_line:
-                print(f"\r\033[K{line}", end="", file=self.out, flush=True)
-                self.last_line = line
+            self._rewrite(line)
             return
         logged = (progress.train_loss, progress.eval_loss)
         if logged != self.last_logged:
             print(line, file=self.out, flush=True)
             self.last_logged = logged
+
+    def _show_retry(self, retry: str | None) -> bool:
+        """The outage's line while the trainer retries (True), one line when it is over."""
+        if retry is None:
+            if self.retry_logged_at is not None:
+                self.finish()
+                print("storage reachable again", file=self.out, flush=True)
+                self.retry_logged_at = None
+            return False
+        if self.live:
+            self._rewrite(retry)
+            if self.retry_logged_at is None:
+                self.retry_logged_at = self.clock()
+        elif self.retry_logged_at is None or self.clock() - self.retry_logged_at >= RETRY_LOG_SECONDS:
+            print(retry, file=self.out, flush=True)
+            self.retry_logged_at = self.clock()
+        return True
+
+    def _rewrite(self, line: str) -> None:
+        if line != self.last_line:
+            print(f"\r\033[K{line}", end="", file=self.out, flush=True)
+            self.last_line = line
 
     def finish(self) -> None:
         if self.live and self.last_line:

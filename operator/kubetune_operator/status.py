@@ -51,7 +51,8 @@ STUCK_REASONS = (
     "CreateContainerError",
 )
 # (phase, reason) transitions that deserve a Warning event rather than a Normal one.
-WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying")
+STORAGE_RETRYING = "StorageRetrying"  # Running, the trainer retrying its writes through a storage outage
+WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying", STORAGE_RETRYING)
 MESSAGE_MAX = 1024
 
 
@@ -347,6 +348,15 @@ def _outcome(
     return _waiting_outcome(pods)
 
 
+def _storage_retry(outcome: Outcome, previous: dict[str, Any]) -> Outcome:
+    """A training run whose trainer retries its writes through a storage outage (the progress it last reported
+    says so) says it in its message, under a reason of its own, so the change is also a Warning Event."""
+    retry = (previous.get("progress") or {}).get("storageRetry")
+    if outcome.phase != "Running" or outcome.reason != "TrainerRunning" or not retry:
+        return outcome
+    return Outcome("Running", STORAGE_RETRYING, _short(f"{outcome.message}; {retry}"), outcome.terminal_pod)
+
+
 def _conditions(
     outcome: Outcome, previous: dict[str, Any], generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
@@ -436,7 +446,7 @@ def compute_status(
     when the run is queued (it says why Kueue has not admitted it)."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
-    outcome = _outcome(job, observed_job, pods, previous, workload)
+    outcome = _storage_retry(_outcome(job, observed_job, pods, previous, workload), previous)
     status: dict[str, Any] = {
         "phase": outcome.phase,
         "reason": outcome.reason,
