@@ -47,8 +47,13 @@ def test_random_kills_never_lose_the_run(
             trainer = TrainerProcess(cfg, tmp_path, "pod", s3_env(s3_moto))  # same work dir: an emptyDir
             try:
                 if attempt < KILLS:
-                    deadline = time.monotonic() + rng.uniform(1.5, 9.0)
+                    # Timed from the moment the trainer answers /progress (its imports done), so the kills land
+                    # in setup, downloads, training and uploads however loaded the machine is.
+                    delay = rng.uniform(0.5, 9.0)
                     stage = "starting"
+                    while trainer.progress() is None and trainer.process.poll() is None:
+                        time.sleep(0.05)
+                    deadline = time.monotonic() + delay
                     while time.monotonic() < deadline and trainer.process.poll() is None:
                         stage = (trainer.progress() or {}).get("stage", stage)
                         time.sleep(0.05)

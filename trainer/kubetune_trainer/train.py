@@ -4,8 +4,8 @@ The loop is transformers' `Trainer` (TRL's SFTTrainer is a subclass of it; we to
 ourselves in `data` so that bad rows fail with file:line and truncation is counted, which leaves
 SFTTrainer nothing to add). The callbacks in `callbacks` connect it to the run: progress/metrics and one
 log line per interval, checkpoint upload after each save, stopping on SIGTERM, early stopping on eval loss.
-`run` is the recipe: `claim_destination` (this run's, or nobody's?), `finished_outcome` (nothing to do?),
-`setup`, `train`, `save`, `cleanup`.
+`run` is the recipe: `hold_destination` (one trainer at a time), `claim_destination` (this run's, or
+nobody's?), `finished_outcome` (nothing to do?), `setup`, `train`, `save`, `cleanup`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,18 @@ from typing import Any
 from kubetune_trainer import artifacts as art
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import destination as destination_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.contract import COMPLETE_MARKER, Artifacts, CheckpointRef, Result
+from kubetune_trainer.contract import (
+    COMPLETE_MARKER,
+    EXIT_FAILED,
+    RUN_NAME_ENV,
+    RUN_NAMESPACE_ENV,
+    Artifacts,
+    CheckpointRef,
+    Result,
+)
 from kubetune_trainer.server import Telemetry
 from kubetune_trainer.storage import Storage, join, parse_uri
 
@@ -298,14 +307,10 @@ def _download_model(storage: Storage, source: str, target: Path, version: str) -
 
 
 def claim_destination(ctx: Context) -> None:
-    """The destination holds this run or none (`destination.claim`): cheapest checks first, so a bad
-    destination fails before any download. Rank 0 speaks for the run."""
-    ctx.telemetry.set_stage("setup")
-    ctx.storage.check_bucket(ctx.cfg.output.destination)
+    """The destination holds this run or none (`destination.claim`), before any download. Rank 0 speaks for
+    the run."""
     if ctx.dist.is_main:
-        from kubetune_trainer.destination import claim
-
-        claim(ctx.storage, ctx.cfg)
+        destination_mod.claim(ctx.storage, ctx.cfg)
 
 
 def finished_outcome(ctx: Context) -> Outcome | None:
@@ -575,6 +580,8 @@ def run(
     )
     ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
     ctx.storage.cancel_downloads = ctx.stop.event
+    ctx.telemetry.set_stage("setup")
+    ctx.storage.check_bucket(cfg.output.destination)  # cheapest first: a bad destination fails before anything
     lease = hold_destination(ctx)
     try:
         return _run_holding(ctx)
@@ -583,24 +590,19 @@ def run(
             lease.release()
 
 
-def hold_destination(ctx: Context) -> Any:
+def hold_destination(ctx: Context) -> destination_mod.Lease | None:
     """Rank 0 holds the destination's lease (`destination.Lease`) for the whole run, before it reads or writes
     anything there; the other ranks follow rank 0."""
     if not ctx.dist.is_main:
         return None
-    from kubetune_trainer.contract import RUN_NAME_ENV, RUN_NAMESPACE_ENV
-    from kubetune_trainer.destination import Lease
-
-    ctx.telemetry.set_stage("setup")
-    ctx.storage.check_bucket(ctx.cfg.output.destination)
     job = f"{os.environ.get(RUN_NAMESPACE_ENV, 'local')}/{os.environ.get(RUN_NAME_ENV, 'run')}"
-    lease = Lease(ctx.storage, ctx.cfg.output.destination, f"{job} in {ctx.workdir}")
+    lease = destination_mod.Lease(ctx.storage, ctx.cfg.output.destination, f"{job} in {ctx.workdir}")
 
-    def lost(taker: Any) -> None:
+    def lost(taker: destination_mod.Holder | None) -> None:
         # Another trainer writes the destination now: anything this one writes could be taken for its work.
         log.error("stopping at once: the destination's lease went to %s", taker.name if taker else "nobody")
         logging.shutdown()
-        os._exit(1)
+        os._exit(EXIT_FAILED)
 
     lease.on_lost = lost
     lease.acquire(on_wait=lambda message: log.warning("%s", message))
