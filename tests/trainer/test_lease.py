@@ -1,5 +1,5 @@
 """One trainer per destination (issue 29, items 1 and 2): the destination's lease, on a local path and on S3
-(moto; SeaweedFS honours the same conditional writes), and two real trainers racing for one destination."""
+(moto and SeaweedFS, whose conditional writes both answer 412), and two real trainers racing for one destination."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, sl
 TERM = 1.5  # seconds: a short lease, renewed every 0.5 s
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "moto", pytest.param("seaweedfs", marks=pytest.mark.slow)])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, str]:
     if request.param == "file":
         return Storage(), str(tmp_path / "out") + "/"
-    s3: S3Endpoint = request.getfixturevalue("s3_moto")
+    s3: S3Endpoint = request.getfixturevalue("s3_moto" if request.param == "moto" else "s3_seaweed")
     request.getfixturevalue("s3_credentials")(s3)
     bucket = s3.make_bucket(request.getfixturevalue("s3_bucket_name"))
     return Storage(StorageSpec(endpoint=s3.url, region=s3.region)), f"s3://{bucket}/out/"
