@@ -180,20 +180,26 @@ def progress_line(progress: Progress) -> str:
     return "  ".join(parts)
 
 
+RETRY_LOG_SECONDS = 30.0  # in a log (not a terminal), a storage outage gets a line this often
+
+
 class ProgressPrinter:
     """One live line on a terminal, rewritten in place (its ETA moves while a step runs); in a log, one line
     per logging interval and, between them, one per step at most every LOG_EVERY_SECONDS. Stage changes get
-    lines of their own."""
+    lines of their own, and so do storage outages the trainer is riding out (their words come from /progress:
+    "storage unreachable, retrying for 42 s of 180: ...")."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.live = out.isatty()
+        self.clock = clock
         self.last_line = ""
         self.last_logged: tuple[float | None, float | None] | None = None
         self.last_step = 0
         self.last_print = 0.0
         self.stages_seen: set[str] = set()
         self.resume_told = False
+        self.retry_logged_at: float | None = None
 
     def show(self, progress: Progress) -> None:
         if progress.resumed_from_step is not None and not self.resume_told:
@@ -204,21 +210,43 @@ class ProgressPrinter:
             self.finish()
             print(f"stage: {progress.stage}", file=self.out, flush=True)
             self.stages_seen.add(progress.stage)
+        if self._show_retry(progress.storage_retry):
+            return
         if not progress.total_steps or progress.stage not in ("train", "evaluating"):
             return
         line = progress_line(progress)
         if self.live:
-            if line != self.last_line:
-                print(f"\r\033[K{line}", end="", file=self.out, flush=True)
-                self.last_line = line
+            self._rewrite(line)
             return
         logged = (progress.train_loss, progress.eval_loss)
-        now = time.monotonic()
+        now = self.clock()
         # A new loss, or a step done since the last line LOG_EVERY_SECONDS ago: slow steps never look frozen.
         stepped = progress.step != self.last_step and now - self.last_print >= LOG_EVERY_SECONDS
         if logged != self.last_logged or stepped:
             print(line, file=self.out, flush=True)
             self.last_logged, self.last_step, self.last_print = logged, progress.step, now
+
+    def _show_retry(self, retry: str | None) -> bool:
+        """The outage's line while the trainer retries (True), one line when it is over."""
+        if retry is None:
+            if self.retry_logged_at is not None:
+                self.finish()
+                print("storage reachable again", file=self.out, flush=True)
+                self.retry_logged_at = None
+            return False
+        if self.live:
+            self._rewrite(retry)
+            if self.retry_logged_at is None:
+                self.retry_logged_at = self.clock()
+        elif self.retry_logged_at is None or self.clock() - self.retry_logged_at >= RETRY_LOG_SECONDS:
+            print(retry, file=self.out, flush=True)
+            self.retry_logged_at = self.clock()
+        return True
+
+    def _rewrite(self, line: str) -> None:
+        if line != self.last_line:
+            print(f"\r\033[K{line}", end="", file=self.out, flush=True)
+            self.last_line = line
 
     def finish(self) -> None:
         if self.live and self.last_line:
@@ -306,12 +334,17 @@ def execute(
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
-            print("stopping: the trainer saves a checkpoint first (Ctrl-C again to stop at once)", file=out)
+            print(
+                "stopping: the trainer saves a checkpoint first; press Ctrl-C again to stop without saving "
+                "(the steps since the last checkpoint are lost)",
+                file=out,
+                flush=True,
+            )
             child.send_signal(signal.SIGTERM)
             try:
                 child.wait(timeout=TERMINATION_GRACE_SECONDS)  # the pod's grace, then SIGKILL as the kubelet
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                print("stopping at once: the newest complete checkpoint is kept", file=out)
+                print("stopping at once, without saving: the newest complete checkpoint is kept", file=out)
                 child.kill()
                 child.wait()
         printer.finish()

@@ -52,7 +52,8 @@ STUCK_REASONS = (
 )
 # (phase, reason) transitions that deserve a Warning event rather than a Normal one.
 CREATE_REFUSED = "CreateRefused"  # the API server refused a child (a quota, an admission webhook); retried
-WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying", CREATE_REFUSED)
+STORAGE_RETRYING = "StorageRetrying"  # Running, the trainer retrying its writes through a storage outage
+WARNING_REASONS = ("Unschedulable", *STUCK_REASONS, "Retrying", CREATE_REFUSED, STORAGE_RETRYING)
 MESSAGE_MAX = 1024
 
 
@@ -351,6 +352,15 @@ def _outcome(
     return _waiting_outcome(pods)
 
 
+def _storage_retry(outcome: Outcome, previous: dict[str, Any]) -> Outcome:
+    """A training run whose trainer retries its writes through a storage outage (the progress it last reported
+    says so) says it in its message, under a reason of its own, so the change is also a Warning Event."""
+    retry = (previous.get("progress") or {}).get("storageRetry")
+    if outcome.phase != "Running" or outcome.reason != "TrainerRunning" or not retry:
+        return outcome
+    return Outcome("Running", STORAGE_RETRYING, _short(f"{outcome.message}; {retry}"), outcome.terminal_pod)
+
+
 def _conditions(
     outcome: Outcome, previous: dict[str, Any], generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
@@ -442,7 +452,7 @@ def compute_status(
     create the Job that does not exist (Pending, reason CreateRefused)."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
-    outcome = _outcome(job, observed_job, pods, previous, workload, refused)
+    outcome = _storage_retry(_outcome(job, observed_job, pods, previous, workload, refused), previous)
     status: dict[str, Any] = {
         "phase": outcome.phase,
         "reason": outcome.reason,

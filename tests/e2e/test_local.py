@@ -156,6 +156,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path: Path, tiny_mo
         process.kill()
     output = "".join(lines) + rest
     assert process.returncode == EXIT_PREEMPTED, output
+    assert "press Ctrl-C again to stop without saving" in output  # the escape hatch is announced (issue 29.6)
     status = status_of(output)
     stopped_at = status["checkpoint"]["step"]
     assert status["phase"] == "Suspended" and stopped_at >= 5, status

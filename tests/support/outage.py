@@ -1,6 +1,7 @@
 """A TCP proxy in front of a real server that can simulate an outage: while `down`, every connection is
 accepted and closed at once (clients see resets), as a load balancer in front of a dead store does; with
-`bytes_per_second`, answers come over a slow link."""
+`bytes_per_second`, answers come over a slow link; with `latency`, every request (the first bytes after a pause
+in what the client sends) waits that long before it reaches the server (a distant or overloaded store)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from contextlib import contextmanager, suppress
 from urllib.parse import urlparse
 
 HOST = "127.0.0.1"
+REQUEST_GAP_SECONDS = 0.05  # a client pausing this long has sent its request and waits for the answer
 
 
 class OutageProxy:
@@ -20,6 +22,7 @@ class OutageProxy:
         self.upstream = (target.hostname or HOST, target.port or 80)
         self.down = False
         self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
+        self.latency = 0.0  # seconds each request waits before it reaches the server
         self.refused = 0  # connections cut during outages
         self._listener = socket.create_server((HOST, 0))
         self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
@@ -49,8 +52,12 @@ class OutageProxy:
         threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        last = 0.0
         try:
             while data := source.recv(4096 if throttled and self.bytes_per_second else 65536):
+                if not throttled and self.latency and time.monotonic() - last > REQUEST_GAP_SECONDS:
+                    time.sleep(self.latency)  # a new request, not the rest of one
+                last = time.monotonic()
                 sink.sendall(data)
                 if throttled and self.bytes_per_second:
                     time.sleep(len(data) / self.bytes_per_second)

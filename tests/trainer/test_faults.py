@@ -4,6 +4,7 @@ checkpoint path, what /progress says after a resume, telemetry that cannot kill 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def test_writes_ride_out_a_storage_outage_and_show_it(
         storage.upload_file(local, f"s3://{s3_bucket_name}/run/checkpoints/step-5/adapter_model.safetensors")
         storage.write_bytes(f"s3://{s3_bucket_name}/run/checkpoints/step-5/COMPLETE", b"{}")
         assert time.monotonic() - started >= 5 and proxy.refused > 0
-    assert seen and seen[0] is not None and "retrying in" in seen[0] and seen[-1] is None
+    assert (
+        seen and seen[0] is not None and seen[0].startswith("storage unreachable, retrying for ") and seen[-1] is None
+    )
     assert telemetry.progress().storage_retry is None
     assert s3_moto.read(s3_bucket_name, "run/checkpoints/step-5/adapter_model.safetensors") == b"w" * 1000
 
@@ -295,3 +298,116 @@ def test_checkpoint_uploads_run_while_training_goes_on(
     assert overlapped == [2]
     for step in (2, 4, 6):
         assert (destination / "checkpoints" / f"step-{step}" / "COMPLETE").exists()
+
+
+def test_a_changed_model_source_downloads_the_new_model(
+    tmp_path: Path, tiny_model_dir: Path, s3_moto, s3_bucket_name: str, s3_credentials
+) -> None:
+    """One work dir, the model source changed between runs (hidden size 64, then 32): the second run downloads
+    the new model and trains an adapter shaped for it, not for the cached one (issue 29.5)."""
+    from safetensors import safe_open
+
+    from kubetune_trainer.tiny import write_tiny_model
+
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    narrow = write_tiny_model(tmp_path / "narrow-model", hidden_size=32, intermediate_size=64)
+    s3_moto.upload_dir(tiny_model_dir, s3_bucket_name, "models/wide")
+    s3_moto.upload_dir(narrow, s3_bucket_name, "models/narrow")
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 20)
+
+    def run(model: str, destination: str) -> Path:
+        cfg = base_config(
+            f"s3://{s3_bucket_name}/models/{model}",
+            str(train),
+            str(tmp_path / destination),
+            training={"maxSteps": 1},
+            storage={"endpoint": s3_moto.url, "region": s3_moto.region},
+        )
+        result = run_in_process(cfg, tmp_path)  # the same work dir (run-work) both times
+        assert result.code == 0, result.termination
+        return tmp_path / destination / "adapter" / "adapter_model.safetensors"
+
+    def input_widths(adapter: Path) -> set[int]:
+        with safe_open(str(adapter), "pt") as weights:
+            return {weights.get_slice(k).get_shape()[1] for k in weights.keys() if "lora_A" in k and "q_proj" in k}  # noqa: SIM118 (safe_open is no dict)
+
+    assert input_widths(run("wide", "out-wide")) == {64}
+    assert input_widths(run("narrow", "out-narrow")) == {32}
+    assert json.loads((tmp_path / "run-work" / "model" / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_the_model_version_follows_the_objects_at_the_prefix(s3_moto, s3_bucket_name: str, s3_credentials) -> None:
+    from kubetune_trainer.config import StorageSpec
+
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    client = s3_moto.client()
+    client.put_object(Bucket=s3_bucket_name, Key="models/a/config.json", Body=b"{}")
+    client.put_object(Bucket=s3_bucket_name, Key="models/ab/config.json", Body=b"{}")  # not below models/a/
+    storage = Storage(StorageSpec(endpoint=s3_moto.url, region=s3_moto.region))
+    first = storage.version(f"s3://{s3_bucket_name}/models/a/")
+    assert storage.version(f"s3://{s3_bucket_name}/models/a") == first
+    client.put_object(Bucket=s3_bucket_name, Key="models/ab/model.safetensors", Body=b"x")
+    assert storage.version(f"s3://{s3_bucket_name}/models/a/") == first
+    client.put_object(Bucket=s3_bucket_name, Key="models/a/config.json", Body=b'{"hidden_size": 32}')
+    assert storage.version(f"s3://{s3_bucket_name}/models/a/") != first
+    assert storage.version("hf://org/model@v2") != storage.version("hf://org/model@v1")
+
+
+# The outage window at a tenth of its size (18 s for 180 s, outages of 17 s and 20 s for 170 s and 200 s): the
+# same backoff (1, 2, 4, 8, then the deadline), the real proxy. KUBETUNE_OUTAGE_SCALE=10 runs the full 170/200 s.
+OUTAGE_SCALE = float(os.environ.get("KUBETUNE_OUTAGE_SCALE", "1"))
+
+
+@pytest.mark.parametrize("outage, survives", [(17.0, True), (20.0, False)], ids=["170s-survives", "200s-fails"])
+def test_one_deadline_for_the_whole_upload_from_the_first_failure(
+    tmp_path: Path, s3_moto, s3_bucket_name: str, s3_credentials, outage: float, survives: bool
+) -> None:
+    """A checkpoint of more files than upload threads, its upload cut by an outage just shorter (or longer) than
+    the window: it must go through (the last retry is at the deadline, and files still queued share the first
+    failure's deadline), or fail with exit 1 leaving the previous checkpoint the newest complete one."""
+    import threading
+    import time
+
+    from kubetune_trainer import checkpoints as ckpt
+    from kubetune_trainer.config import StorageSpec
+    from kubetune_trainer.errors import InvalidInput, TrainerFailure
+    from kubetune_trainer.storage import DOWNLOAD_THREADS, WRITE_RETRY_SECONDS
+    from tests.support.outage import outage_proxy
+
+    window, outage = WRITE_RETRY_SECONDS / 10 * OUTAGE_SCALE, outage * OUTAGE_SCALE
+    s3_credentials(s3_moto)
+    s3_moto.make_bucket(s3_bucket_name)
+    local = tmp_path / "checkpoint"
+    for index in range(DOWNLOAD_THREADS * 3):
+        (local / f"shard-{index:02d}.bin").parent.mkdir(exist_ok=True)
+        (local / f"shard-{index:02d}.bin").write_bytes(bytes([index]) * 2000)
+    destination = f"s3://{s3_bucket_name}/run"
+    seen: list[str | None] = []
+    with outage_proxy(s3_moto.url) as proxy:
+        storage = Storage(StorageSpec(endpoint=proxy.url, region=s3_moto.region))
+        storage.write_retry_seconds = window
+        storage.on_retry = seen.append
+        ckpt.upload_checkpoint(storage, local, destination, 5)  # before the outage
+        proxy.down = True
+        threading.Timer(outage, lambda: setattr(proxy, "down", False)).start()
+        started = time.monotonic()
+        if survives:
+            ckpt.upload_checkpoint(storage, local, destination, 10)
+        else:
+            with pytest.raises(TrainerFailure) as failure:
+                ckpt.upload_checkpoint(storage, local, destination, 10)
+            assert not isinstance(failure.value, InvalidInput) and failure.value.exit_code == 1
+        took = time.monotonic() - started
+    direct = Storage(StorageSpec(endpoint=s3_moto.url, region=s3_moto.region))  # not through the proxy
+    if survives:
+        assert outage <= took < window + 10, took
+        assert ckpt.latest_checkpoint(direct, destination).step == 10
+        assert seen[-1] is None
+    else:
+        assert window - 1 <= took < window + 10, took  # not before the window is spent, not much after
+        assert ckpt.latest_checkpoint(direct, destination).step == 5  # resumable from the one before
+    retries = [message for message in seen if message]
+    assert retries[0].startswith("storage unreachable, retrying for 0 s of ")
+    assert f"of {window:.0f}: cannot write s3://" in retries[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,38 @@ def test_the_console_says_which_step_a_run_resumes_from_once() -> None:
     fresh = io.StringIO()
     local.ProgressPrinter(fresh).show(contract.Progress(stage="train", step=1, total_steps=100))
     assert "resuming" not in fresh.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_says_when_the_trainer_rides_out_a_storage_outage() -> None:
+    """It froze with no word for up to three minutes (issue 29.4): /progress had storageRetry, the CLI ignored it."""
+    from kubetune_trainer.contract import Progress
+
+    def retry(seconds: int) -> Progress:
+        message = f"storage unreachable, retrying for {seconds} s of 180: cannot write s3://b/run/x: reset"
+        return Progress(stage="checkpointing", step=5, total_steps=10, storage_retry=message)
+
+    now = [0.0]
+    terminal, log = _Terminal(), io.StringIO()
+    on_terminal, in_log = local.ProgressPrinter(terminal), local.ProgressPrinter(log, clock=lambda: now[0])
+    for seconds in (0, 5, 42, 50):
+        now[0] = float(seconds)
+        on_terminal.show(retry(seconds))
+        in_log.show(retry(seconds))
+    back = Progress(stage="train", step=6, total_steps=10, percent=60.0, train_loss=1.25)
+    on_terminal.show(back)
+    in_log.show(back)
+    assert "\r\033[Kstorage unreachable, retrying for 42 s of 180: cannot write" in terminal.getvalue()
+    assert (
+        terminal.getvalue()
+        .rstrip("\n")
+        .endswith("storage reachable again\n\r\033[Ktrain     step 6/10 (60%)  loss 1.2500")
+    )
+    lines = log.getvalue().splitlines()
+    retries = [line for line in lines if line.startswith("storage unreachable")]
+    assert [line.split(" s of")[0][-2:].strip() for line in retries] == ["0", "42"]  # every 30 s in a log
+    assert lines[-2:] == ["storage reachable again", "train     step 6/10 (60%)  loss 1.2500"]

@@ -262,6 +262,22 @@ def test_progress_and_progress_condition_are_kept_while_running() -> None:
     assert "ProgressAvailable" not in {c["type"] for c in done["conditions"]}
 
 
+def test_a_storage_outage_the_trainer_rides_out_is_in_the_message_and_an_event() -> None:
+    retry = "storage unreachable, retrying for 42 s of 180: cannot write s3://b/run/x: connection reset"
+    running = compute_status(finetunejob(), job(active=1), [running_pod()], {}, NOW)
+    previous = {**running, "progress": {"stage": "checkpointing", "step": 5, "storageRetry": retry}}
+    retrying = compute_status(finetunejob(), job(active=1), [running_pod()], previous, LATER)
+    assert (retrying["phase"], retrying["reason"]) == ("Running", "StorageRetrying")
+    assert retrying["message"] == f"pod support-bot-abcde is training; {retry}"
+    assert phase_event(running, retrying) == ("Warning", "StorageRetrying", f"Running: {retrying['message']}")
+    recovered = {**retrying, "progress": {"stage": "train", "step": 6}}
+    again = compute_status(finetunejob(), job(active=1), [running_pod()], recovered, LATER)
+    assert (again["reason"], again["message"]) == ("TrainerRunning", "pod support-bot-abcde is training")
+    assert phase_event(retrying, again)[:2] == ("Normal", "TrainerRunning")
+    done = compute_status(finetunejob(), job(("Complete", "", ""), succeeded=1), [terminated_pod(0)], previous, LATER)
+    assert done["reason"] == "Succeeded"  # only a running trainer is retrying
+
+
 def test_pods_of_a_previous_job_are_ignored() -> None:
     old = running_pod("old")
     old["metadata"]["ownerReferences"][0]["uid"] = "deleted-job"

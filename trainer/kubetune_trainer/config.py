@@ -523,7 +523,15 @@ class OutputSpec(ApiModel):
 
     destination: DataUri = Field(
         description="Prefix for checkpoints/, adapter/, metrics.json, samples.jsonl and README.md. "
-        "A restarted run with the same destination resumes from its newest complete checkpoint.",
+        "A restarted run with the same destination resumes from its newest complete checkpoint. A destination "
+        "holds one run: its run.json records what defines it, and a spec that differs fails (exit 2) naming "
+        "the changed fields, unless overwrite is set.",
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="When the destination holds another run (a spec that differs in a field that shapes the "
+        "weights or artifacts), delete its checkpoints and artifacts and train this one in its place. The same "
+        "run still resumes: a restart never deletes its own checkpoints.",
     )
     merge_adapter: bool = Field(
         default=False,

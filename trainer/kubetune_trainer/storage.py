@@ -6,6 +6,7 @@ object, wrong credentials) become `InvalidInput` naming the URI, everything else
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -26,11 +27,14 @@ log = logging.getLogger(__name__)
 _NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden", "InvalidToken"}
 DOWNLOAD_THREADS = 8
-# Writes (checkpoints, artifacts, markers) ride out a storage outage this long, whole objects retried with
-# backoff doubling from 1 s to at most 30 s; then the run fails with exit 1 (retryable). Reads need no such
-# patience: they happen at setup, where failing is cheap.
+# Writes (checkpoints, artifacts, markers) ride out a storage outage this long, measured once for every write
+# from the first failure (files still queued behind it share the window, they do not start their own): whole
+# objects retried with backoff doubling from 1 s to at most 30 s, the last retry at the window's end; then the
+# run fails with exit 1 (retryable, resumed from the newest complete checkpoint). Reads need no such patience:
+# they happen at setup, where failing is cheap.
 WRITE_RETRY_SECONDS = 180.0
 WRITE_RETRY_MAX_DELAY = 30.0
+RETRY_REPORT_SECONDS = 5.0  # how often a waiting write refreshes what `on_retry` says (the seconds it counts)
 T = TypeVar("T")
 
 
@@ -88,6 +92,10 @@ class Storage:
         self.write_retry_seconds = WRITE_RETRY_SECONDS
         # Told the error being retried (None once writes go through again), e.g. to show it in /progress.
         self.on_retry: Callable[[str | None], None] | None = None
+        # When the current outage began (the first failed write since the last one that went through): every
+        # write retries until write_retry_seconds after it.
+        self._outage_since: float | None = None
+        self._outage_lock = threading.Lock()
         # Set (by a stop request): downloads in flight give up at their next chunk, so a stop during a long
         # model download ends within the grace. Uploads are never cut: they may be the checkpoint a stop wants.
         self.cancel_downloads: threading.Event | None = None
@@ -159,28 +167,54 @@ class Storage:
         return out
 
     def _write_with_retries(self, uri: str, write: Callable[[], T]) -> T:
-        """`write()`, retried through transient failures (unreachable, 5xx, throttling) for up to
-        `write_retry_seconds`; what retrying cannot fix (InvalidInput) fails at once."""
-        deadline = time.monotonic() + self.write_retry_seconds
+        """`write()`, retried through transient failures (unreachable, 5xx, throttling) until
+        `write_retry_seconds` after the outage's first failure, whichever write saw it; what retrying cannot fix
+        (InvalidInput) fails at once."""
         delay, attempt = 1.0, 1
         while True:
             try:
                 result = write()
             except TrainerFailure as failure:
-                if isinstance(failure, InvalidInput) or time.monotonic() + delay > deadline:
+                if isinstance(failure, InvalidInput):
                     raise
-                message = f"{failure.error.message}; retrying in {delay:.0f} s (attempt {attempt})"
-                log.warning("storage: %s", message)
-                if self.on_retry is not None:
-                    self.on_retry(message)
-                time.sleep(delay)
+                now = time.monotonic()
+                with self._outage_lock:
+                    if self._outage_since is None:
+                        self._outage_since = now
+                    since = self._outage_since
+                left = since + self.write_retry_seconds - now
+                if left <= 0:
+                    raise
+                wait = min(delay, left)  # the last retry is at the deadline, never skipped
+                log.warning(
+                    "storage: %s; retrying in %.0f s (attempt %d, %.0f s of %.0f)",
+                    failure.error.message,
+                    wait,
+                    attempt,
+                    now - since,
+                    self.write_retry_seconds,
+                )
+                self._wait_reporting(wait, since, failure.error.message)
                 delay, attempt = min(delay * 2, WRITE_RETRY_MAX_DELAY), attempt + 1
                 continue
+            with self._outage_lock:
+                self._outage_since = None
             if attempt > 1:
                 log.info("storage: %s written after %d attempts", uri, attempt)
                 if self.on_retry is not None:
                     self.on_retry(None)
             return result
+
+    def _wait_reporting(self, seconds: float, since: float, problem: str) -> None:
+        """Sleep `seconds`, telling `on_retry` every few seconds how long the outage has lasted."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.on_retry is not None:
+                self.on_retry(
+                    f"storage unreachable, retrying for {time.monotonic() - since:.0f} s of "
+                    f"{self.write_retry_seconds:.0f}: {problem}"
+                )
+            time.sleep(min(left, RETRY_REPORT_SECONDS))
 
     # -- the operations ----------------------------------------------------------------------------
 
@@ -203,6 +237,25 @@ class Storage:
         if loc.scheme != "s3":
             return None
         return sum(size for key, size in self._s3_keys(loc) if not key.endswith("/"))
+
+    def version(self, uri: str) -> str:
+        """What identifies the content at `uri` today, for a local cache of it: for an S3 prefix, a digest of its
+        objects' keys, sizes and ETags (a changed or replaced file changes it), for hf:// the source with its
+        revision; elsewhere the URI itself."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            return loc.uri
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
+        digest = hashlib.sha256(f"s3://{loc.bucket}/{prefix}".encode())
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    digest.update(f"\n{obj['Key']} {obj['Size']} {obj.get('ETag', '')}".encode())
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "list") from exc
+        return f"s3://{loc.bucket}/{prefix} sha256:{digest.hexdigest()}"
 
     def exists(self, uri: str) -> bool:
         loc = parse_uri(uri)
@@ -273,6 +326,77 @@ class Storage:
                 raise self._failure(exc, uri, "write") from exc
 
         self._write_with_retries(uri, put)
+
+    # -- conditional writes (the destination's lease) ----------------------------------------------
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """An object's content and version (S3: its ETag; a file: a digest of its content), None if absent.
+        One attempt: the caller polls."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            try:
+                data = Path(loc.path).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise TrainerFailure("StorageError", f"cannot read {uri}: {exc.strerror}") from exc
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
+            return answer["Body"].read(), str(answer["ETag"])
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND - {"NoSuchBucket"}:
+                return None
+            raise self._failure(exc, uri, "read") from exc
+        except BotoCoreError as exc:
+            raise self._failure(exc, uri, "read") from exc
+
+    def write_if(self, uri: str, data: bytes, *, version: str | None) -> str | None:
+        """Write `data` only if the object is still at `version` (None: only if there is none); returns the new
+        version, or None when the condition did not hold. S3's conditional writes (If-Match, If-None-Match: *;
+        AWS, moto and SeaweedFS honour both); a store that refuses them (501) gets a plain write, and the
+        caller's read-back is then the only check. Files: compare and replace under an flock. One attempt."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            return self._write_file_if(Path(loc.path), data, version)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            try:
+                answer = self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in (409, 412):
+                    return None
+                if code != "NotImplemented" and status != 501:
+                    raise
+                log.warning("storage: %s has no conditional writes; writing %s unconditionally", loc.bucket, uri)
+                answer = self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "write") from exc
+        return str(answer["ETag"])
+
+    @staticmethod
+    def _write_file_if(path: Path, data: bytes, version: str | None) -> str | None:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.with_name(path.name + ".lock").open("a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                current: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return None
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return hashlib.sha256(data).hexdigest()
 
     def upload_file(self, local: Path, uri: str) -> None:
         loc = parse_uri(uri)
@@ -373,6 +497,19 @@ class Storage:
             raise InvalidInput("ModelNotFound", f"{loc.uri}: no such repository (or no access)") from exc
         except Exception as exc:
             raise TrainerFailure("StorageError", f"cannot download {loc.uri}: {exc}") from exc
+
+    def delete_object(self, uri: str) -> None:
+        """Delete one object or file; one that is not there is no error."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            Path(loc.path).unlink(missing_ok=True)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=loc.bucket, Key=loc.key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(exc, uri, "delete") from exc
 
     def delete_prefix(self, uri: str) -> None:
         loc = parse_uri(uri)

@@ -4,7 +4,8 @@ The loop is transformers' `Trainer` (TRL's SFTTrainer is a subclass of it; we to
 ourselves in `data` so that bad rows fail with file:line and truncation is counted, which leaves
 SFTTrainer nothing to add). The callbacks in `callbacks` connect it to the run: progress/metrics and one
 log line per interval, checkpoint upload after each save, stopping on SIGTERM, early stopping on eval loss.
-`run` is the recipe: `finished_outcome` (nothing to do?), `setup`, `train`, `save`, `cleanup`.
+`run` is the recipe: `hold_destination` (one trainer at a time), `claim_destination` (this run's, or
+nobody's?), `finished_outcome` (nothing to do?), `setup`, `train`, `save`, `cleanup`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from typing import Any
 from kubetune_trainer import artifacts as art
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import destination as destination_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.contract import COMPLETE_MARKER, DISK_BYTES_ENV, Artifacts, CheckpointRef, Result
+from kubetune_trainer.contract import (
+    COMPLETE_MARKER,
+    DISK_BYTES_ENV,
+    EXIT_FAILED,
+    RUN_NAME_ENV,
+    RUN_NAMESPACE_ENV,
+    Artifacts,
+    CheckpointRef,
+    Result,
+)
 from kubetune_trainer.server import Telemetry
 from kubetune_trainer.storage import Storage, join, parse_uri
 
@@ -255,13 +266,16 @@ def _local_model(ctx: Context, args: Any, source: str | None = None, name: str =
                 from kubetune_trainer.errors import InvalidInput
 
                 raise InvalidInput("ModelNotFound", f"model.source {source} does not exist", field="model.source")
-        elif dist.local_rank == 0 and not (target / COMPLETE_MARKER).exists():
-            _refuse_a_model_the_disk_cannot_hold(ctx.storage, source)
-            log.info("downloading model %s", source)
-            telemetry.set_stage("downloading")
-            path = _download_model(
-                ctx.storage, source if source.endswith("/") or loc.scheme == "hf" else source + "/", target
-            )
+        elif dist.local_rank == 0:
+            prefix = source if source.endswith("/") or loc.scheme == "hf" else source + "/"
+            version = ctx.storage.version(prefix)
+            if _cached_model_version(target) == version:
+                path = target
+            else:
+                _refuse_a_model_the_disk_cannot_hold(ctx.storage, source)
+                log.info("downloading model %s", source)
+                telemetry.set_stage("downloading")
+                path = _download_model(ctx.storage, prefix, target, version)
         else:
             path = target
     telemetry.set_stage("setup")
@@ -285,27 +299,42 @@ def _refuse_a_model_the_disk_cannot_hold(storage: Storage, source: str) -> None:
         )
 
 
-def _download_model(storage: Storage, source: str, target: Path) -> Path:
+def _cached_model_version(target: Path) -> str | None:
+    """The version (`Storage.version`) of the model cached in `target`, None without a complete one. The cache
+    follows the spec: a changed model.source, or changed files at the same S3 prefix, is downloaded again (a
+    cache of another model trained an adapter that did not load on this one)."""
+    try:
+        recorded = json.loads((target / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None  # no marker, or an empty one from before the cache was keyed: download again
+    return recorded.get("version") if isinstance(recorded, dict) else None
+
+
+def _download_model(storage: Storage, source: str, target: Path, version: str) -> Path:
     """The model in `target`, complete or not at all: it is fetched into a fresh directory beside it, which
-    gets the marker and is then renamed into place (a kill mid-download leaves only the partial directory,
-    which the next attempt starts again)."""
+    gets the marker (naming the version fetched) and is then renamed into place (a kill mid-download leaves
+    only the partial directory, which the next attempt starts again)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     fetched = storage.download(source, partial)
     if fetched.resolve() != partial.resolve():  # the Hub client may hand back a directory of its own
         shutil.copytree(fetched, partial, dirs_exist_ok=True)
-    (partial / COMPLETE_MARKER).write_text("")
+    (partial / COMPLETE_MARKER).write_text(json.dumps({"source": source, "version": version}))
     shutil.rmtree(target, ignore_errors=True)  # a cache from before the marker, maybe partial
     partial.rename(target)
     return target
 
 
+def claim_destination(ctx: Context) -> None:
+    """The destination holds this run or none (`destination.claim`), before any download. Rank 0 speaks for
+    the run."""
+    if ctx.dist.is_main:
+        destination_mod.claim(ctx.storage, ctx.cfg)
+
+
 def finished_outcome(ctx: Context) -> Outcome | None:
-    """The outcome of a run already finished at this destination, or None. Cheapest checks first, so a bad
-    destination fails before any download."""
-    ctx.telemetry.set_stage("setup")
+    """The outcome of this run if it already finished at this destination, or None."""
     destination = ctx.cfg.output.destination
-    ctx.storage.check_bucket(destination)
     finished = art.finished_run(ctx.storage, destination)
     if finished is None:
         return None
@@ -574,6 +603,37 @@ def run(
     )
     ctx.storage.on_retry = lambda problem: ctx.telemetry.update(storage_retry=problem)
     ctx.storage.cancel_downloads = ctx.stop.event
+    ctx.telemetry.set_stage("setup")
+    ctx.storage.check_bucket(cfg.output.destination)  # cheapest first: a bad destination fails before anything
+    lease = hold_destination(ctx)
+    try:
+        return _run_holding(ctx)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def hold_destination(ctx: Context) -> destination_mod.Lease | None:
+    """Rank 0 holds the destination's lease (`destination.Lease`) for the whole run, before it reads or writes
+    anything there; the other ranks follow rank 0."""
+    if not ctx.dist.is_main:
+        return None
+    job = f"{os.environ.get(RUN_NAMESPACE_ENV, 'local')}/{os.environ.get(RUN_NAME_ENV, 'run')}"
+    lease = destination_mod.Lease(ctx.storage, ctx.cfg.output.destination, f"{job} in {ctx.workdir}")
+
+    def lost(taker: destination_mod.Holder | None) -> None:
+        # Another trainer writes the destination now: anything this one writes could be taken for its work.
+        log.error("stopping at once: the destination's lease went to %s", taker.name if taker else "nobody")
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+
+    lease.on_lost = lost
+    lease.acquire(on_wait=lambda message: log.warning("%s", message))
+    return lease
+
+
+def _run_holding(ctx: Context) -> Outcome:
+    claim_destination(ctx)
     finished = finished_outcome(ctx)
     if finished is not None:
         return finished
