@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune_operator.settings import DEFAULT_TRAINER_IMAGE
 from tests.chart import rbac_expected
 from tests.chart.conftest import CHART_DIR, RELEASE_NAMESPACE, REPO_ROOT, Chart
 
@@ -96,11 +97,11 @@ VALUE_SETS: dict[str, tuple[str, dict[str, Any]]] = {
         "kubetune",
         {
             "image": {
-                "repository": "registry.example/ml/kubetune-operator",
+                "repository": "registry.example/ml/kubetune/operator",
                 "tag": "1.2.3",
                 "pullPolicy": "Always",
             },
-            "trainer": {"image": {"repository": "registry.example/ml/kubetune-trainer", "digest": DIGEST}},
+            "trainer": {"image": {"repository": "registry.example/ml/kubetune/trainer", "digest": DIGEST}},
             "imagePullSecrets": [{"name": "regcred"}],
             "serviceAccount": {"create": False, "name": "kubetune-operator"},
             "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -472,14 +473,14 @@ def test_operator_deployment_defaults(rendered: dict[str, list[dict[str, Any]]])
     }
     assert spec["selector"]["matchLabels"] == pod["metadata"]["labels"]
     container = pod["spec"]["containers"][0]
-    assert container["image"] == "kubetune/kubetune-operator:0.1.0"
+    assert container["image"] == "ghcr.io/kubetune/operator:0.1.0"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     env = env_of(deployment)
     assert set(env) == OPERATOR_SETTINGS
-    assert env["KUBETUNE_TRAINER_IMAGE"] == "kubetune/kubetune-trainer:0.1.0"
+    assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0" == DEFAULT_TRAINER_IMAGE
     assert env["KUBETUNE_DEFAULT_GPU_RESOURCE"] == "nvidia.com/gpu"
     assert env["KUBETUNE_METRICS_PORT"] == "8080" and env["KUBETUNE_HEALTH_PORT"] == "8081"
     assert "imagePullSecrets" not in pod["spec"]
@@ -490,10 +491,10 @@ def test_operator_deployment_custom(rendered: dict[str, list[dict[str, Any]]]) -
     deployment = only(rendered["custom-images"], "Deployment")
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["image"] == "registry.example/ml/kubetune-operator:1.2.3"
+    assert container["image"] == "registry.example/ml/kubetune/operator:1.2.3"
     assert container["imagePullPolicy"] == "Always"
     env = env_of(deployment)
-    assert env["KUBETUNE_TRAINER_IMAGE"] == f"registry.example/ml/kubetune-trainer@{DIGEST}"
+    assert env["KUBETUNE_TRAINER_IMAGE"] == f"registry.example/ml/kubetune/trainer@{DIGEST}"
     assert env["KUBETUNE_DEFAULT_GPU_RESOURCE"] == "amd.com/gpu"
     assert env["KUBETUNE_PROGRESS_INTERVAL_SECONDS"] == "30"
     assert env["KUBETUNE_LOG_LEVEL"] == "DEBUG"
