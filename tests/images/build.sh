@@ -39,7 +39,9 @@ if [ "$install" = true ]; then
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
-    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || fail "--install needs root and apt-get"
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+      fail "--install needs root and apt-get to install ${missing[*]}"
+    fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -143,3 +145,5 @@ for name in ${KUBETUNE_IMAGES:-operator trainer}; do
     || fail "building $image failed: $(tail -30 "${TMPDIR:-/tmp}/kubetune-build-$name.log")"
   say "$image built in $((SECONDS - start)) s"
 done
+# A rebuilt image leaves its predecessor untagged: remove those of ours (the layers they share with others stay).
+"$DOCKER" image prune --force --filter "label=$LABEL" >/dev/null
