@@ -91,12 +91,15 @@ inputs_label() { "$DOCKER" image inspect --format "{{index .Config.Labels \"$LAB
 
 # --- the base: Debian bookworm (minbase) with its Python 3.11 and venv, standing in for python:3.11-slim-bookworm -
 BASE_PACKAGES=python3,python3-venv,ca-certificates
+# docker import sets no environment: PATH and LANG as the official image has them (an unset PATH would leave the
+# Dockerfiles' PATH=/opt/venv/bin:$PATH with an empty entry, the working directory).
+BASE_ENV=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8)
 if [ -n "${KUBETUNE_BASE_IMAGE:-}" ]; then
   BASE=$KUBETUNE_BASE_IMAGE
   base_hash=$("$DOCKER" image inspect --format '{{.Id}}' "$BASE")
 else
   BASE=kubetune-base/python:3.11-bookworm
-  base_hash=$(echo "debootstrap --variant=minbase --include=$BASE_PACKAGES bookworm" | sha256sum | cut -c1-16)
+  base_hash=$(echo "debootstrap --variant=minbase --include=$BASE_PACKAGES bookworm ${BASE_ENV[*]}" | sha256sum | cut -c1-16)
   if [ "$(inputs_label "$BASE")" != "$base_hash" ]; then
     command -v debootstrap >/dev/null 2>&1 || fail "debootstrap is missing (pass --install, or apt-get install it)"
     rootfs=$(mktemp -d)
@@ -107,8 +110,8 @@ else
       || fail "debootstrap failed: $(tail -5 "$rootfs.log")"
     rm -f "$rootfs.log"
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | "$DOCKER" import \
-      --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' --change "LABEL $LABEL=$base_hash" - "$BASE" >/dev/null
+    tar -C "$rootfs" -c . | "$DOCKER" import "${BASE_ENV[@]/#/--change=ENV }" \
+      --change 'CMD ["python3"]' --change "LABEL $LABEL=$base_hash" - "$BASE" >/dev/null
     rm -rf "$rootfs"
     trap - EXIT
     say "$BASE made in $((SECONDS - start)) s"
