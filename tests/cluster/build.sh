@@ -81,9 +81,35 @@ build_kueue() {
   chmod -R u+w "$out/crds"
 }
 
+build_node() {
+  # The kubelet from the Kubernetes wrapper module built above (its go.mod, one more command), runc with seccomp
+  # (Debian's runc 1.1 fails on these machines; without the tag every sandbox fails "seccomp not supported"), and
+  # the CNI plugins the node's bridge network uses.
+  local src="$out/src"
+  cp "$TESTBINS/kubernetes-$K8S_VERSION/src/go.mod" "$TESTBINS/kubernetes-$K8S_VERSION/src/go.sum" "$src/"
+  local minor=${K8S_VERSION#*.}; minor=${minor%%.*}
+  local p ldf="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldf+=" -X $p.gitVersion=v${K8S_VERSION} -X $p.gitMajor=1 -X $p.gitMinor=${minor} -X $p.gitTreeState=clean"
+  done
+  (cd "$src" && go build -p "$jobs" -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ldf" -o "$out/bin/" \
+    k8s.io/kubernetes/cmd/kubelet)
+  CGO_ENABLED=1 GOBIN="$out/bin" go install -trimpath -tags seccomp "github.com/opencontainers/runc@v${RUNC_VERSION}"
+  GOBIN="$out/bin/cni" go install -trimpath -ldflags "-s -w" \
+    "github.com/containernetworking/plugins/plugins/main/bridge@v${CNI_PLUGINS_VERSION}" \
+    "github.com/containernetworking/plugins/plugins/ipam/host-local@v${CNI_PLUGINS_VERSION}" \
+    "github.com/containernetworking/plugins/plugins/main/loopback@v${CNI_PLUGINS_VERSION}"
+}
+
 mkdir -p "$TESTBINS"
 done_or_build etcd "$ETCD_VERSION" build_etcd
 done_or_build kwok "$KWOK_VERSION" build_kwok
 done_or_build kueue "$KUEUE_VERSION" build_kueue
 done_or_build kubernetes "$K8S_VERSION" build_kubernetes
+# runc needs cgo and libseccomp's headers: without them the real node is not built (its tests say so), the rest is.
+if pkg-config --exists libseccomp 2>/dev/null && command -v gcc >/dev/null 2>&1; then
+  done_or_build node "$K8S_VERSION-runc$RUNC_VERSION-cni$CNI_PLUGINS_VERSION" build_node
+else
+  log "not building the real node: runc needs gcc, pkg-config and libseccomp-dev"
+fi
 log "ready in $TESTBINS"

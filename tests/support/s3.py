@@ -148,11 +148,12 @@ def wait_until_ready(endpoint: S3Endpoint, *, timeout: float, alive: Any = lambd
 
 
 @contextlib.contextmanager
-def moto_server(port: int = 0) -> Iterator[S3Endpoint]:
-    """An in-process moto S3 server (a thread); any credentials work. Port 0 picks a free one."""
+def moto_server(port: int = 0, host: str = HOST) -> Iterator[S3Endpoint]:
+    """An in-process moto S3 server (a thread); any credentials work. Port 0 picks a free one. `host`: another
+    address of this machine only where pods must reach it (a real node's bridge)."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     # werkzeug logs every request to stderr; keep failures readable.
     werkzeug_logger = logging.getLogger("werkzeug")
     previous_level = werkzeug_logger.level
@@ -160,7 +161,7 @@ def moto_server(port: int = 0) -> Iterator[S3Endpoint]:
     server.start()
     try:
         _, bound_port = server.get_host_and_port()
-        endpoint = S3Endpoint(url=f"http://{HOST}:{bound_port}", access_key="testing", secret_key="testing")
+        endpoint = S3Endpoint(url=f"http://{host}:{bound_port}", access_key="testing", secret_key="testing")
         wait_until_ready(endpoint, timeout=10)
         yield endpoint
     finally:

@@ -1,0 +1,332 @@
+"""A real node for the test control plane: kubelet, containerd (a second instance of Debian's, from docker.io), runc
+and the CNI bridge plugin, on a private bridge this harness creates and removes.
+
+Pods on it run for real, from images imported into its containerd from the local docker (no registry): the trainer
+image, and a stand-in for the pause image (any image whose command sleeps forever). The node is tainted, so only
+pods that tolerate `REAL_NODE_TAINT` land on it; the KWOK nodes keep serving every other test.
+
+What it took on these machines (cgroup v1, root without CAP_SYS_RESOURCE), each also in ENVIRONMENT.md:
+`failCgroupV1: false` and the cgroupfs driver for the kubelet; `restrict_oom_score_adj` in containerd's CRI config;
+runc v1.5.3 built with seccomp (Debian's 1.1 fails to start sandboxes here). Pod networking stays on the bridge:
+no masquerading, no route outward; the kubelet and containerd's stream server listen on loopback only.
+
+`stop()` leaves nothing: pods on the node are deleted first (the kubelet tears their sandboxes and network
+namespaces down through CNI), then the kubelet, containerd and any shim of ours end, their mounts are undone, the
+kubepods cgroups the kubelet made are removed (when it made them), the bridge is deleted, and so is the Node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from kubetune_cli.local import free_port
+from tests.cluster.controlplane import Component, ControlPlane, read_versions, testbins_dir
+
+REAL_NODE_TAINT = {"key": "kubetune.dev/real-node", "value": "true", "effect": "NoSchedule"}
+REAL_NODE_LABEL = "kubetune.dev/real-node"
+PAUSE_IMAGE = "kubetune.test/pause:1"
+CONTAINERD = "/usr/bin/containerd"
+CTR = "/usr/bin/ctr"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+READY_TIMEOUT = 120.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # containerd adds none to an image
+
+
+def node_binaries() -> Path:
+    """Where build.sh put the kubelet, runc and the CNI plugins for the pinned versions."""
+    versions = read_versions()
+    name = f"node-{versions['K8S_VERSION']}-runc{versions['RUNC_VERSION']}-cni{versions['CNI_PLUGINS_VERSION']}"
+    return testbins_dir() / name
+
+
+def node_problem() -> str | None:
+    """Why a real node cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "a real node needs root (a bridge, mounts, cgroups)"
+    if not (node_binaries() / ".done").is_file():
+        return f"{node_binaries()} is not built (bash tests/cluster/build.sh; runc needs libseccomp-dev, pkg-config)"
+    for tool in (CONTAINERD, CTR, shutil.which("ip") or "ip"):
+        if not Path(tool).exists():
+            return f"{tool} is missing (apt-get install docker.io iproute2)"
+    return None
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /24 in 10.244.0.0/16 that no interface of this machine uses (other sessions may have a node too)."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+    for third in range(0, 256):
+        subnet = ipaddress.IPv4Network(f"10.244.{third}.0/24")
+        if f" {subnet[1]}/" not in used:
+            return subnet
+    raise RuntimeError("no free /24 left in 10.244.0.0/16")
+
+
+@dataclass
+class RealNode:
+    plane: ControlPlane
+    directory: Path
+    name: str = field(default_factory=lambda: f"real-{uuid.uuid4().hex[:6]}")
+    components: list[Component] = field(default_factory=list)
+    subnet: ipaddress.IPv4Network = field(default_factory=free_subnet)
+    made_cgroups: bool = False
+
+    @property
+    def bridge(self) -> str:
+        return f"kt{self.name[-6:]}"  # interface names are at most 15 characters
+
+    @property
+    def address(self) -> str:
+        """The bridge's address on this machine: the node's IP, and where its pods reach the host."""
+        return str(self.subnet[1])
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "containerd" / "containerd.sock"
+
+    # ---- start ---------------------------------------------------------------------------------------------
+    def start(self, images: list[str]) -> RealNode:
+        bins = node_binaries()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.made_cgroups = not (CGROUP_ROOT / "memory" / "kubepods").exists()
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.address}/{self.subnet.prefixlen}", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        self._start_containerd(bins)
+        self._import(self._pause_image())
+        _run(["docker", "rmi", PAUSE_IMAGE])  # made for this node only: its containerd holds it now
+        for image in images:
+            self._import(image)
+        self._start_kubelet(bins)
+        self._wait(lambda: self._ready(), "the node to be Ready")
+        return self
+
+    def _start_containerd(self, bins: Path) -> None:
+        home = self.directory / "containerd"
+        cni = self.directory / "cni"
+        cni.mkdir(parents=True)
+        (cni / "10-kubetune.conflist").write_text(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "kubetune",
+                    "plugins": [
+                        {
+                            "type": "bridge",
+                            "bridge": self.bridge,
+                            "isGateway": True,
+                            "ipMasq": False,  # nothing is routed beyond this machine
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": str(self.subnet), "gateway": self.address}]],
+                                "dataDir": str(self.directory / "ipam"),
+                            },
+                        },
+                        {"type": "loopback"},
+                    ],
+                }
+            )
+        )
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        config = f"""version = 2
+root = "{home / "root"}"
+state = "{home / "state"}"
+[grpc]
+  address = "{self.socket}"
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{home / "opt"}"
+[{cri}]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{cri}.containerd.runtimes.runc.options]
+        BinaryName = "{bins / "bin" / "runc"}"
+        SystemdCgroup = false
+  [{cri}.cni]
+    bin_dir = "{bins / "bin" / "cni"}"
+    conf_dir = "{cni}"
+"""
+        home.mkdir(parents=True)
+        (home / "config.toml").write_text(config)
+        self._launch("containerd", [CONTAINERD, "--config", str(home / "config.toml")])
+        self._wait(lambda: self._ctr("version").returncode == 0, "containerd to answer")
+
+    def _pause_image(self) -> str:
+        """The sandbox image: the local Python base with a command that sleeps forever, as 65532."""
+        base = "kubetune-base/python:3.11-bookworm"
+        created = _run(["docker", "create", base], check=True).stdout.strip()
+        try:
+            changes = ['CMD ["/bin/sleep", "infinity"]', "USER 65532:65532", f"ENV PATH={DEFAULT_PATH}"]
+            _run(["docker", "commit", *(f"--change={change}" for change in changes), created, PAUSE_IMAGE], check=True)
+        finally:
+            _run(["docker", "rm", created])
+        return PAUSE_IMAGE
+
+    def _import(self, image: str) -> None:
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        assert save.stdout is not None
+        imported = subprocess.run(
+            [CTR, "--address", str(self.socket), "-n", "k8s.io", "images", "import", "-"],
+            stdin=save.stdout, capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        save.stdout.close()
+        assert save.wait(timeout=60) == 0 and imported.returncode == 0, f"importing {image}: {imported.stderr}"
+
+    def _start_kubelet(self, bins: Path) -> None:
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "failCgroupV1": False,  # these machines run cgroup v1
+            "cgroupDriver": "cgroupfs",
+            "address": "127.0.0.1",
+            "port": free_port(),
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": free_port(),
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": False},
+                "x509": {"clientCAFile": str(self.plane.ca)},
+            },
+            "authorization": {"mode": "AlwaysAllow"},
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "failSwapOn": False,
+            "resolvConf": "/etc/resolv.conf",
+            "podLogsDir": str(self.directory / "pods"),
+            "registerWithTaints": [REAL_NODE_TAINT],
+            # A busy shared disk must not evict the test's pods.
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+        }
+        path = self.directory / "kubelet.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self._launch(
+            "kubelet",
+            [
+                str(bins / "bin" / "kubelet"),
+                f"--config={path}",
+                f"--kubeconfig={self.plane.admin_kubeconfig}",
+                f"--hostname-override={self.name}",
+                f"--node-ip={self.address}",
+                f"--node-labels={REAL_NODE_LABEL}=true",
+                f"--root-dir={self.directory / 'kubelet'}",
+            ],
+        )
+
+    # ---- stop ----------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """End everything start() began, in the order that lets each part clean up after itself."""
+        with contextlib.suppress(Exception):
+            self._delete_pods()
+        for component in reversed(self.components):
+            if component.process is not None and component.process.poll() is None:
+                component.process.send_signal(signal.SIGTERM)
+                try:
+                    component.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    component.process.kill()
+                    component.process.wait(timeout=10)
+        for process in self.processes():  # shims outlive containerd by design
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(self.processes(), timeout=10)
+        for mount in reversed(self.mounts()):
+            subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
+        if self.made_cgroups:
+            for controller in CGROUP_ROOT.iterdir():
+                kubepods = controller / "kubepods"
+                if kubepods.is_dir():
+                    for folder in sorted(kubepods.rglob("*"), key=lambda p: -len(p.parts)):
+                        if folder.is_dir():
+                            with contextlib.suppress(OSError):
+                                folder.rmdir()
+                    with contextlib.suppress(OSError):
+                        kubepods.rmdir()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+        self.plane.kubectl("delete", "node", self.name, "--ignore-not-found", check=False)
+
+    def _delete_pods(self) -> None:
+        """Delete the pods bound to this node and wait until containerd runs no task of theirs."""
+        self.plane.kubectl(
+            "delete", "pods", "--all-namespaces", f"--field-selector=spec.nodeName={self.name}", "--wait=false",
+            check=False,
+        )  # fmt: skip
+        self._wait(lambda: "RUNNING" not in self._ctr("tasks", "ls").stdout, "the node's pods to end", timeout=60)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process whose command line names this node's folder (containerd, its shims, the kubelet)."""
+        mine = []
+        for process in psutil.process_iter(["cmdline"]):
+            if any(str(self.directory) in part for part in process.info["cmdline"] or []):
+                mine.append(process)
+        return mine
+
+    def mounts(self) -> list[str]:
+        with open("/proc/mounts") as table:
+            return [line.split()[1] for line in table if line.split()[1].startswith(str(self.directory))]
+
+    def bridge_exists(self) -> bool:
+        return subprocess.run(["ip", "link", "show", self.bridge], capture_output=True, check=False).returncode == 0
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _launch(self, name: str, argv: list[str]) -> None:
+        component = Component(name, argv, self.directory / "logs" / f"{name}.log")
+        component.start(tie_to_parent=True)
+        self.components.append(component)
+
+    def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return _run([CTR, "--address", str(self.socket), "-n", "k8s.io", *args])
+
+    def _ip(self, *args: str) -> None:
+        _run(["ip", *args], check=True)
+
+    def _ready(self) -> bool:
+        node = self._node()
+        conditions = (node or {}).get("status", {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+    def _node(self) -> dict[str, Any] | None:
+        result = self.plane.kubectl("get", "node", self.name, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def _wait(self, ready: Any, what: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for component in self.components:
+                component.check_alive()
+            if ready():
+                return
+            time.sleep(0.2)
+        logs = "\n".join(f"--- {c.name}:\n{c.log_tail()}" for c in self.components)
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def _run(argv: list[str], *, check: bool = False) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+    return result

@@ -1,0 +1,162 @@
+"""Docker for the image tests: is a daemon there, the images built by build.sh, and a pod's container as `docker run`.
+
+`docker_run_args` turns the pod template the Job builder writes into the `docker run` options a kubelet would
+amount to (command, env, securityContext, volumes, termination message file), so the image is tested against
+what the operator really asks of it, not a hand-made copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "tests" / "images" / "build.sh"
+REGISTRY = "ghcr.io/kubetune"
+BUILD_TIMEOUT_SECONDS = 3600  # a cold trainer build downloads torch's CUDA wheels (several GB)
+
+
+def project_version() -> str:
+    match = re.search(r'^version = "([^"]+)"$', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert match, "pyproject.toml has no version"
+    return match[1]
+
+
+def image_name(name: str) -> str:
+    """The tag build.sh gives an image, and the chart's default: ghcr.io/kubetune/<name>:<version>."""
+    return f"{REGISTRY}/{name}:{project_version()}"
+
+
+def docker_problem() -> str | None:
+    """Why docker cannot be used here, or None when a daemon answers."""
+    if shutil.which("docker") is None:
+        return "the docker client is not installed"
+    result = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        return f"no docker daemon answers: {result.stderr.strip()[-300:]}"
+    return None
+
+
+def require_docker() -> None:
+    """Skip when docker is unavailable, except in CI (CI=true), where a missing docker is a failure."""
+    problem = docker_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the image tests, but {problem} (.ci/setup --with-cluster starts dockerd)")
+    pytest.skip(f"{problem}; bash tests/images/build.sh --install --start-dockerd sets it up")
+
+
+def build_images() -> None:
+    """Run build.sh: seconds when the images match their inputs, a full build otherwise."""
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_SECONDS, check=False
+    )
+    assert result.returncode == 0, f"build.sh failed:\n{result.stderr[-4000:]}"
+
+
+@dataclass(frozen=True)
+class Volumes:
+    """Host folders standing in for a pod's volumes, made under `root`."""
+
+    root: Path
+
+    def config_map(self, name: str, data: dict[str, str]) -> Path:
+        """A ConfigMap's data as files, read-only to the container as the kubelet mounts it."""
+        folder = self.root / "configmaps" / name
+        folder.mkdir(parents=True)
+        for key, value in data.items():
+            (folder / key).write_text(value)
+            (folder / key).chmod(0o644)
+        folder.chmod(0o755)
+        return folder
+
+    def empty_dir(self, name: str) -> Path:
+        """An emptyDir: the kubelet makes it world-writable (0777)."""
+        folder = self.root / "emptydirs" / name
+        folder.mkdir(parents=True)
+        folder.chmod(0o777)
+        return folder
+
+    def termination_log(self) -> Path:
+        """The file the kubelet mounts at terminationMessagePath, writable by any user (0666)."""
+        path = self.root / "termination-log"
+        path.touch()
+        path.chmod(0o666)
+        return path
+
+
+def docker_run_args(
+    pod: dict[str, Any],
+    *,
+    config_maps: dict[str, dict[str, str]],
+    secrets: dict[str, dict[str, str]],
+    volumes: Volumes,
+) -> tuple[list[str], Path]:
+    """`docker run` options for the pod's only container, and the host file its termination message lands in.
+
+    What a kubelet would do, as far as docker can say it: the pod's and container's securityContext (user, group,
+    fsGroup, read-only root, no new privileges, dropped capabilities), env with secretKeyRef resolved from
+    `secrets`, volumeMounts from `config_maps` and emptyDirs (Memory ones as tmpfs), the termination message file,
+    and the command as the entrypoint, its `$(VAR)` references expanded from env. Anything else in the pod fails.
+    """
+    (container,) = pod["containers"]
+    pod_security, security = pod.get("securityContext", {}), container.get("securityContext", {})
+    args: list[str] = []
+    if security.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    user = security.get("runAsUser", pod_security.get("runAsUser"))
+    group = security.get("runAsGroup", pod_security.get("runAsGroup"))
+    assert user is not None, "the pod names no user: the kubelet would take the image's"
+    args += ["--user", f"{user}:{group}" if group is not None else str(user)]
+    if "fsGroup" in pod_security:
+        args += ["--group-add", str(pod_security["fsGroup"])]
+    if security.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    for capability in security.get("capabilities", {}).get("drop", []):
+        args += ["--cap-drop", capability]
+
+    env: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+            continue
+        reference = variable["valueFrom"]["secretKeyRef"]
+        value = secrets.get(reference["name"], {}).get(reference["key"])
+        if value is None:
+            assert reference.get("optional"), f"secret {reference['name']}/{reference['key']} is not given"
+            continue
+        env[variable["name"]] = value
+    for name, value in env.items():
+        args += ["--env", f"{name}={value}"]
+
+    pod_volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        volume = pod_volumes[mount["name"]]
+        target = mount["mountPath"]
+        if "configMap" in volume:
+            source = volumes.config_map(mount["name"], config_maps[volume["configMap"]["name"]])
+            args += ["--mount", f"type=bind,source={source},target={target},readonly"]
+        elif volume.get("emptyDir", {}).get("medium") == "Memory":
+            args += ["--mount", f"type=tmpfs,target={target},tmpfs-mode=1777"]
+        elif "emptyDir" in volume:
+            source = volumes.empty_dir(mount["name"])
+            args += ["--mount", f"type=bind,source={source},target={target}"]
+        else:
+            raise AssertionError(f"volume {mount['name']}: only configMap and emptyDir are turned into docker mounts")
+    termination_log = volumes.termination_log()
+    args += ["--mount", f"type=bind,source={termination_log},target={container['terminationMessagePath']}"]
+
+    def expand(word: str) -> str:  # the kubelet's $(VAR) expansion; an unknown name stays as written
+        return re.sub(r"\$\((\w+)\)", lambda match: env.get(match[1], match[0]), word)
+
+    command = [expand(word) for word in container["command"]]
+    args += ["--entrypoint", command[0], container["image"], *command[1:], *map(expand, container.get("args", []))]
+    return args, termination_log
