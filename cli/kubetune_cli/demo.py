@@ -68,7 +68,8 @@ def as_chat(instruction_rows: str) -> str:
 def smollm2_job(endpoint: str, max_steps: int) -> dict[str, Any]:
     """The FineTuneJob the demo runs on SmolLM2: the CRD's QLoRA defaults (4-bit NF4, r=16 on all linear
     layers, packing) with a higher learning rate and packed rows of 512 tokens, so that a couple of minutes
-    on two CPU cores change what the model answers (measured: held-out eval loss 4.16 -> 2.48 in 24 steps, 107 s in all on two quiet cores)."""
+    on two CPU cores change what the model answers (measured: held-out eval loss 4.16 -> 2.48 in 24 steps,
+    107 s in all on two quiet cores)."""
     job = demo_job(endpoint, max_steps, source="s3://models/smollm2-135m-instruct/")
     spec = job["spec"]
     spec["dataset"].update(format="chat", maxLength=512)
