@@ -351,10 +351,32 @@ def _outcome(
     return _waiting_outcome(pods)
 
 
+def build_condition(
+    kind: str,
+    true: bool,
+    reason: str,
+    message: str,
+    previous: dict[str, Any] | None,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A status condition; its lastTransitionTime is kept from `previous` unless its status flips."""
+    status = "True" if true else "False"
+    since = previous.get("lastTransitionTime") if previous and previous.get("status") == status else None
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or timestamp(now),
+        "observedGeneration": generation,
+    }
+
+
 def _conditions(
     outcome: Outcome, previous: dict[str, Any], generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
-    before = {condition.get("type"): condition for condition in previous.get("conditions") or []}
+    before = {entry.get("type"): entry for entry in previous.get("conditions") or []}
     wanted = {
         "Ready": outcome.phase in ("Running", "Succeeded"),
         "Running": outcome.phase == "Running",
@@ -362,21 +384,10 @@ def _conditions(
         "Failed": outcome.phase == "Failed",
         "Suspended": outcome.phase == "Suspended",
     }
-    conditions = []
-    for kind in CONDITION_TYPES:
-        status = "True" if wanted[kind] else "False"
-        old = before.get(kind) or {}
-        since = old.get("lastTransitionTime") if old.get("status") == status else None
-        conditions.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": outcome.reason,
-                "message": outcome.message,
-                "lastTransitionTime": since or timestamp(now),
-                "observedGeneration": generation,
-            }
-        )
+    conditions = [
+        build_condition(kind, wanted[kind], outcome.reason, outcome.message, before.get(kind), generation, now)
+        for kind in CONDITION_TYPES
+    ]
     if outcome.phase == "Running" and PROGRESS_CONDITION in before:
         conditions.append(copy.deepcopy(before[PROGRESS_CONDITION]))
     return conditions
