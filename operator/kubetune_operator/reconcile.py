@@ -65,6 +65,7 @@ from kubetune_operator.status import (
     compute_status,
     failed_status,
     is_finished,
+    parse_timestamp,
     phase_event,
     status_patch,
 )
@@ -497,7 +498,7 @@ class Reconciler:
         ttl = job.spec.run_policy.ttl_seconds_after_finished
         if is_finished(status) and ttl is not None and key not in self._expiries and not self._closed:
             completed = status.get("completionTime")
-            finished = datetime.fromisoformat(completed.replace("Z", "+00:00")) if completed else self.clock()
+            finished = parse_timestamp(completed) if completed else self.clock()
             delay = max(0.0, finished.timestamp() + float(ttl) - self.clock().timestamp())
             self._expiries[key] = asyncio.create_task(self._expire_later(key, delay))
 

@@ -71,6 +71,11 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_timestamp(text: str) -> datetime:
+    """A time as Kubernetes writes it (RFC 3339, `Z` or an offset); raises ValueError on anything else."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def parse_termination_message(text: str | None) -> TerminationMessage | None:
     """The trainer's final JSON, or None for anything else (a log tail, truncated or garbled text)."""
     if not text or not text.lstrip().startswith("{"):
