@@ -28,6 +28,7 @@ from kubetune_trainer.config import (
     TrackingSpec,
     TrainerConfig,
     WandbSpec,
+    describe_errors,
 )
 from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result, TrackingRun
 
@@ -389,20 +390,6 @@ class SpecError(ValueError):
         self.problems = problems
 
 
-def describe_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
-    """Pydantic errors as `field.path: message`, with the wire (camelCase) names; an unknown field of `model`
-    gets the field it most likely meant."""
-    problems = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            meant = meant_field(model, item["loc"]) if model is not None else None
-            message = f"unknown field; did you mean `{meant}`?" if meant else "unknown field"
-        problems.append(f"{path}: {message}" if path else message)
-    return problems
-
-
 def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
     """Typed FineTuneJob from a raw object (a handler's body or a YAML document); SpecError if invalid.
 
@@ -414,4 +401,4 @@ def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
             {key: value for key, value in body.items() if key != "status"}, by_alias=True, by_name=False
         )
     except ValidationError as error:
-        raise SpecError(describe_errors(error, model=FineTuneJob)) from None
+        raise SpecError(describe_errors(error, meant=lambda location: meant_field(FineTuneJob, location))) from None
