@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
 from kubetune_operator.pod_api import PodSpec
-from kubetune_operator.spelling import meant_field, quantity_problem
+from kubetune_operator.spelling import meant_field, model_in, quantity_problem
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     INTEGER_MAX,
@@ -162,14 +162,6 @@ class FineTuneTrackingSpec(TrackingSpec):
     wandb: FineTuneWandbSpec | None = Field(default=None, description="Report to Weights & Biases.")
 
 
-# What the FineTuneJob adds inside the trainer's own sections: Kubernetes-only, never in config.json.
-KUBERNETES_ONLY_FIELDS: dict[str, Any] = {
-    "model": {"token_secret_ref"},
-    "storage": {"credentials_secret_ref"},
-    "tracking": {"mlflow": {"credentials_secret_ref"}, "wandb": {"api_key_secret_ref"}},
-}
-
-
 # What a pod asks for when the spec leaves it out. Requests only (Burstable): a default that proves low for a
 # large model slows the pod or lets it use what the node has, never OOM-kills it. `kubetune plan` sizes a run.
 DEFAULT_CPU_PER_GPU = 4
@@ -312,8 +304,23 @@ class FineTuneJobSpec(TrainerConfig):
 
     def trainer_config(self) -> TrainerConfig:
         """The training part alone, without the Secret references: what goes into config.json."""
-        sections = self.model_dump(include=set(TrainerConfig.model_fields), exclude=KUBERNETES_ONLY_FIELDS)
-        return TrainerConfig.model_validate(sections)
+        return TrainerConfig.model_validate(self.model_dump(exclude=KUBERNETES_ONLY_FIELDS))
+
+
+def added_fields(model: type[BaseModel], base: type[BaseModel]) -> dict[str, Any]:
+    """The fields `model` adds to `base`, at any depth (a section of `model` may extend a section of `base`),
+    in the form pydantic's `model_dump(exclude=...)` takes."""
+    added: dict[str, Any] = {name: True for name in model.model_fields if name not in base.model_fields}
+    for name, field in base.model_fields.items():
+        ours, theirs = model_in(model.model_fields[name].annotation), model_in(field.annotation)
+        if ours is not None and theirs is not None and ours is not theirs and (inner := added_fields(ours, theirs)):
+            added[name] = inner
+    return added
+
+
+# What the FineTuneJob adds to the trainer's config (resources, scheduling, the Secret references inside the
+# trainer's own sections...): Kubernetes-only, never in config.json.
+KUBERNETES_ONLY_FIELDS = added_fields(FineTuneJobSpec, TrainerConfig)
 
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
