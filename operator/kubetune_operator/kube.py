@@ -149,13 +149,12 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
-        query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Body:
         params = self._client.param_serialize(
             method=method,
             resource_path=path,
-            query_params=query or [],
+            query_params=[],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body,
             auth_settings=["BearerToken"],
@@ -188,10 +187,6 @@ class Kube:
             if error.status == 404:
                 return None
             raise
-
-    async def list(self, resource: Resource, namespace: str, label_selector: str) -> list[Body]:
-        listed = await self._request("GET", resource.path(namespace), query=[("labelSelector", label_selector)])
-        return list(listed.get("items") or [])
 
     async def create(self, obj: Body) -> Body:
         resource = KIND_RESOURCES[obj["kind"]]
