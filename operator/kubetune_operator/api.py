@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
 from kubetune_operator.pod_api import PodSpec
-from kubetune_operator.spelling import meant_field, quantity_problem
+from kubetune_operator.spelling import meant_field, model_in, quantity_problem
 from kubetune_trainer.config import (
     DNS_SUBDOMAIN,
     INTEGER_MAX,
@@ -28,6 +28,7 @@ from kubetune_trainer.config import (
     TrackingSpec,
     TrainerConfig,
     WandbSpec,
+    describe_errors,
 )
 from kubetune_trainer.contract import Artifacts, CheckpointRef, Progress, Result, TrackingRun
 
@@ -159,14 +160,6 @@ class FineTuneTrackingSpec(TrackingSpec):
 
     mlflow: FineTuneMlflowSpec | None = Field(default=None, description="Report to an MLflow tracking server.")
     wandb: FineTuneWandbSpec | None = Field(default=None, description="Report to Weights & Biases.")
-
-
-# What the FineTuneJob adds inside the trainer's own sections: Kubernetes-only, never in config.json.
-KUBERNETES_ONLY_FIELDS: dict[str, Any] = {
-    "model": {"token_secret_ref"},
-    "storage": {"credentials_secret_ref"},
-    "tracking": {"mlflow": {"credentials_secret_ref"}, "wandb": {"api_key_secret_ref"}},
-}
 
 
 # What a pod asks for when the spec leaves it out. Requests only (Burstable): a default that proves low for a
@@ -311,8 +304,23 @@ class FineTuneJobSpec(TrainerConfig):
 
     def trainer_config(self) -> TrainerConfig:
         """The training part alone, without the Secret references: what goes into config.json."""
-        sections = self.model_dump(include=set(TrainerConfig.model_fields), exclude=KUBERNETES_ONLY_FIELDS)
-        return TrainerConfig.model_validate(sections)
+        return TrainerConfig.model_validate(self.model_dump(exclude=KUBERNETES_ONLY_FIELDS))
+
+
+def added_fields(model: type[BaseModel], base: type[BaseModel]) -> dict[str, Any]:
+    """The fields `model` adds to `base`, at any depth (a section of `model` may extend a section of `base`),
+    in the form pydantic's `model_dump(exclude=...)` takes."""
+    added: dict[str, Any] = {name: True for name in model.model_fields if name not in base.model_fields}
+    for name, field in base.model_fields.items():
+        ours, theirs = model_in(model.model_fields[name].annotation), model_in(field.annotation)
+        if ours is not None and theirs is not None and ours is not theirs and (inner := added_fields(ours, theirs)):
+            added[name] = inner
+    return added
+
+
+# What the FineTuneJob adds to the trainer's config (resources, scheduling, the Secret references inside the
+# trainer's own sections...): Kubernetes-only, never in config.json.
+KUBERNETES_ONLY_FIELDS = added_fields(FineTuneJobSpec, TrainerConfig)
 
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
@@ -389,20 +397,6 @@ class SpecError(ValueError):
         self.problems = problems
 
 
-def describe_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
-    """Pydantic errors as `field.path: message`, with the wire (camelCase) names; an unknown field of `model`
-    gets the field it most likely meant."""
-    problems = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            meant = meant_field(model, item["loc"]) if model is not None else None
-            message = f"unknown field; did you mean `{meant}`?" if meant else "unknown field"
-        problems.append(f"{path}: {message}" if path else message)
-    return problems
-
-
 def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
     """Typed FineTuneJob from a raw object (a handler's body or a YAML document); SpecError if invalid.
 
@@ -414,4 +408,4 @@ def parse_finetunejob(body: dict[str, Any]) -> FineTuneJob:
             {key: value for key, value in body.items() if key != "status"}, by_alias=True, by_name=False
         )
     except ValidationError as error:
-        raise SpecError(describe_errors(error, model=FineTuneJob)) from None
+        raise SpecError(describe_errors(error, meant=lambda location: meant_field(FineTuneJob, location))) from None

@@ -97,9 +97,6 @@ class Cache:
             self.finetunejobs[key] = slim(obj)
         return self.finetunejobs[key]
 
-    def forget_finetunejob(self, namespace: str, name: str) -> None:
-        self.finetunejobs.pop((namespace, name), None)
-
     # -- Jobs ----------------------------------------------------------------------------------------
 
     def job(self, namespace: str, name: str) -> Body | None:

@@ -17,8 +17,6 @@ from pydantic.json_schema import GenerateJsonSchema
 from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
 from kubetune_operator.api import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, FineTuneJob
 
-CRD_FILE = f"{API_GROUP}_{PLURAL}.yaml"
-
 _DROPPED_KEYS = {"title", "additionalProperties", "discriminator"}
 _ROOT_DESCRIPTION = (
     "A FineTuneJob fine-tunes a language model (QLoRA by default) from object storage to object storage. "

@@ -21,10 +21,10 @@ import kubernetes
 import urllib3
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
+from kubetune_operator.cache import Body
+from kubetune_operator.settings import API_CONCURRENCY
 
-Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
-API_CONCURRENCY = 16  # API calls in flight at once (KUBETUNE_API_CONCURRENCY); the others wait, in order
 USER_AGENT = "kubetune-operator"  # audit logs (and the tests' RBAC check) tell the operator's calls by it
 
 
@@ -65,6 +65,11 @@ class Resource:
         if subresource is not None:
             path += f"/{subresource}"
         return path
+
+    @property
+    def gvr(self) -> tuple[str, str, str]:
+        """(group, version, plural), as Kopf's handler decorators take them."""
+        return self.group, self.version, self.plural
 
 
 FINETUNEJOBS = Resource(API_GROUP, API_VERSION, PLURAL)
@@ -144,13 +149,12 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
-        query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Body:
         params = self._client.param_serialize(
             method=method,
             resource_path=path,
-            query_params=query or [],
+            query_params=[],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body,
             auth_settings=["BearerToken"],
@@ -183,10 +187,6 @@ class Kube:
             if error.status == 404:
                 return None
             raise
-
-    async def list(self, resource: Resource, namespace: str, label_selector: str) -> list[Body]:
-        listed = await self._request("GET", resource.path(namespace), query=[("labelSelector", label_selector)])
-        return list(listed.get("items") or [])
 
     async def create(self, obj: Body) -> Body:
         resource = KIND_RESOURCES[obj["kind"]]

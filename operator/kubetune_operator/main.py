@@ -13,15 +13,14 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import API_GROUP, API_VERSION, PLURAL
+from kubetune_operator import API_GROUP
 from kubetune_operator.builders import LABEL_MANAGED_BY, MANAGED_BY
-from kubetune_operator.kube import KUEUE_GROUP, Kube
+from kubetune_operator.kube import FINETUNEJOBS, JOBS, KUEUE_GROUP, PODS, Kube
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressPoller
 from kubetune_operator.reconcile import Reconciler
 from kubetune_operator.settings import Settings
 
-FINETUNEJOBS = (API_GROUP, API_VERSION, PLURAL)
 MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 
 
@@ -54,7 +53,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     metrics = Metrics()
     memo.metrics_server = await metrics.serve(config.metrics_port)
     poller = ProgressPoller(config.progress_concurrency, config.progress_timeout_seconds)
-    memo.reconciler = Reconciler(kube, config, metrics, poller, workers=config.api_concurrency)
+    memo.reconciler = Reconciler(kube, config, metrics, poller)
     logger.info(
         "kubetune operator started: trainer image %s, metrics on :%d", config.trainer_image, config.metrics_port
     )
@@ -96,19 +95,19 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.metrics_server.cleanup()
 
 
-@kopf.on.event(*FINETUNEJOBS)
+@kopf.on.event(*FINETUNEJOBS.gvr)
 async def finetunejob_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Any FineTuneJob event (creation, spec change, the list after a restart): reconcile it from state."""
     memo.reconciler.observe_finetunejob(_raw(body), deleted=type == "DELETED")
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event(*JOBS.gvr, labels=MANAGED)
 async def job_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A Job changed (or went away): its FineTuneJob's status follows, and the Job is recreated if needed."""
     memo.reconciler.observe_job(_raw(body), deleted=type == "DELETED")
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
+@kopf.on.event(*PODS.gvr, labels=MANAGED)
 async def pod_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.observe_pod(_raw(body), deleted=type == "DELETED")
 
@@ -120,13 +119,13 @@ async def workload_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, *
     memo.reconciler.observe_workload(_raw(body), deleted=type == "DELETED")
 
 
-@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+@kopf.index(*JOBS.gvr, labels=MANAGED)
 async def jobs_listed(**_: Any) -> None:
     """No index of its own (the reconciler's cache holds the Jobs): registered because Kopf holds every handler
     until each indexed kind has been listed, so after a restart no run is synced before its Job is known."""
 
 
-@kopf.index("", "v1", "pods", labels=MANAGED)
+@kopf.index(*PODS.gvr, labels=MANAGED)
 async def pods_listed(**_: Any) -> None:
     """Likewise for pods: a restarted operator's first syncs see every run's pods."""
 

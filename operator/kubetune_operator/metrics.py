@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections import Counter as Tally
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import prometheus_client
@@ -18,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubetune_operator.api import Phase
+from kubetune_operator.status import parse_timestamp
 
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 RUN_LABELS = ("namespace", "finetunejob")
@@ -146,8 +146,7 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
     try:
-        begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
-        finish = datetime.fromisoformat(end.replace("Z", "+00:00"))
+        begin, finish = parse_timestamp(start), parse_timestamp(end)
     except ValueError:
         return None
     return max(0.0, (finish - begin).total_seconds())

@@ -8,13 +8,14 @@ FineTuneJob (condition ProgressAvailable=False after a few failures in a row) wi
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 from pydantic import ValidationError
 
 from kubetune_operator.builders import LABEL_COMPLETION_INDEX, LABEL_FINETUNEJOB
-from kubetune_operator.status import PROGRESS_CONDITION, timestamp
+from kubetune_operator.status import PROGRESS_CONDITION, build_condition
 from kubetune_trainer import contract
 from kubetune_trainer.contract import Progress
 
@@ -84,24 +85,11 @@ class ProgressError(Exception):
 
 
 def progress_condition(
-    conditions: list[dict[str, Any]], available: bool, reason: str, message: str, generation: int | None, now: Any
+    conditions: list[dict[str, Any]], available: bool, reason: str, message: str, generation: int | None, now: datetime
 ) -> list[dict[str, Any]] | None:
     """`conditions` with ProgressAvailable set as given, or None when it already says so."""
-    status = "True" if available else "False"
     current = next((c for c in conditions if c.get("type") == PROGRESS_CONDITION), None)
-    if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
-        status,
-        reason,
-        message,
-    ):
+    entry = build_condition(PROGRESS_CONDITION, available, reason, message, current, generation, now)
+    if current is not None and all(current.get(key) == entry[key] for key in ("status", "reason", "message")):
         return None
-    since = current.get("lastTransitionTime") if current is not None and current.get("status") == status else None
-    entry = {
-        "type": PROGRESS_CONDITION,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since or timestamp(now),
-        "observedGeneration": generation,
-    }
     return [c for c in conditions if c.get("type") != PROGRESS_CONDITION] + [entry]

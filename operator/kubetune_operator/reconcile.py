@@ -7,7 +7,7 @@ API only to write (children it creates, a status that changed) or on a cache mis
 
 Triggers do not sync directly: they put the FineTuneJob on the work queue (`workqueue.WorkQueue`, as
 controller-runtime's), which holds each FineTuneJob once however many events arrive, never hands one to two
-workers at a time, and lets a bounded number of workers (`SYNC_WORKERS`, the API client's concurrency) drain
+workers at a time, and lets a bounded number of workers (`KUBETUNE_API_CONCURRENCY`, the API client's concurrency) drain
 it in arrival order. Runs that still need their children come first, and a new run's first status write waits
 while others still need theirs: in a burst of creations, every Job is created before the burst's status
 writes, in order, so none waits behind the whole burst's writes. A sync that fails comes back after the
@@ -45,7 +45,6 @@ from kubetune_operator.builders import (
 )
 from kubetune_operator.cache import Body, Cache, Key, key_of
 from kubetune_operator.kube import (
-    API_CONCURRENCY,
     FINETUNEJOBS,
     JOBS,
     ApiError,
@@ -65,6 +64,7 @@ from kubetune_operator.status import (
     compute_status,
     failed_status,
     is_finished,
+    parse_timestamp,
     phase_event,
     status_patch,
 )
@@ -76,8 +76,6 @@ PREDECESSOR_RETRY_SECONDS = 2.0  # at least this long before a run whose childre
 # goes from the first Pending write straight to Running). A change of phase or of spec (observedGeneration)
 # is written at once.
 COALESCE_SECONDS = 2.0
-# Workers draining the sync queue: as many as API calls may be in flight (KUBETUNE_API_CONCURRENCY).
-SYNC_WORKERS = API_CONCURRENCY
 # How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
 NAMESPACE_TERMINATING = "because it is being terminated"
 logger = logging.getLogger(__name__)
@@ -102,7 +100,6 @@ class Reconciler:
         metrics: Metrics,
         poller: ProgressPoller,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        workers: int = SYNC_WORKERS,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -113,7 +110,7 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._closed = False
         self.queue: WorkQueue[Key] = WorkQueue(Backoff(settings.retry_base_seconds, settings.retry_max_seconds))
-        self._workers_wanted = workers
+        self._workers_wanted = settings.api_concurrency  # as many syncs as API calls may be in flight
         self._workers: list[asyncio.Task[None]] = []
         self._own_writes: dict[Key, str] = {}  # resourceVersion of our last status write, until its echo arrives
         self._created: set[Key] = set()  # children created by this process (their run no longer goes first)
@@ -497,7 +494,7 @@ class Reconciler:
         ttl = job.spec.run_policy.ttl_seconds_after_finished
         if is_finished(status) and ttl is not None and key not in self._expiries and not self._closed:
             completed = status.get("completionTime")
-            finished = datetime.fromisoformat(completed.replace("Z", "+00:00")) if completed else self.clock()
+            finished = parse_timestamp(completed) if completed else self.clock()
             delay = max(0.0, finished.timestamp() + float(ttl) - self.clock().timestamp())
             self._expiries[key] = asyncio.create_task(self._expire_later(key, delay))
 

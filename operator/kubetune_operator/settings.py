@@ -14,6 +14,8 @@ ENV_PREFIX = "KUBETUNE_"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Kubernetes API calls in flight at once (threads of the client), and syncs running at once; the others wait.
+API_CONCURRENCY = 16
 
 
 class SettingsError(ValueError):
@@ -33,7 +35,7 @@ class Settings:
     progress_interval_seconds: float = 15.0
     progress_timeout_seconds: float = 3.0
     progress_concurrency: int = 16
-    api_concurrency: int = 16  # Kubernetes API calls in flight at once (and syncs running at once)
+    api_concurrency: int = API_CONCURRENCY
     progress_failure_threshold: int = 3  # consecutive failed polls before ProgressAvailable=False
     # A failed sync is retried after retry_base_seconds, doubling per failure up to retry_max_seconds, forever.
     retry_base_seconds: float = 1.0

@@ -18,12 +18,12 @@ from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     """The model class an annotation holds (`X`, `X | None`, `list[X]`), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for argument in typing.get_args(annotation):
-        found = _model_in(argument)
+        found = model_in(argument)
         if found is not None:
             return found
     return None
@@ -44,7 +44,7 @@ def _model_at(root: type[BaseModel], location: Sequence[int | str]) -> type[Base
         field = next((f for name, f in model.model_fields.items() if (f.alias or name) == part), None)
         if field is None:
             return None
-        model = _model_in(field.annotation)
+        model = model_in(field.annotation)
     return model
 
 

@@ -58,7 +58,7 @@ MESSAGE_MAX = 1024
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Verdict:
     """The phase of a run and why, before it is dressed as conditions."""
 
     phase: str
@@ -72,6 +72,11 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_timestamp(text: str) -> datetime:
+    """A time as Kubernetes writes it (RFC 3339, `Z` or an offset); raises ValueError on anything else."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def parse_termination_message(text: str | None) -> TerminationMessage | None:
     """The trainer's final JSON, or None for anything else (a log tail, truncated or garbled text)."""
     if not text or not text.lstrip().startswith("{"):
@@ -83,8 +88,8 @@ def parse_termination_message(text: str | None) -> TerminationMessage | None:
 
 
 @dataclass(frozen=True)
-class Ending(Outcome):
-    """The outcome a trainer's exit code and termination message tell, with what it reported (wire names)."""
+class Ending(Verdict):
+    """The verdict a trainer's exit code and termination message tell, with what it reported (wire names)."""
 
     result: dict[str, Any] | None = None
     artifacts: dict[str, Any] | None = None
@@ -249,7 +254,7 @@ def _invalid_input(pod: dict[str, Any]) -> bool:
 
 def _failed(
     job: FineTuneJob, observed_job: dict[str, Any], pods: list[dict[str, Any]], failed: dict[str, Any]
-) -> Outcome:
+) -> Verdict:
     invalid = [pod for pod in pods if _pod_phase(pod) == "Failed" and _invalid_input(pod)]
     # Any node's invalid input is the run's cause (its peers then fail as a consequence).
     pod = max(invalid, key=_pod_order) if invalid else _latest(pods, "Failed")
@@ -258,9 +263,9 @@ def _failed(
     job_message = str(failed.get("message") or "the Job failed")
     ending = pod_ending(pod) if pod is not None else None
     if ending is not None and ending.reason == "InvalidInput":
-        return Outcome("Failed", ending.reason, _short(_node_prefix(job, pod) + ending.message), pod)
+        return Verdict("Failed", ending.reason, _short(_node_prefix(job, pod) + ending.message), pod)
     if terminated is not None and terminated.get("reason") == "OOMKilled" and job_reason != "DeadlineExceeded":
-        return Outcome(
+        return Verdict(
             "Failed",
             "OOMKilled",
             f"{_node_prefix(job, pod)}the trainer ran out of memory; raise resources.memory, or lower "
@@ -268,30 +273,30 @@ def _failed(
             f"or dataset.maxLength ({job_reason}: {job_message})",
             pod,
         )
-    return Outcome("Failed", job_reason, _short(_node_prefix(job, pod) + job_message), pod)
+    return Verdict("Failed", job_reason, _short(_node_prefix(job, pod) + job_message), pod)
 
 
-def _waiting_outcome(pods: list[dict[str, Any]]) -> Outcome:
+def _waiting_verdict(pods: list[dict[str, Any]]) -> Verdict:
     """Why no pod runs yet: the scheduler's or the kubelet's words, else the retry in progress."""
     active = [pod for pod in pods if _pod_phase(pod) == "Pending" and not pod["metadata"].get("deletionTimestamp")]
     for pod in active:
         waiting = _trainer_waiting(pod)
         if waiting and waiting.get("reason") in STUCK_REASONS:
-            return Outcome("Pending", str(waiting["reason"]), _short(str(waiting.get("message") or waiting["reason"])))
+            return Verdict("Pending", str(waiting["reason"]), _short(str(waiting.get("message") or waiting["reason"])))
     for pod in active:
         scheduled = _condition(pod, "PodScheduled")
         if scheduled is not None and scheduled.get("status") == "False":
             reason = str(scheduled.get("reason") or "Unschedulable")
-            return Outcome("Pending", reason, _short(str(scheduled.get("message") or reason)))
+            return Verdict("Pending", reason, _short(str(scheduled.get("message") or reason)))
     if active:
-        return Outcome("Pending", "ContainerCreating", f"pod {active[0]['metadata']['name']} is starting")
+        return Verdict("Pending", "ContainerCreating", f"pod {active[0]['metadata']['name']} is starting")
     failed = _latest(pods, "Failed")
     if failed is not None:
         terminated = trainer_terminated(failed) or {}
         code = terminated.get("exitCode", "unknown")
         why = f"{terminated['reason']}, exit code {code}" if terminated.get("reason") else f"exit code {code}"
-        return Outcome("Pending", "Retrying", f"pod {failed['metadata']['name']} failed ({why}); the Job retries")
-    return Outcome("Pending", "WaitingForPod", "the Job has not created a pod yet")
+        return Verdict("Pending", "Retrying", f"pod {failed['metadata']['name']} failed ({why}); the Job retries")
+    return Verdict("Pending", "WaitingForPod", "the Job has not created a pod yet")
 
 
 def kueue_pending_message(workload: dict[str, Any] | None) -> str | None:
@@ -302,92 +307,103 @@ def kueue_pending_message(workload: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _outcome(
+def _verdict(
     job: FineTuneJob,
     observed_job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
     previous: dict[str, Any],
     workload: dict[str, Any] | None,
     refused: str | None = None,
-) -> Outcome:
+) -> Verdict:
     if observed_job is None:
         if previous.get("phase") in FINISHED:  # the outcome outlives a Job deleted after it finished
-            return Outcome(
+            return Verdict(
                 previous["phase"], previous.get("reason") or previous["phase"], previous.get("message") or ""
             )
         if refused:
-            return Outcome("Pending", CREATE_REFUSED, _short(refused))
+            return Verdict("Pending", CREATE_REFUSED, _short(refused))
         if job.spec.run_policy.suspend:
-            return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
-        return Outcome("Pending", "CreatingJob", f"creating Job {job_name(job)}")
+            return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
+        return Verdict("Pending", "CreatingJob", f"creating Job {job_name(job)}")
     if _true(observed_job, "Complete") is not None:
         # Global rank 0 (pod 0 of a multi-node run) reported the result and artifacts.
         rank0 = [pod for pod in pods if node_index(pod) in (None, 0)]
-        return Outcome("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, _latest(rank0, "Succeeded"))
+        return Verdict("Succeeded", "Succeeded", SUCCEEDED_MESSAGE, _latest(rank0, "Succeeded"))
     failed = _true(observed_job, "Failed")
     if failed is not None:
         return _failed(job, observed_job, pods, failed)
     running = _running(pods)
     if job.spec.run_policy.suspend:
         if running:
-            return Outcome("Suspended", "Suspending", "waiting for the trainer to save a checkpoint and stop")
-        return Outcome("Suspended", "Suspended", "spec.runPolicy.suspend is true")
+            return Verdict("Suspended", "Suspending", "waiting for the trainer to save a checkpoint and stop")
+        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true")
     if observed_job.get("spec", {}).get("suspend"):
         queue = observed_job.get("metadata", {}).get("labels", {}).get(LABEL_KUEUE_QUEUE)
         if queue:
             message = f"waiting for Kueue LocalQueue {queue} to admit the Job"
             pending = kueue_pending_message(workload)
-            return Outcome("Queued", "WaitingForAdmission", f"{message}: {pending}" if pending else message)
-        return Outcome("Pending", "Resuming", "the Job is being resumed")
+            return Verdict("Queued", "WaitingForAdmission", f"{message}: {pending}" if pending else message)
+        return Verdict("Pending", "Resuming", "the Job is being resumed")
     nodes = job.spec.resources.nodes
     if running and nodes > 1:
         ready = running_nodes(pods)
         if ready < nodes:
-            waiting = _waiting_outcome([pod for pod in pods if pod not in running])
-            return Outcome("Running", "WaitingForNodes", _short(f"{ready} of {nodes} nodes running; the "
+            waiting = _waiting_verdict([pod for pod in pods if pod not in running])
+            return Verdict("Running", "WaitingForNodes", _short(f"{ready} of {nodes} nodes running; the "
                            f"rendezvous waits for the others ({waiting.reason}: {waiting.message})"))  # fmt: skip
-        return Outcome("Running", "TrainerRunning", f"{nodes} of {nodes} nodes training")
+        return Verdict("Running", "TrainerRunning", f"{nodes} of {nodes} nodes training")
     if running:
-        return Outcome("Running", "TrainerRunning", f"pod {running[0]['metadata']['name']} is training")
-    return _waiting_outcome(pods)
+        return Verdict("Running", "TrainerRunning", f"pod {running[0]['metadata']['name']} is training")
+    return _waiting_verdict(pods)
 
 
-def _storage_retry(outcome: Outcome, previous: dict[str, Any]) -> Outcome:
+def build_condition(
+    kind: str,
+    true: bool,
+    reason: str,
+    message: str,
+    previous: dict[str, Any] | None,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A status condition; its lastTransitionTime is kept from `previous` unless its status flips."""
+    status = "True" if true else "False"
+    since = previous.get("lastTransitionTime") if previous and previous.get("status") == status else None
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or timestamp(now),
+        "observedGeneration": generation,
+    }
+
+
+def _storage_retry(verdict: Verdict, previous: dict[str, Any]) -> Verdict:
     """A training run whose trainer retries its writes through a storage outage (the progress it last reported
     says so) says it in its message, under a reason of its own, so the change is also a Warning Event."""
     retry = (previous.get("progress") or {}).get("storageRetry")
-    if outcome.phase != "Running" or outcome.reason != "TrainerRunning" or not retry:
-        return outcome
-    return Outcome("Running", STORAGE_RETRYING, _short(f"{outcome.message}; {retry}"), outcome.terminal_pod)
+    if verdict.phase != "Running" or verdict.reason != "TrainerRunning" or not retry:
+        return verdict
+    return Verdict("Running", STORAGE_RETRYING, _short(f"{verdict.message}; {retry}"), verdict.terminal_pod)
 
 
 def _conditions(
-    outcome: Outcome, previous: dict[str, Any], generation: int | None, now: datetime
+    verdict: Verdict, previous: dict[str, Any], generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
-    before = {condition.get("type"): condition for condition in previous.get("conditions") or []}
+    before = {entry.get("type"): entry for entry in previous.get("conditions") or []}
     wanted = {
-        "Ready": outcome.phase in ("Running", "Succeeded"),
-        "Running": outcome.phase == "Running",
-        "Succeeded": outcome.phase == "Succeeded",
-        "Failed": outcome.phase == "Failed",
-        "Suspended": outcome.phase == "Suspended",
+        "Ready": verdict.phase in ("Running", "Succeeded"),
+        "Running": verdict.phase == "Running",
+        "Succeeded": verdict.phase == "Succeeded",
+        "Failed": verdict.phase == "Failed",
+        "Suspended": verdict.phase == "Suspended",
     }
-    conditions = []
-    for kind in CONDITION_TYPES:
-        status = "True" if wanted[kind] else "False"
-        old = before.get(kind) or {}
-        since = old.get("lastTransitionTime") if old.get("status") == status else None
-        conditions.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": outcome.reason,
-                "message": outcome.message,
-                "lastTransitionTime": since or timestamp(now),
-                "observedGeneration": generation,
-            }
-        )
-    if outcome.phase == "Running" and PROGRESS_CONDITION in before:
+    conditions = [
+        build_condition(kind, wanted[kind], verdict.reason, verdict.message, before.get(kind), generation, now)
+        for kind in CONDITION_TYPES
+    ]
+    if verdict.phase == "Running" and PROGRESS_CONDITION in before:
         conditions.append(copy.deepcopy(before[PROGRESS_CONDITION]))
     return conditions
 
@@ -452,28 +468,28 @@ def compute_status(
     create the Job that does not exist (Pending, reason CreateRefused)."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
-    outcome = _storage_retry(_outcome(job, observed_job, pods, previous, workload, refused), previous)
+    verdict = _storage_retry(_verdict(job, observed_job, pods, previous, workload, refused), previous)
     status: dict[str, Any] = {
-        "phase": outcome.phase,
-        "reason": outcome.reason,
-        "message": outcome.message,
+        "phase": verdict.phase,
+        "reason": verdict.reason,
+        "message": verdict.message,
         "observedGeneration": job.metadata.generation,
         "jobName": job_name(job),
-        "conditions": _conditions(outcome, previous, job.metadata.generation, now),
+        "conditions": _conditions(verdict, previous, job.metadata.generation, now),
         "attempts": _attempts(observed_job, pods, previous),
     }
-    if job.spec.resources.nodes > 1 and outcome.phase == "Running":
+    if job.spec.resources.nodes > 1 and verdict.phase == "Running":
         status["runningNodes"] = running_nodes(pods)
     started = previous.get("startTime") or _start_time(pods)
-    if started is None and outcome.phase == "Running":
+    if started is None and verdict.phase == "Running":
         started = timestamp(now)
     if started:
         status["startTime"] = started
-    if outcome.phase in FINISHED:
+    if verdict.phase in FINISHED:
         completed = previous.get("completionTime") if previous.get("phase") in FINISHED else None
         if completed is None and observed_job is not None:
             completed = observed_job.get("status", {}).get("completionTime")
-            if completed is None and outcome.phase == "Failed":
+            if completed is None and verdict.phase == "Failed":
                 completed = (_true(observed_job, "Failed") or {}).get("lastTransitionTime")
         status["completionTime"] = completed or timestamp(now)
     if previous.get("progress"):
@@ -481,11 +497,11 @@ def compute_status(
     checkpoint = _newest_checkpoint(pods, previous)
     if checkpoint:
         status["checkpoint"] = checkpoint
-    ending = pod_ending(outcome.terminal_pod) if outcome.terminal_pod is not None else None
+    ending = pod_ending(verdict.terminal_pod) if verdict.terminal_pod is not None else None
     tracking = (ending.tracking if ending is not None else None) or previous.get("tracking")
     if tracking:  # the trackers' runs: from the ending trainer, else as last reported
         status["tracking"] = copy.deepcopy(tracking)
-    if outcome.phase == "Succeeded":
+    if verdict.phase == "Succeeded":
         if ending is not None and ending.result is not None:
             status["result"] = ending.result
         if ending is not None and ending.artifacts is not None:
@@ -506,14 +522,14 @@ def failed_status(
 ) -> dict[str, Any]:
     """Status of a FineTuneJob the operator refuses to run (InvalidSpec, NameConflict)."""
     previous = previous_status or {}
-    outcome = Outcome("Failed", reason, _short(message))
+    verdict = Verdict("Failed", reason, _short(message))
     status = {
         "phase": "Failed",
         "reason": reason,
-        "message": outcome.message,
+        "message": verdict.message,
         "observedGeneration": generation,
         "jobName": name,
-        "conditions": _conditions(outcome, previous, generation, now),
+        "conditions": _conditions(verdict, previous, generation, now),
         "attempts": int(previous.get("attempts") or 0),
         "completionTime": previous.get("completionTime") if previous.get("phase") == "Failed" else timestamp(now),
     }

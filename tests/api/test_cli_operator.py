@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.api.conftest import Cluster, free_port, operator_env, wait_for
+from tests.api.fixtures import Cluster, free_port, operator_env, wait_for
 from tests.kubeapi.fixtures import KUBECONFIG_PATH
 
 ROOT = pathlib.Path(__file__).parents[2]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from kubetune_operator.reconcile import COALESCE_SECONDS
-from tests.api.conftest import OPERATOR_AGENTS, REPORT_LINES, Cluster, Operator, wait_for
+from tests.api.fixtures import OPERATOR_AGENTS, REPORT_LINES, Cluster, Operator, wait_for
 from tests.kubeapi import cluster as kubelet
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import Cluster, Operator, free_port, wait_for
+from tests.api.fixtures import Cluster, Operator, free_port, wait_for
 from tests.kubeapi import cluster as kubelet
 
 

@@ -1,9 +1,9 @@
 """Least privilege, checked from both sides: every grant in the chart's RBAC is used by the operator over one
-FineTuneJob's whole life (the conftest checks that no call goes beyond the grants)."""
+FineTuneJob's whole life (the `operator` fixture checks that no call goes beyond the grants)."""
 
 from __future__ import annotations
 
-from tests.api.conftest import Cluster, Operator, operator_calls, wait_for
+from tests.api.fixtures import Cluster, Operator, operator_calls, wait_for
 from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION, USED_ONLY_WITH_KUEUE
 from tests.kubeapi import cluster as kubelet
 from tests.objects import LEGACY_FINALIZER, finetunejob_body

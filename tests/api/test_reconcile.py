@@ -8,10 +8,9 @@ import time
 import pytest
 
 from kubetune_trainer.contract import Artifacts, Result, TerminationMessage
-from tests.api.conftest import Cluster, Operator, wait_for
+from tests.api.fixtures import Cluster, Operator, wait_for
 from tests.kubeapi import cluster as kubelet
-from tests.objects import finetunejob_body
-from tests.unit.test_status import INVALID_MESSAGE
+from tests.objects import INVALID_MESSAGE, finetunejob_body
 
 
 def test_create_makes_configmap_and_job(operator: Operator, cluster: Cluster) -> None:

@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 from kubetune_cli.local import free_port
-from kubetune_trainer.contract import EXIT_OK, Artifacts, Result, TerminationMessage
 from tests.api.rbac import GRANTED, Grant
 from tests.cluster.controlplane import (
     LOCAL_QUEUE,
@@ -52,21 +51,6 @@ FATE = "sim.kubetune.dev/"  # annotation prefix read by the KWOK stages
 def wait_for(check: Callable[[], T | None], timeout: float = 30, what: str | Callable[[], str] = "condition") -> T:
     """tests.support.waiting.wait_for with the pace of a real control plane (a 30 s default, 0.1 s polls)."""
     return waiting.wait_for(check, timeout, what, interval=0.1)
-
-
-def succeeded_message(steps: int = 10) -> str:
-    return TerminationMessage(
-        outcome="succeeded",
-        exit_code=EXIT_OK,
-        result=Result(
-            train_loss=1.25, eval_loss=1.5, perplexity=4.48, train_seconds=12.0, trained_tokens=4096, steps=steps
-        ),
-        artifacts=Artifacts(
-            adapter="s3://artifacts/run/adapter/",
-            metrics="s3://artifacts/run/metrics.json",
-            model_card="s3://artifacts/run/README.md",
-        ),
-    ).encode()
 
 
 class Kube:
@@ -442,4 +426,4 @@ def assert_granted(calls: list[AuditedCall], granted: frozenset[Grant] = GRANTED
     assert not outside, f"calls outside the chart's RBAC: {outside}"
 
 
-__all__ = ["LOCAL_QUEUE", "Kube", "OperatorProcess", "audited_calls", "succeeded_message", "wait_for"]
+__all__ = ["LOCAL_QUEUE", "Kube", "OperatorProcess", "audited_calls", "wait_for"]

@@ -10,7 +10,8 @@ import pytest
 from kubetune_operator.api import FineTuneJobSpec
 from kubetune_trainer.config import TrainingSpec
 from kubetune_trainer.contract import Progress
-from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, succeeded_message, wait_for
+from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, wait_for
+from tests.objects import succeeded_message
 
 pytestmark = pytest.mark.usefixtures("operator")
 

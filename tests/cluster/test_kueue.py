@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.cluster.conftest import Kube, succeeded_message, wait_for
+from tests.cluster.conftest import Kube, wait_for
+from tests.objects import succeeded_message
 
 pytestmark = pytest.mark.usefixtures("operator", "eight_gpu_queue")
 

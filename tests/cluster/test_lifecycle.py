@@ -11,25 +11,12 @@ import time
 
 import pytest
 
-from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED, TerminationMessage, TrainerError
-from tests.cluster.conftest import FATE, GROUP, PLURAL, VERSION, Kube, OperatorProcess, succeeded_message, wait_for
+from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
+from tests.cluster.conftest import FATE, GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 from tests.cluster.controlplane import IMAGE_THAT_CANNOT_BE_PULLED
+from tests.objects import invalid_input_message, succeeded_message
 
 pytestmark = pytest.mark.usefixtures("operator")
-
-
-def invalid_input_message() -> str:
-    return TerminationMessage(
-        outcome="invalid",
-        exit_code=EXIT_INVALID_INPUT,
-        error=TrainerError(
-            reason="InvalidDataset",
-            message="row has no 'response'",
-            field="dataset.fields.response",
-            file="s3://datasets/support/train.jsonl",
-            line=7,
-        ),
-    ).encode()
 
 
 def test_success_reports_result_and_artifacts(kube: Kube, ns: str) -> None:

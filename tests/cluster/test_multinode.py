@@ -11,8 +11,8 @@ import kubernetes
 import pytest
 
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK, TerminationMessage
-from tests.cluster.conftest import Kube, succeeded_message, wait_for
-from tests.cluster.test_lifecycle import invalid_input_message
+from tests.cluster.conftest import Kube, wait_for
+from tests.objects import invalid_input_message, succeeded_message
 
 pytestmark = pytest.mark.usefixtures("operator")
 

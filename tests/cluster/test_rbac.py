@@ -17,10 +17,9 @@ from tests.cluster.conftest import (
     audited_calls,
     helm,
     install,
-    succeeded_message,
     wait_for,
 )
-from tests.objects import LEGACY_FINALIZER
+from tests.objects import LEGACY_FINALIZER, succeeded_message
 
 
 def test_every_call_is_granted_and_every_grant_is_used(

@@ -37,7 +37,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import Cluster, Operator
+from tests.api.fixtures import Cluster, Operator
 from tests.kubeapi import cluster as kubelet
 from tests.metrics import dashboard as dash
 from tests.support.prometheus import (

@@ -115,6 +115,21 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
     assert len(termination.read_bytes()) < 4096
 
 
+def test_bad_config_is_worded_as_the_api_words_a_bad_spec(tmp_path: Path) -> None:
+    """The trainer's config errors read as `kubetune validate` and the operator's do (`path: message`)."""
+    from kubetune_trainer.__main__ import load_config
+    from kubetune_trainer.errors import InvalidInput
+
+    config = tmp_path / "config.json"
+    spec = {"model": {"source": "s3://models/x/"}, "dataset": {"train": "s3://data/t.jsonl", "maxLenght": 512},
+            "output": {"destination": "s3://out/run"}}  # fmt: skip
+    config.write_text(json.dumps(spec))
+    with pytest.raises(InvalidInput) as raised:
+        load_config(str(config))
+    assert raised.value.error.field == "dataset.maxLenght"
+    assert raised.value.error.message == f"{config}: dataset.maxLenght: unknown field"
+
+
 @pytest.fixture
 def s3_model(s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path, s3_credentials: Any):
     s3_credentials(s3_moto)

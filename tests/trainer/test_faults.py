@@ -1,5 +1,5 @@
-"""Runs that must never be lost (issue 14): an interrupted final save, a destination that looks like a
-checkpoint path, what /progress says after a resume, telemetry that cannot kill training."""
+"""Runs that must never be lost: an interrupted final save (the rerun goes straight to saving), a destination
+that looks like a checkpoint path, what /progress says after a resume, telemetry that cannot kill training."""
 
 from __future__ import annotations
 

@@ -14,9 +14,8 @@ from kubetune_operator.builders import build_trainer_job
 from kubetune_operator.status import compute_status, trainer_ending
 from kubetune_trainer import contract
 from kubetune_trainer.contract import TerminationMessage
-from tests.objects import finetunejob
+from tests.objects import INVALID_MESSAGE, NOW, SUCCEEDED_MESSAGE, finetunejob, job, terminated_pod
 from tests.unit.test_builders import SETTINGS, env, pod_spec, trainer
-from tests.unit.test_status import INVALID_MESSAGE, NOW, SUCCEEDED_MESSAGE, job, terminated_pod
 
 PORT = 19400
 

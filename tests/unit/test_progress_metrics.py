@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import progress_condition, trainer_endpoint, url_of
-
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+from tests.objects import NOW
 
 
 def pod(phase: str = "Running", ip: str | None = "10.0.0.7", **labels: str) -> dict:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import pytest
 
@@ -17,83 +16,21 @@ from kubetune_operator.status import (
     phase_event,
     status_patch,
 )
-from kubetune_trainer.contract import Artifacts, CheckpointRef, Result, TerminationMessage, TrackingRun, TrainerError
-from tests.objects import finetunejob
+from kubetune_trainer.contract import CheckpointRef, TerminationMessage, TrackingRun
+from tests.objects import (
+    INVALID_MESSAGE,
+    NOW,
+    SUCCEEDED_MESSAGE,
+    finetunejob,
+    job,
+    pod,
+    running_pod,
+    terminated_pod,
+    trainer_state,
+)
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
-JOB_UID = "job-uid-1"
 GPU_MESSAGE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-
-SUCCEEDED_MESSAGE = TerminationMessage(
-    outcome="succeeded",
-    exit_code=0,
-    result=Result(train_loss=1.25, eval_loss=1.5, perplexity=4.48, train_seconds=30, trained_tokens=1000, steps=10),
-    artifacts=Artifacts(
-        adapter="s3://artifacts/support-bot/adapter/", model_card="s3://artifacts/support-bot/README.md"
-    ),
-    checkpoint=CheckpointRef(step=10, uri="s3://artifacts/support-bot/checkpoints/step-10/"),
-).encode()
-INVALID_MESSAGE = TerminationMessage(
-    outcome="invalid",
-    exit_code=2,
-    error=TrainerError(
-        reason="InvalidDataset",
-        message="column 'prompt' is missing; columns are: question, answer",
-        field="dataset.fields.prompt",
-        file="s3://datasets/support/train.jsonl",
-        line=1,
-    ),
-).encode()
-
-
-def job(*conditions: tuple[str, str, str], suspend: bool = False, queue: str | None = None, **counts: int) -> dict:
-    labels = {"kueue.x-k8s.io/queue-name": queue} if queue else {}
-    return {
-        "metadata": {"name": "support-bot", "namespace": "default", "uid": JOB_UID, "labels": labels},
-        "spec": {"suspend": suspend},
-        "status": {
-            **counts,
-            "conditions": [
-                {"type": kind, "status": "True", "reason": reason, "message": message,
-                 "lastTransitionTime": "2026-01-02T03:00:00Z"}
-                for kind, reason, message in conditions
-            ],
-        },
-    }  # fmt: skip
-
-
-def pod(name: str = "support-bot-abcde", phase: str = "Pending", **status: Any) -> dict:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "creationTimestamp": "2026-01-02T02:00:00Z",
-            "ownerReferences": [{"kind": "Job", "name": "support-bot", "uid": JOB_UID, "controller": True}],
-        },
-        "status": {"phase": phase, **status},
-    }
-
-
-def trainer_state(**state: Any) -> list[dict]:
-    return [{"name": "trainer", "state": state}]
-
-
-def running_pod(name: str = "support-bot-abcde") -> dict:
-    return pod(name, "Running", containerStatuses=trainer_state(running={"startedAt": "2026-01-02T02:30:00Z"}))
-
-
-def terminated_pod(exit_code: int, message: str = "", reason: str = "Error", name: str = "support-bot-abcde") -> dict:
-    terminated = {
-        "exitCode": exit_code,
-        "reason": reason,
-        "message": message,
-        "startedAt": "2026-01-02T02:30:00Z",
-        "finishedAt": "2026-01-02T02:59:00Z",
-    }
-    return pod(
-        name, "Succeeded" if exit_code == 0 else "Failed", containerStatuses=trainer_state(terminated=terminated)
-    )
 
 
 def unschedulable_pod() -> dict:

@@ -12,8 +12,8 @@ import yaml
 from kubetune_operator.progress import progress_condition
 from kubetune_operator.status import compute_status, failed_status, trainer_ending
 from kubetune_trainer.contract import CheckpointRef, Progress, TerminationMessage, TrainerError
-from tests.objects import finetunejob
-from tests.unit.test_status import INVALID_MESSAGE, NOW, SITUATIONS, SUCCEEDED_MESSAGE, job, terminated_pod
+from tests.objects import INVALID_MESSAGE, NOW, SUCCEEDED_MESSAGE, finetunejob, job, terminated_pod
+from tests.unit.test_status import SITUATIONS
 
 CRD = pathlib.Path(__file__).parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
 

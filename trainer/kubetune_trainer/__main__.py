@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import TrainerConfig, describe_errors, error_path
 from kubetune_trainer.contract import (
     CONFIG_PATH,
     DEFAULT_WORKDIR,
@@ -120,9 +120,8 @@ def load_config(path: str) -> TrainerConfig:
     try:
         return TrainerConfig.model_validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+        where = error_path(exc.errors()[0]["loc"]) or "(root)"
+        problems = "; ".join(describe_errors(exc))
         raise InvalidInput("InvalidConfig", f"{path}: {problems}", field=where, file=path) from exc
 
 

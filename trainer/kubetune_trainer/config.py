@@ -11,11 +11,11 @@ message, for offline validation (`kubetune validate`) and for the trainer itself
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
@@ -652,3 +652,26 @@ class TrainerConfig(ApiModel):
     def trainer_json(self) -> dict[str, Any]:
         """The config.json document: camelCase, defaults filled in."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def error_path(location: Sequence[int | str]) -> str:
+    """A pydantic error's location as a dotted field path (`dataset.maxLength`, `items.0.name`)."""
+    return ".".join(str(part) for part in location if part != "")
+
+
+def describe_errors(
+    error: ValidationError, meant: Callable[[Sequence[int | str]], str | None] | None = None
+) -> list[str]:
+    """Pydantic errors as `field.path: message`, in the names the input used (camelCase on the wire).
+
+    `meant(location)` names the field an unknown one most likely meant; the FineTuneJob's API passes its
+    spelling helper, so `kubetune validate`, the operator and the trainer word a refusal the same way."""
+    problems = []
+    for item in error.errors():
+        path = error_path(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            guess = meant(item["loc"]) if meant is not None else None
+            message = f"unknown field; did you mean `{guess}`?" if guess else "unknown field"
+        problems.append(f"{path}: {message}" if path else message)
+    return problems

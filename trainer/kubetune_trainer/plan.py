@@ -416,7 +416,9 @@ def _adapter_inputs(modules: list[tuple[str, int, int]]) -> list[int]:
     return list(inputs.values())
 
 
-def trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
+def estimated_trainable_parameters(cfg: TrainerConfig, shape: ModelShape) -> int:
+    """The parameters training updates, counted from the model's shape (the adapters' with LoRA): no model is
+    loaded. `model.trainable_parameters` counts them on a loaded model."""
     lora = cfg.method.effective_lora()
     if lora is None:
         return shape.total_params
@@ -496,7 +498,7 @@ def estimate_memory(
     precision = model_mod.precision(cfg.training, cuda=target.cuda, bf16_supported=target.bf16)
     gc = model_mod.gradient_checkpointing(cfg.training, cuda=target.cuda) if checkpointing is None else checkpointing
     optimizer = optimizer_name(cfg, cuda=target.cuda)
-    trainable = trainable_parameters(cfg, shape)
+    trainable = estimated_trainable_parameters(cfg, shape)
     parts = {"weights": weight_bytes(cfg, shape, precision)}
     if cfg.method.type != "full":
         parts["adapter"] = trainable * 4  # LoRA's A and B stay fp32
@@ -611,7 +613,7 @@ def stored_dtype_bytes(model_config: Any) -> int:
 
 
 def estimate_disk(cfg: TrainerConfig, shape: ModelShape, model_config: Any, optimizer: str) -> DiskEstimate:
-    trainable = trainable_parameters(cfg, shape)
+    trainable = estimated_trainable_parameters(cfg, shape)
     state = OPTIMIZER_STATE_BYTES.get(optimizer, 8)
     # A checkpoint: the trained weights (an adapter in fp32, or the whole model) and the optimizer's state.
     checkpoint = trainable * (4 + state) if cfg.method.type != "full" else shape.total_params * (2 + state)
@@ -770,7 +772,7 @@ def make_plan(
         [],
         0,
         run,
-        {"total": shape.total_params, "trainable": trainable_parameters(cfg, shape)},
+        {"total": shape.total_params, "trainable": estimated_trainable_parameters(cfg, shape)},
         estimate,
         fit(cfg, shape, target, estimate, world_size, train.examples, batches),
         eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,

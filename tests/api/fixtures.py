@@ -1,4 +1,5 @@
-"""The real operator (Kopf, in-process through KopfRunner) against the emulated API server.
+"""The real operator (Kopf, in-process through KopfRunner) against the emulated API server: the `operator` and
+`cluster` fixtures, for tests/api and tests/metrics (loaded by tests/conftest.py's `pytest_plugins`).
 
 Each test gets a fresh API server (`kube_api`) and, with `operator`, a running operator configured as the
 Helm chart configures it (KUBETUNE_* environment) but with short intervals. The tests play the Job
@@ -18,7 +19,6 @@ import pytest
 
 from kubetune_cli.local import free_port
 from tests.api.rbac import GRANTED
-from tests.kubeapi.fixtures import kube_api  # noqa: F401  (the fixture, used by the tests here)
 from tests.kubeapi.server import KubeApiServer
 from tests.objects import finetunejob_body
 from tests.support.waiting import wait_for
@@ -165,12 +165,12 @@ class Operator:
 
 
 @pytest.fixture
-def cluster(kube_api: KubeApiServer) -> Cluster:  # noqa: F811
+def cluster(kube_api: KubeApiServer) -> Cluster:
     return Cluster(kube_api)
 
 
 @pytest.fixture
-def operator(kube_api: KubeApiServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operator]:  # noqa: F811
+def operator(kube_api: KubeApiServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operator]:
     """The operator, started; stopped at the end, then its API calls checked against the chart's RBAC."""
     running = Operator(kube_api, monkeypatch).start()
     try:
