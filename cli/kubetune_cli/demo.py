@@ -65,7 +65,7 @@ def as_chat(instruction_rows: str) -> str:
     return "".join(out)
 
 
-def smollm2_job(endpoint: str, max_steps: int) -> dict[str, Any]:
+def smollm2_job(endpoint: str, max_steps: int, questions: int = HELD_OUT_QUESTIONS) -> dict[str, Any]:
     """The FineTuneJob the demo runs on SmolLM2: the CRD's QLoRA defaults (4-bit NF4, r=16 on all linear
     layers, packing) with a higher learning rate and packed rows of 512 tokens, so that a couple of minutes
     on two CPU cores change what the model answers (measured: held-out eval loss 4.16 -> 2.48 in 24 steps,
@@ -76,7 +76,7 @@ def smollm2_job(endpoint: str, max_steps: int) -> dict[str, Any]:
     spec["training"].update(
         learningRate=1.0e-3, evalEverySteps=max_steps, checkpointEverySteps=max(10, max_steps // 2), logEverySteps=1
     )
-    spec["evaluation"] = {"prompts": held_out_questions(), "maxNewTokens": 48}
+    spec["evaluation"] = {"prompts": held_out_questions(questions), "maxNewTokens": 48}
     return job
 
 
@@ -126,7 +126,15 @@ def cluster_job(job: dict[str, Any]) -> dict[str, Any]:
     return cluster
 
 
-def run_demo(workdir: Path, *, model: str = "smollm2", max_steps: int | None = None, out: IO[str] = sys.stdout) -> int:
+def run_demo(
+    workdir: Path,
+    *,
+    model: str = "smollm2",
+    max_steps: int | None = None,
+    questions: int = HELD_OUT_QUESTIONS,
+    out: IO[str] = sys.stdout,
+) -> int:
+    """The demo; `questions`: how many held-out questions the base and the fine-tuned model answer (smollm2)."""
     from moto.server import ThreadedMotoServer
     from transformers.utils import logging as transformers_logging
 
@@ -163,7 +171,7 @@ def run_demo(workdir: Path, *, model: str = "smollm2", max_steps: int | None = N
         storage.write_bytes("s3://datasets/support/train.jsonl", train.encode())
         storage.write_bytes("s3://datasets/support/eval.jsonl", evaluation.encode())
 
-        job_body = smollm2_job(endpoint, steps) if model == "smollm2" else demo_job(endpoint, steps)
+        job_body = smollm2_job(endpoint, steps, questions) if model == "smollm2" else demo_job(endpoint, steps)
         job_path = workdir / "finetunejob.yaml"
         job_path.write_text(yaml.safe_dump(job_body, sort_keys=False))
         print(f"[3/4] running FineTuneJob {DEMO_NAME} ({job_path}): QLoRA, 4-bit NF4, S3 to S3", file=out, flush=True)

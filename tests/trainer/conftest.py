@@ -186,9 +186,11 @@ class TrainerProcess:
         return json.loads(self.termination.read_text())
 
     def kill(self) -> None:
+        """SIGKILL it if it still runs; either way its log file is closed (a test that failed before `wait` left
+        it open, and the ResourceWarning surfaced in whichever later test the collector ran in)."""
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+        self.wait(10)
 
     def kill_all(self) -> None:
         """SIGKILL the launcher and every process under it at once (a node lost: the kernel ends a pod's whole

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,24 @@ def test_a_holder_of_the_same_run_is_waited_for_and_a_race_has_one_winner(place:
     # never two at once: every winner after the first came after a release (they hold for TERM each)
 
 
+@contextlib.contextmanager
+def paused(trainer: TrainerProcess) -> Iterator[None]:
+    """The trainer stopped (SIGSTOP) for the block, continued after. Its lease is not renewed meanwhile, but a
+    waiter times the term from when it first reads the lease, and the block ends as soon as one has."""
+    trainer.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        trainer.process.send_signal(signal.SIGCONT)
+
+
+def wait_for_log(trainer: TrainerProcess, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in trainer.log():
+        assert time.monotonic() < deadline and trainer.process.poll() is None, trainer.log()[-3000:]
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_two_work_dirs_on_one_destination_train_once(
     s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
@@ -144,7 +164,11 @@ def test_two_work_dirs_on_one_destination_train_once(
     second = None
     try:
         first.wait_for_step(1, 120)
-        second = TrainerProcess(cfg, tmp_path, "second", env)
+        # Held still until the second has seen its lease: on a quiet machine the tiny model's 30 steps end before a
+        # second trainer is through its imports, and the second then finds a finished run, not a running one.
+        with paused(first):
+            second = TrainerProcess(cfg, tmp_path, "second", env)
+            wait_for_log(second, "to let go of")
         assert second.wait(60) == 2, second.log()[-3000:]
         error = second.result()["error"]
         assert error["reason"] == "DestinationInUse" and "first-work" in error["message"], error
@@ -182,13 +206,13 @@ def test_a_rerun_while_the_stopped_trainer_still_saves_waits_for_it(
         rerun = None
         try:
             old.wait_for_step(6, 180)
-            # The same work dir: the same run (a log and termination message of its own, to read both).
-            rerun = TrainerProcess(cfg, tmp_path, "rerun", env, ["--workdir", str(tmp_path / "job-work")])
-            deadline = time.monotonic() + 120
-            while "to let go of" not in rerun.log():  # the rerun has reached the lease: now stop the old one
-                assert time.monotonic() < deadline and rerun.process.poll() is None, rerun.log()[-3000:]
-                time.sleep(0.2)
-            proxy.latency = 0.5
+            # Held still until the rerun has reached the lease (the tiny model's steps are faster than the rerun's
+            # imports on a quiet machine), then stopped as a killed CLI stops it.
+            with paused(old):
+                # The same work dir: the same run (a log and termination message of its own, to read both).
+                rerun = TrainerProcess(cfg, tmp_path, "rerun", env, ["--workdir", str(tmp_path / "job-work")])
+                wait_for_log(rerun, "to let go of")
+                proxy.latency = 0.5
             old.process.send_signal(signal.SIGTERM)
             assert old.wait(120) == 3, old.log()[-3000:]
             saved = old.result()["checkpoint"]["step"]
