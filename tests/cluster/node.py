@@ -268,6 +268,10 @@ state = "{home / "state"}"
                         kubepods.rmdir()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
         self.plane.kubectl("delete", "node", self.name, "--ignore-not-found", check=False)
+        # The imported trainer image, as containerd's content and unpacked snapshots, is ~12 GB: pytest keeps the
+        # last three runs' temporary folders, and three of these filled the disk. Logs and configs stay.
+        for folder in (self.directory / "containerd" / "root", self.directory / "containerd" / "state"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _delete_pods(self) -> None:
         """Delete the pods bound to this node and wait until containerd runs no task of theirs."""

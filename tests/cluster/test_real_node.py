@@ -48,6 +48,9 @@ def real_node(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFact
         assert not node.mounts(), node.mounts()
         assert not node.bridge_exists()
         assert not (node.made_cgroups and Path("/sys/fs/cgroup/memory/kubepods").exists())
+        files = [path for path in node.directory.rglob("*") if path.is_file() and not path.is_symlink()]
+        left = sum(path.stat().st_size for path in files)
+        assert left < 100 * 1024**2, f"{left} bytes left in {node.directory}: the image store must go with the node"
 
 
 @pytest.fixture(scope="module")

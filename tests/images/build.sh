@@ -150,3 +150,6 @@ for name in ${KUBETUNE_IMAGES:-operator trainer}; do
 done
 # A rebuilt image leaves its predecessor untagged: remove those of ours (the layers they share with others stay).
 "$DOCKER" image prune --force --filter "label=$LABEL" >/dev/null
+# BuildKit keeps every superseded layer in its cache (the trainer's pip layer alone is ~6 GB): three rebuilds of
+# the dependencies filled the development machine's disk. Keep what one rebuild of both images reuses.
+"$DOCKER" builder prune --force --keep-storage 8gb >/dev/null 2>&1 || true
