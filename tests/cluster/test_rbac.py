@@ -21,6 +21,8 @@ from tests.cluster.conftest import (
 )
 from tests.objects import LEGACY_FINALIZER, succeeded_message
 
+OUTAGE_NAMESPACES = "t-test-runs-whose-children-are-being-creat"  # test_outages' namespaces (kept short)
+
 
 def test_every_call_is_granted_and_every_grant_is_used(
     kube: Kube, ns: str, operator: OperatorProcess, installed: Installation, eight_gpu_queue: str
@@ -51,7 +53,13 @@ def test_every_call_is_granted_and_every_grant_is_used(
     kube.batch.delete_namespaced_job("gang", ns, propagation_policy="Background")
     wait_for(lambda: (j := kube.job(ns, "gang")) and j["metadata"]["uid"] != old, 30, "the gang's Job recreated")
     kube.delete_ftj(ns, "gang")
-    calls = audited_calls(kube.plane, installed.username)
+    # test_outages kills and restarts kube-apiserver; until its RBAC authorizer has synced it forbids every call, so
+    # the operator's calls in that test's namespaces say nothing about the chart's grants.
+    calls = [
+        c
+        for c in audited_calls(kube.plane, installed.username)
+        if not (c.namespace or "").startswith(OUTAGE_NAMESPACES)
+    ]
     assert_granted(calls)
     unused = GRANTED - NEEDED_BY_ADMISSION - {c.grant for c in calls}
     assert not unused, f"granted but never used: {sorted(unused, key=str)}"
