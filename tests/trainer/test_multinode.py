@@ -93,7 +93,9 @@ def test_two_nodes_rendezvous_train_and_write_one_set_of_artifacts_like_one_node
         f"two nodes: {two_node_seconds:.1f} s, train loss {metrics['train_loss']:.4f}; "
         f"one node x 2 workers: {one_node_seconds:.1f} s, train loss {reference['train_loss']:.4f}"
     )
-    assert metrics["train_loss"] == pytest.approx(reference["train_loss"], rel=0.02, abs=0.02)
+    # The eval loss over the held-out rows, not one step's train loss: runs of the same seed drift apart a little on
+    # this CPU (reduction order), and the last step's loss alone was once 3 % apart where the eval loss was 1 %.
+    assert metrics["eval_loss"] == pytest.approx(reference["eval_loss"], rel=0.02, abs=0.02)
 
 
 def test_bad_data_on_two_nodes_exits_2_on_each_with_the_error(
