@@ -17,7 +17,8 @@ scaling and sum as separate tensors), `dropout-mask` (torch's Bernoulli mask per
 `input-cast` (peft's cast of adapter inputs to fp32),
 `bf16-weights` (peft's fp32 upcast of norms, embeddings and head kept),
 `token-rows` (batchSize rows of maxLength tokens a micro-batch, as before batchTokens), `warm-start`,
-`mmap-threshold` (glibc's dynamic mmap threshold left as it is).
+`mmap-threshold` (glibc's dynamic mmap threshold left as it is), `fused-loss` (the model's own head and
+cross-entropy, keeping the fp32 logits for backward).
 
 Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR --variant V [--without L ...]
 """
@@ -56,6 +57,7 @@ LEVERS = (
     "token-rows",
     "warm-start",
     "mmap-threshold",
+    "fused-loss",
 )
 
 
@@ -63,7 +65,7 @@ def without(levers: list[str]) -> None:
     """Undo the named fast paths in this process (monkeypatching the trainer's modules)."""
     import torch
 
-    from kubetune_trainer import attention, config, model, train
+    from kubetune_trainer import attention, config, loss, model, train
 
     for lever in levers:
         if lever == "segments":
@@ -81,6 +83,8 @@ def without(levers: list[str]) -> None:
         elif lever == "token-rows":
             config.TrainerConfig.micro_batch_size = lambda self: self.training.batch_size  # type: ignore[method-assign]
             config.TrainerConfig.packed_row_tokens = lambda self: self.dataset.max_length  # type: ignore[method-assign]
+        elif lever == "fused-loss":
+            loss.fuse_head_and_loss = lambda m: False  # type: ignore[assignment]
         elif lever == "mmap-threshold":
             train.return_freed_memory = lambda: False  # type: ignore[assignment]
         elif lever == "warm-start":

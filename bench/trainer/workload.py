@@ -201,6 +201,20 @@ def prepare(root: Path = WORK, size: ModelSize = ModelSize(), data: DataSpec = D
     return workload
 
 
+def prepare_pretrained(model_dir: Path, root: Path = WORK, data: DataSpec = DataSpec()) -> Workload:
+    """A real pretrained model (SmolLM2-135M-Instruct, from `kubetune_cli.pretrained`) with the same generated
+    rows: the model is used as it is, so only the data is written under `root`."""
+    key = hashlib.sha256(json.dumps(["pretrained", asdict(data)]).encode()).hexdigest()[:12]
+    root = root / f"workload-{key}"
+    workload = Workload(root, model_dir, root / "train.jsonl", root / "eval.jsonl")
+    if not (root / "READY").exists():
+        train, held_out = generate_rows(data)
+        write_jsonl(workload.train_file, train)
+        write_jsonl(workload.eval_file, held_out)
+        (root / "READY").write_text(key)
+    return workload
+
+
 def parameter_counts(model_dir: Path) -> dict[str, int]:
     """Total parameters, and those that do matmuls per token (all but the input embedding lookup)."""
     from transformers import AutoConfig

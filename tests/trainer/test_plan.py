@@ -22,7 +22,8 @@ from tests.trainer.conftest import DATA, LIBRARY_WARNINGS, base_config, slice_js
 
 pytestmark = [pytest.mark.slow, *(pytest.mark.filterwarnings(w) for w in LIBRARY_WARNINGS)]
 
-# The estimate is within this fraction of the measured peak (measured: -4.1% to +4.8% over the cases below).
+# The estimate is within this fraction of the measured peak (measured: -6.1% to +4.8% over the tiny model's
+# cases below, +1.8% on SmolLM2-135M).
 TOLERANCE = 0.15
 
 
@@ -74,8 +75,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path, plan_model: Path) -> None:
+def estimate_and_measure(model_dir: Path, tmp_path: Path, rows: int, method: dict, training: dict, **dataset: Any):
+    """The plan's estimate and the peak a real run of the same config allocates; returns (plan, prepared, peak)."""
     from transformers import AutoConfig
 
     from kubetune_trainer import plan
@@ -85,17 +86,14 @@ def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path
     from kubetune_trainer.server import Telemetry
     from kubetune_trainer.storage import Storage
 
-    method, training = CASES[case]
-    if method["type"] != "full":
-        method.setdefault("lora", {"r": 16, "alpha": 32, "dropout": 0.0})
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 24)
+    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", rows)
     cfg = TrainerConfig.model_validate(
         base_config(
-            str(plan_model),
+            str(model_dir),
             str(train),
             str(tmp_path / "out"),
             method=method,
-            dataset={"maxLength": 256, "evalSplit": 0.1},
+            dataset={"maxLength": 256, "evalSplit": 0.1, **dataset},
             training={"maxSteps": None, "epochs": 1.0, "batchSize": 4, "warmupRatio": 0.3, **training},
         )
     )
@@ -105,10 +103,21 @@ def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path
     prepared = train_mod.setup(ctx)
     peak = measured_peak(prepared)
 
-    rows = train_mod.data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
+    rows_read = train_mod.data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
     target = plan.Target(cuda=False, memory_bytes=None)
-    result = plan.make_plan(cfg, *rows, prepared.tokenizer, AutoConfig.from_pretrained(plan_model), target)
+    result = plan.make_plan(cfg, *rows_read, prepared.tokenizer, AutoConfig.from_pretrained(model_dir), target)
     assert result.memory is not None and result.schedule is not None and result.data is not None
+    return result, prepared, peak
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path, plan_model: Path) -> None:
+    from kubetune_trainer import train as train_mod
+
+    method, training = CASES[case]
+    if method["type"] != "full":
+        method.setdefault("lora", {"r": 16, "alpha": 32, "dropout": 0.0})
+    result, prepared, peak = estimate_and_measure(plan_model, tmp_path, 24, method, training)
     error = result.memory.peak_bytes / peak - 1
     print(f"{case}: estimate {result.memory.peak_bytes} measured {peak} error {error:+.1%}")
     assert abs(error) <= TOLERANCE, (case, result.memory.parts, peak)
@@ -121,6 +130,18 @@ def test_memory_estimate_and_schedule_match_a_real_run(case: str, tmp_path: Path
     assert result.data.real_tokens == state.num_input_tokens_seen  # one epoch: every real token once
     trainable, _ = train_mod.model_mod.trainable_parameters(prepared.trainer.model)
     assert result.parameters["trainable"] == trainable
+
+
+def test_memory_estimate_matches_a_real_run_of_a_pretrained_model(tmp_path: Path, smollm2_dir: Path) -> None:
+    """SmolLM2-135M-Instruct with the CRD's method defaults (QLoRA nf4, LoRA r 16 with dropout on every linear
+    layer), bf16, rows packed to 1,024 tokens: a real architecture (GQA, a 49k vocabulary, tied embeddings,
+    30 layers), where the head and loss are fused (`kubetune_trainer.loss`)."""
+    result, _, peak = estimate_and_measure(
+        smollm2_dir, tmp_path, 16, {"type": "qlora"}, {"precision": "bf16"}, maxLength=1024
+    )
+    error = result.memory.peak_bytes / peak - 1
+    print(f"smollm2: estimate {result.memory.peak_bytes} measured {peak} error {error:+.1%}")
+    assert abs(error) <= TOLERANCE, (result.memory.parts, peak)
 
 
 def write_job(path: Path, model: Path, train: str, **dataset: Any) -> Path:

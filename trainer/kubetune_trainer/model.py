@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kubetune_trainer import loss
 from kubetune_trainer.config import MethodSpec, TrainerConfig, TrainingSpec
 from kubetune_trainer.errors import InvalidInput
 
@@ -218,6 +219,7 @@ def load_model(
         keep_adapter_inputs_in_compute_dtype(model)
     share_lora_dropout(model)
     fuse_lora_update(model)
+    loss.fuse_head_and_loss(model)
     return model
 
 
