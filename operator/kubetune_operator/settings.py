@@ -32,7 +32,7 @@ class Settings:
     default_gpu_resource: str = "nvidia.com/gpu"
     metrics_port: int = 8080
     health_port: int = 8081
-    progress_interval_seconds: float = 15.0
+    progress_interval_seconds: float = 10.0
     progress_timeout_seconds: float = 3.0
     progress_concurrency: int = 16
     api_concurrency: int = API_CONCURRENCY

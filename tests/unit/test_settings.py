@@ -8,7 +8,7 @@ def test_defaults_without_environment() -> None:
     assert settings == Settings()
     assert settings.trainer_image == DEFAULT_TRAINER_IMAGE
     assert (settings.metrics_port, settings.health_port) == (8080, 8081)
-    assert settings.progress_interval_seconds == 15
+    assert settings.progress_interval_seconds == 10
     assert settings.namespaces == ()
 
 
