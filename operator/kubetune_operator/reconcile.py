@@ -25,7 +25,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -57,10 +56,9 @@ from kubetune_operator.kube import (
     resource_of,
 )
 from kubetune_operator.metrics import Metrics
-from kubetune_operator.progress import ProgressError, ProgressPoller, progress_condition, trainer_endpoint, url_of
+from kubetune_operator.progress import ProgressFollower, ProgressPoller, trainer_endpoint, url_of
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import (
-    PROGRESS_CONDITION,
     compute_status,
     failed_status,
     is_finished,
@@ -81,15 +79,6 @@ NAMESPACE_TERMINATING = "because it is being terminated"
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Polled:
-    """What the progress poller last found for a Running FineTuneJob (the sync publishes it)."""
-
-    progress: Body | None = None
-    failures: int = 0
-    error: str = ""
-
-
 class Reconciler:
     """Everything a handler needs, made once at startup and kept in Kopf's memo."""
 
@@ -104,7 +93,6 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
-        self.poller = poller
         self.clock = clock
         self.cache = Cache()
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -116,8 +104,7 @@ class Reconciler:
         self._created: set[Key] = set()  # children created by this process (their run no longer goes first)
         self._reschedule: set[Key] = set()  # spec.scheduling changed: apply it on the next sync
         # Background work per FineTuneJob, owned here rather than by Kopf daemons (which hold a finalizer):
-        self._polls: dict[Key, asyncio.Task[None]] = {}  # progress polls while Running
-        self._polled: dict[Key, Polled] = {}
+        self.progress = ProgressFollower(poller, settings, metrics, self.trainer_url, self.enqueue, clock)
         self._expiries: dict[Key, asyncio.Task[None]] = {}  # ttlSecondsAfterFinished
         self._held_since: dict[Key, float] = {}  # when a held-back Pending change was first seen (monotonic)
         self._deferred: dict[Key, asyncio.Task[None]] = {}  # coalesced status writes, due later
@@ -129,11 +116,11 @@ class Reconciler:
     async def close(self) -> None:
         self._closed = True
         await self.queue.close()
-        tasks = [*self._workers, *self._polls.values(), *self._expiries.values(), *self._deferred.values()]
+        tasks = [*self._workers, *self._expiries.values(), *self._deferred.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.poller.close()
+        await self.progress.close()
         self.kube.close()
 
     # -- what the watches saw ----------------------------------------------------------------------
@@ -299,7 +286,7 @@ class Reconciler:
         self._reschedule.discard(key)
         workload = await self._follow_kueue(job, observed, previous)
         status = compute_status(job, observed, self.cache.pods(namespace, name), previous, self.clock(), workload)
-        await self._publish(body, self._with_progress(key, status, job.metadata.generation))
+        await self._publish(body, self.progress.with_progress(key, status, job.metadata.generation))
         self._follow_phase(key, status, job)
 
     async def _parse(self, body: Body) -> FineTuneJob:
@@ -481,16 +468,11 @@ class Reconciler:
             self.kube.event(body, "Warning", "SchedulingNotApplied", "spec.scheduling changes reach the Job only "
                             "while it is suspended or queued; suspend the run to apply them")  # fmt: skip
 
-    # -- work beside the syncs: progress polls and expiry --------------------------------------------
+    # -- work beside the syncs: progress polls (progress.py) and expiry --------------------------------------------
 
     def _follow_phase(self, key: Key, status: Body, job: FineTuneJob) -> None:
         """Poll progress while Running; schedule the deletion of a finished run with ttlSecondsAfterFinished."""
-        running = status.get("phase") == "Running"
-        if running and key not in self._polls and not self._closed:
-            self._polls[key] = asyncio.create_task(self._poll_loop(key), name=f"kubetune-progress-{key[1]}")
-        elif not running and key in self._polls:
-            self._polls.pop(key).cancel()
-            self._polled.pop(key, None)
+        self.progress.follow(key, status.get("phase") == "Running")
         ttl = job.spec.run_policy.ttl_seconds_after_finished
         if is_finished(status) and ttl is not None and key not in self._expiries and not self._closed:
             completed = status.get("completionTime")
@@ -507,52 +489,6 @@ class Reconciler:
             self._expiries.pop(key, None)
             self.enqueue(*key)  # the next sync schedules it again
 
-    async def _poll_loop(self, key: Key) -> None:
-        """Poll the trainer every progress_interval_seconds while the run is Running (cancelled when it stops)."""
-        while not self._closed:
-            before = self._polled.get(key, Polled())
-            polled = await self._poll(key, before)
-            self._polled[key] = polled
-            threshold = self.settings.progress_failure_threshold
-            failing, was_failing = polled.failures >= threshold, before.failures >= threshold
-            moved = polled.progress != before.progress or failing != was_failing
-            if moved or (failing and polled.error != before.error):
-                self.enqueue(*key)  # the sync writes it (one writer of status)
-            await asyncio.sleep(self.settings.progress_interval_seconds)
-
-    async def _poll(self, key: Key, before: Polled) -> Polled:
-        url = self.trainer_url(*key)
-        if url is None:
-            return Polled(before.progress, before.failures + 1, "no running trainer pod with a pod IP yet")
-        try:
-            progress = await self.poller.poll(url)
-        except ProgressError as problem:
-            self.metrics.progress_polls.labels("error").inc()
-            return Polled(before.progress, before.failures + 1, str(problem))
-        self.metrics.progress_polls.labels("ok").inc()
-        self.metrics.observe_progress(*key, progress)
-        return Polled(progress)
-
-    def _with_progress(self, key: Key, status: Body, generation: int | None) -> Body:
-        """`status` with what the poller found while Running: progress, and ProgressAvailable when it failed
-        progress_failure_threshold times in a row (or recovered after)."""
-        polled = self._polled.get(key)
-        if polled is None or status.get("phase") != "Running":
-            return status
-        status = dict(status)
-        if polled.progress is not None:
-            status["progress"] = polled.progress
-        conditions = list(status.get("conditions") or [])
-        updated = None
-        if polled.failures == 0:
-            if any(c.get("type") == PROGRESS_CONDITION for c in conditions):  # only a recovery is worth writing
-                updated = progress_condition(conditions, True, "Polled", "", generation, self.clock())
-        elif polled.failures >= self.settings.progress_failure_threshold:
-            updated = progress_condition(conditions, False, "PollFailed", polled.error, generation, self.clock())
-        if updated is not None:
-            status["conditions"] = updated
-        return status
-
     # -- other triggers --------------------------------------------------------------------------------
 
     async def expire(self, namespace: str, name: str) -> None:
@@ -566,11 +502,11 @@ class Reconciler:
         self._locks.pop(key, None)
         self._created.discard(key)
         self._reschedule.discard(key)
-        self._polled.pop(key, None)
+        self.progress.forget(key)
         self._held_since.pop(key, None)
         self._own_writes.pop(key, None)
         self.queue.forget(key)
-        for tasks in (self._polls, self._expiries, self._deferred):
+        for tasks in (self._expiries, self._deferred):
             task = tasks.pop(key, None)
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
