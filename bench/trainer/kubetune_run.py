@@ -46,6 +46,8 @@ SEED_METHOD = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "seed-method": {"method": SEED_METHOD, "training": {"learningRate": 2e-5, "batchTokens": 4 * MAX_LENGTH}},
     "defaults": {"method": {}, "training": {}, "max_length": None},
+    # The defaults with gradient checkpointing, as TRL's SFTConfig has it by default: memory for compute.
+    "defaults-checkpointing": {"method": {}, "training": {"gradientCheckpointing": True}, "max_length": None},
 }
 LEVERS = (
     "segments",

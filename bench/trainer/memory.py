@@ -3,6 +3,7 @@
     python bench/trainer/memory.py                         # SmolLM2-135M-Instruct, CRD defaults, one 2,048-token row
     python bench/trainer/memory.py --tokens 1024           # a shorter row
     python bench/trainer/memory.py --result bench/results/trainer-memory-DATE.json
+    python bench/trainer/memory.py --model DIR             # another model directory
 
 Loads the model exactly as the trainer does (`kubetune_trainer.model.load_model` with the CRD's defaults: QLoRA
 nf4, bf16, LoRA r 16 on every linear layer, packing), packs real rows of the bench's Alpaca-shaped data into one
@@ -66,7 +67,15 @@ def kind(module_name: str, causal_lm: str) -> str:
     return "other (" + (parts[-1] if parts[-1] else "top") + ")"
 
 
-def measure(tokens: int, training: dict[str, Any], without_fused_loss: bool = False) -> dict[str, Any]:
+def measure(
+    tokens: int,
+    training: dict[str, Any],
+    without_fused_loss: bool = False,
+    model_dir: Path | None = None,
+    work: Path = wl.WORK,
+) -> dict[str, Any]:
+    """One forward and backward of the largest packed row of at most `tokens` tokens (model: SmolLM2 unless
+    `model_dir`)."""
     import torch
 
     from kubetune_cli.pretrained import smollm2_dir
@@ -79,12 +88,12 @@ def measure(tokens: int, training: dict[str, Any], without_fused_loss: bool = Fa
         from kubetune_trainer import loss
 
         loss.fuse_head_and_loss = lambda m: False  # type: ignore[assignment]
-    model_dir = smollm2_dir()
-    data = wl.prepare_pretrained(model_dir)
+    model_dir = model_dir or smollm2_dir()
+    data = wl.prepare_pretrained(model_dir, work)
     cfg = TrainerConfig.model_validate(
         {
             "model": {"source": str(model_dir)},
-            "dataset": {"train": str(data.train_file)},
+            "dataset": {"train": str(data.train_file), "maxLength": tokens},  # 2,048 is the CRD's default
             "output": {"destination": "/nonexistent"},
             "training": training,
         }
@@ -175,14 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens in the packed row (default 2048)")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--one", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--model", type=Path, help="a model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--result", type=Path)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.tokens, VARIANTS[args.one], args.one == "without-fused-loss")))
+        print(json.dumps(measure(args.tokens, VARIANTS[args.one], args.one == "without-fused-loss", args.model)))
         return 0
     results = {}
     for name in args.variant or list(VARIANTS):
         child = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens)]
+        child += ["--model", str(args.model)] if args.model else []
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
         out = subprocess.run(child, check=True, capture_output=True, text=True, env=env, cwd=REPO).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])

@@ -40,6 +40,7 @@ CONTENDERS: dict[str, list[str]] = {
     "trl-packing": [str(HERE / "trl_baseline.py"), "--packing"],
     "kubetune-seed-method": [str(HERE / "kubetune_run.py"), "--variant", "seed-method"],
     "kubetune-defaults": [str(HERE / "kubetune_run.py"), "--variant", "defaults"],
+    "kubetune-defaults-checkpointing": [str(HERE / "kubetune_run.py"), "--variant", "defaults-checkpointing"],
 }
 ABLATIONS = {  # kubetune's defaults with one fast path undone (kubetune_run.py --without)
     f"kubetune-defaults-without-{lever}": [str(HERE / "kubetune_run.py"), "--variant", "defaults", "--without", lever]
