@@ -125,7 +125,7 @@ def _give_updates_weight(model) -> None:
 
 
 def test_lora_dropout_draws_one_mask_per_shared_input(tmp_path: Path) -> None:
-    from kubetune_trainer.model import SharedInputDropout
+    from kubetune_trainer.speedups import SharedInputDropout
 
     model = _lora_model(tmp_path, 0.5)
     layer = model.get_base_model().model.layers[0]
@@ -209,7 +209,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path: Path) -> Non
 def test_after_training_inference_may_use_the_packed_4bit_kernel_with_the_same_logits(tmp_path: Path) -> None:
     """Once training is over the trainer lets bitsandbytes repack 4-bit weights for CPU inference again (where
     the CPU has the kernel): what was turned off is turned back on, and the logits are the same."""
-    from kubetune_trainer.model import keep_4bit_weights_differentiable
+    from kubetune_trainer.speedups import keep_4bit_weights_differentiable
 
     model = _lora_model(tmp_path, 0.0, "qlora", "bf16")
     _give_updates_weight(model)
@@ -232,7 +232,7 @@ def test_after_training_inference_may_use_the_packed_4bit_kernel_with_the_same_l
 
 
 def test_shared_dropout_keeps_the_expectation() -> None:
-    from kubetune_trainer.model import SharedInputDropout
+    from kubetune_trainer.speedups import SharedInputDropout
 
     torch.manual_seed(0)
     dropout = SharedInputDropout(0.05, {})
@@ -250,7 +250,7 @@ def test_shared_dropout_keeps_the_expectation() -> None:
 def test_warm_up_first_step_learns() -> None:
     from transformers import get_scheduler
 
-    from kubetune_trainer.train import warm_start
+    from kubetune_trainer.objectives import warm_start
 
     def lrs(shift: bool) -> list[float]:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -272,7 +272,8 @@ def test_warm_up_first_step_learns() -> None:
 
 def test_trainer_applies_the_warm_start(tmp_path: Path, tokenizer) -> None:
     from kubetune_trainer.config import TrainerConfig
-    from kubetune_trainer.train import _trainer_class, training_arguments
+    from kubetune_trainer.objectives import sft_trainer_class
+    from kubetune_trainer.train import training_arguments
 
     cfg = TrainerConfig.model_validate(
         {
@@ -283,7 +284,7 @@ def test_trainer_applies_the_warm_start(tmp_path: Path, tokenizer) -> None:
         }
     )
     args = training_arguments(cfg, tmp_path / "t", "fp32", has_eval=False)
-    trainer = _trainer_class()(model=_model(tokenizer, "sdpa"), args=args, train_dataset=[{"input_ids": [1]}])
+    trainer = sft_trainer_class()(model=_model(tokenizer, "sdpa"), args=args, train_dataset=[{"input_ids": [1]}])
     trainer.create_optimizer_and_scheduler(num_training_steps=4)  # warm-up 3% of 4 steps: 1 step
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.training.learning_rate)
 

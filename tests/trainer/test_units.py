@@ -133,7 +133,7 @@ def test_metrics_and_progress_endpoints() -> None:
 
     telemetry = Telemetry(namespace="team", name="support-bot")
     telemetry.update(step=5, total_steps=20, train_loss=1.5, learning_rate=1e-4, tokens_per_second=900.0)
-    telemetry.child(telemetry.tokens_total).inc(1234)
+    telemetry.child(telemetry.tokens).inc(1234)
     telemetry.set_stage("train")
     server = serve(telemetry, port=0, host="127.0.0.1")
     try:

@@ -11,13 +11,13 @@ The memory estimate sums what a training step holds at its peak (the start of th
 - weights at their stored size: 4-bit NF4/FP4 linear layers with their quantization constants (bitsandbytes'
   block size 64; double quantization stores them in 8 bits with fp32 constants per 256 blocks), 8-bit
   layers with their row scales; every other parameter (embeddings, norms, the head) in the dtype
-  `model.frozen_weights_dtype` gives it (fp32 after k-bit preparation, bf16 again for bf16 runs);
+  `speedups.frozen_weights_dtype` gives it (fp32 after k-bit preparation, bf16 again for bf16 runs);
 - trainable parameters (LoRA's A and B, in fp32; every weight for full fine-tuning), their gradients and
   the optimizer's state (AdamW: two fp32 moments; 8-bit AdamW: two 8-bit moments);
 - activations saved for backward at the micro-batch of the run that needs the most (one packed row of up to
   training.batchTokens tokens with packing, batchSize padded sequences without), counted per decoder layer
   from the tensors autograd keeps for a Llama-style block (RMSNorm, attention, gated MLP, LoRA's low-rank
-  intermediates and its dropout copies, one per distinct input as `model.share_lora_dropout` shares them);
+  intermediates and its dropout copies, one per distinct input as `speedups.share_lora_dropout` shares them);
   with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
 - the logits and the loss at the label positions only (the collator's `logits_to_keep`): the head's output,
   its fp32 copy and log-softmax, and their gradient.
@@ -36,6 +36,7 @@ from typing import Any
 
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import speedups
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.train import optimizer_name
 
@@ -402,7 +403,7 @@ def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int,
     return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
 
 
-# The linear layers of a Llama-style block that read the same tensor: `model.share_lora_dropout` gives
+# The linear layers of a Llama-style block that read the same tensor: `speedups.share_lora_dropout` gives
 # adapters on them one dropped copy of it (o_proj and down_proj each read their own input).
 SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
@@ -430,7 +431,7 @@ def weight_bytes(cfg: TrainerConfig, shape: ModelShape, precision: str) -> int:
     # Norms, embeddings and the head: fp32 for full fine-tuning and after k-bit preparation, unless a bf16
     # run keeps them in bf16; lora's frozen base is held in the compute dtype.
     unquantized = (shape.other_params + shape.head_params) * DTYPE_BYTES[
-        model_mod.frozen_weights_dtype(cfg.method, precision)
+        speedups.frozen_weights_dtype(cfg.method, precision)
     ]
     if quant is None:
         per = 4 if cfg.method.type == "full" else DTYPE_BYTES[precision]
@@ -454,7 +455,7 @@ def activation_bytes(
     # The residual stream has the embedding's dtype; where that is not the compute dtype (full fine-tuning and
     # fp16 QLoRA keep fp32 weights) each linear layer fed from it (q, k, v, gate, up) keeps its own input cast
     # to the compute dtype.
-    stream = DTYPE_BYTES[model_mod.frozen_weights_dtype(cfg.method, precision)]
+    stream = DTYPE_BYTES[speedups.frozen_weights_dtype(cfg.method, precision)]
     casts = 5 * e * h if stream != e else 0
     norm = 4 * h + stream * h  # RMSNorm: its fp32 input and its normalized output
     attention = e * (3 * q + 2 * kv)  # q, k, v after RoPE for attention; its output twice (sdpa, o_proj input)

@@ -26,7 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kubetune_trainer.config import DpoSpec, TrainerConfig
-from kubetune_trainer.data import Row
+from kubetune_trainer.data import Row, bad_row
 from kubetune_trainer.errors import InvalidInput
 from kubetune_trainer.server import Telemetry
 
@@ -63,13 +63,7 @@ class PreferenceData:
 
 
 def _bad(row: Row, what: str, message: str) -> InvalidInput:
-    return InvalidInput(
-        "InvalidDataset",
-        f"{row.file}:{row.line}: {message}",
-        field=f"dataset.fields.{what}",
-        file=row.file,
-        line=row.line,
-    )
+    return bad_row(row, message, field=f"dataset.fields.{what}")
 
 
 def _value(row: Row, name: str, what: str) -> Any:
@@ -197,9 +191,7 @@ def encode_pair(row: Row, checked: PreferenceRow, tokenizer: Any) -> Pair:
         with_chosen = _chat_ids(tokenizer, checked.prompt + checked.chosen)
         with_rejected = _chat_ids(tokenizer, checked.prompt + checked.rejected)
     except Exception as exc:  # the template raised (unknown role, ...)
-        raise InvalidInput(
-            "InvalidDataset", f"{row.file}:{row.line}: chat template failed: {exc}", file=row.file, line=row.line
-        ) from exc
+        raise bad_row(row, f"chat template failed: {exc}") from exc
     # Templates may render the prompt differently once an answer follows; the shared tokens are the prompt.
     n = min(len(prompt_ids), _common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
     return Pair(prompt_ids[:n], with_chosen[n:], with_rejected[n:])
