@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "architecture": "LlamaForCausalLM",
             "config": size.__dict__,
             "parameters": params,
-            "weights": "random, seeded (kubetune_trainer.tiny.build_model seed 0)",
+            "weights": "random, seeded (kubetune_cli.tiny.build_model seed 0)",
         },
         "data": {
             "spec": {k: v for k, v in data.__dict__.items()},

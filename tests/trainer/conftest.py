@@ -210,6 +210,6 @@ class TrainerProcess:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared tiny model, initialised wider (0.2) so that a LoRA adapter moves its loss in a few steps."""
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model-trainer"), initializer_range=0.2)

@@ -13,13 +13,13 @@ from kubetune_trainer.data import IGNORE_INDEX, Collator, Example, pack
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     return build_tokenizer()
 
 
 def _model(tokenizer, attn: str):
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     model = build_model(tokenizer, initializer_range=0.2)
     model.set_attn_implementation(attn)
@@ -102,7 +102,7 @@ def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: s
     """The tiny model with adapters on all linear layers, as `load_model` prepares it for training."""
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.model import load_model
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model")
     cfg = TrainerConfig.model_validate(

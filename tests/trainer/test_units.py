@@ -16,7 +16,7 @@ from kubetune_trainer.storage import Storage
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -58,7 +58,7 @@ def test_packing_keeps_examples_apart(tokenizer) -> None:
     it gets alone: no attention across examples."""
     import torch
 
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     model = build_model(tokenizer)
     a = Example([5, 6, 7, 8, 9], [5, 6, 7, 8, 9])
