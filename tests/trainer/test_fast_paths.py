@@ -100,9 +100,9 @@ def _all_logits(batch: dict) -> dict:
 
 def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: str = "fp32"):
     """The tiny model with adapters on all linear layers, as `load_model` prepares it for training."""
+    from kubetune_cli.tiny import write_tiny_model
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.model import load_model
-    from kubetune_cli.tiny import write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model")
     cfg = TrainerConfig.model_validate(
@@ -114,6 +114,40 @@ def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: s
         }
     )
     return load_model(model_dir, cfg, compute)
+
+
+def test_speedups_off_leaves_peft_s_own_dropout_and_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBETUNE_SPEEDUPS_OFF turns the named speed-ups off: the model is peft's, unpatched."""
+    from peft.tuners.lora import LoraLayer
+
+    from kubetune_trainer import speedups
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "shared-dropout,fused-lora")
+    model = _lora_model(tmp_path, 0.5)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert layers
+    assert all(type(module.lora_dropout["default"]) is torch.nn.Dropout for module in layers)
+    assert all("forward" not in vars(module) for module in layers)  # the class's forward, not the fused one
+    assert speedups.enabled("dropout-mask") and not speedups.enabled("fused-lora")
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "all")
+    assert not any(speedups.enabled(name) for name in speedups.SPEEDUPS)
+    assert speedups.return_freed_memory() is False
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "fused-lora,fast")
+    with pytest.raises(ValueError, match=r"KUBETUNE_SPEEDUPS_OFF='fused-lora,fast': unknown fast; use 'all' or"):
+        speedups.enabled("fused-lora")
+
+
+def test_speedups_are_on_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    from kubetune_trainer import speedups
+
+    monkeypatch.delenv(speedups.SPEEDUPS_OFF_ENV, raising=False)
+    model = _lora_model(tmp_path, 0.5)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert layers and all("forward" in vars(module) for module in layers)  # the fused forward
 
 
 def _give_updates_weight(model) -> None:
