@@ -171,31 +171,10 @@ def load_model(
 ) -> Any:
     """The model ready to train: quantized and prepared for k-bit training, with LoRA adapters (unless
     `with_adapter` is False: the caller's trainer adds them), or full."""
-    from transformers import AutoModelForCausalLM
-
     method = cfg.method
     require_bitsandbytes(method)
     quant = quantization_config(method, compute)
-    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); adapters train on a
-    # frozen base held in the compute dtype.
-    dtype = torch.float32 if method.type == "full" else DTYPES[compute]
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.dataset.packing:
-        from kubetune_trainer import attention
-
-        kwargs["attn_implementation"] = attention.register()
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": device_index or 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (ImportError, NotImplementedError) as exc:
-        raise InvalidInput(
-            "QuantizationUnavailable", f"cannot load {cfg.model.source} as configured: {exc}", field="method"
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise InvalidInput("InvalidModel", f"cannot load {cfg.model.source}: {exc}", field="model.source") from exc
+    model = _from_pretrained(model_dir, cfg, compute, quant, device_index)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     gc = gradient_checkpointing(cfg.training)
     if quant is not None:
@@ -217,6 +196,33 @@ def load_model(
         model = get_peft_model(model, lora)
     speedups.after_adapters(model, compute)
     return model
+
+
+def _from_pretrained(model_dir: Path, cfg: TrainerConfig, compute: str, quant: Any, device_index: int | None) -> Any:
+    """transformers' model from `model_dir` as configured: dtype, quantization, attention; InvalidInput
+    naming the field to change when it does not load."""
+    from transformers import AutoModelForCausalLM
+
+    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); adapters train on a
+    # frozen base held in the compute dtype.
+    dtype = torch.float32 if cfg.method.type == "full" else DTYPES[compute]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.dataset.packing:
+        from kubetune_trainer import attention
+
+        kwargs["attn_implementation"] = attention.register()
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": device_index or 0}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (ImportError, NotImplementedError) as exc:
+        raise InvalidInput(
+            "QuantizationUnavailable", f"cannot load {cfg.model.source} as configured: {exc}", field="method"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidInput("InvalidModel", f"cannot load {cfg.model.source}: {exc}", field="model.source") from exc
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

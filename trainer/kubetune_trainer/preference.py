@@ -197,14 +197,9 @@ def encode_pair(row: Row, checked: PreferenceRow, tokenizer: Any) -> Pair:
     return Pair(prompt_ids[:n], with_chosen[n:], with_rejected[n:])
 
 
-def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str = "train") -> PreferenceData:
-    """Check and encode every row; keep the end of long prompts and the start of long answers; count both."""
-    if not rows:
-        raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
-    dpo = cfg.objective.effective_dpo() or DpoSpec()
-    max_length = cfg.dataset.max_length
-    max_prompt = dpo.effective_max_prompt_length(max_length)
-    checked = [(row, check_row(row, cfg)) for row in rows]
+def _one_form(checked: list[tuple[Row, PreferenceRow]], tokenizer: Any) -> bool:
+    """Whether the rows are conversational (message lists); InvalidInput when they mix the two forms, or when
+    message lists meet a tokenizer without a chat template."""
     forms = {c.conversational for _, c in checked}
     if len(forms) > 1:
         row = next(r for r, c in checked if c.conversational != checked[0][1].conversational)
@@ -217,7 +212,18 @@ def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str =
             "model's has none; give prompt, chosen and rejected as strings",
             field="dataset.fields.chosen",
         )
-    out = PreferenceData([], conversational)
+    return conversational
+
+
+def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str = "train") -> PreferenceData:
+    """Check and encode every row; keep the end of long prompts and the start of long answers; count both."""
+    if not rows:
+        raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
+    dpo = cfg.objective.effective_dpo() or DpoSpec()
+    max_length = cfg.dataset.max_length
+    max_prompt = dpo.effective_max_prompt_length(max_length)
+    checked = [(row, check_row(row, cfg)) for row in rows]
+    out = PreferenceData([], _one_form(checked, tokenizer))
     for row, pair_row in checked:
         pair = encode_pair(row, pair_row, tokenizer)
         prompt = pair.prompt_ids[-max_prompt:]
