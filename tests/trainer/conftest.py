@@ -80,7 +80,7 @@ class S3Run:
     model: str  # the tiny model's s3:// prefix
     tmp_path: Path
 
-    def config(self, prefix: str, rows: int, **sections: Any) -> dict[str, Any]:
+    def config(self, prefix: str, *, rows: int, **sections: Any) -> dict[str, Any]:
         """`base_config` for s3://bucket/`prefix`, training on the first `rows` support rows (uploaded as
         data/train.jsonl), storage at the endpoint unless `sections` names another."""
         train = slice_jsonl(DATA / "support-instructions.jsonl", self.tmp_path / "train.jsonl", rows)

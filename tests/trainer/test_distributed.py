@@ -31,7 +31,7 @@ def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
     bucket = s3_run.bucket
     cfg = s3_run.config(
         "ddp",
-        40,
+        rows=40,
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
         training={"maxSteps": 10, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
     )

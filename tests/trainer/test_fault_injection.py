@@ -37,7 +37,7 @@ def test_random_kills_never_lose_the_run(s3_moto: S3Endpoint, s3_run: S3Run, tmp
         proxy.bytes_per_second = 400_000  # the model download lasts long enough to be hit too
         cfg = s3_run.config(
             "run",
-            60,
+            rows=60,
             training={"maxSteps": 16, "checkpointEverySteps": 3, "evalEverySteps": 8, "logEverySteps": 1},
             storage={"endpoint": proxy.url, "region": s3_moto.region},
         )

@@ -150,7 +150,7 @@ def test_two_work_dirs_on_one_destination_train_once(s3_moto: S3Endpoint, s3_run
     bucket = s3_run.bucket
     cfg = s3_run.config(
         "run",
-        40,
+        rows=40,
         training={"maxSteps": 30, "checkpointEverySteps": 10, "evalEverySteps": 100},
     )
     env = {**s3_env(s3_moto), LEASE_SECONDS_ENV: "3"}
@@ -188,7 +188,7 @@ def test_a_rerun_while_the_stopped_trainer_still_saves_waits_for_it(
     with outage_proxy(s3_moto.url) as proxy:
         cfg = s3_run.config(
             "run",
-            40,
+            rows=40,
             training={"maxSteps": 14, "checkpointEverySteps": 4, "evalEverySteps": 100, "checkpointsToKeep": 5},
             storage={"endpoint": proxy.url, "region": s3_moto.region},
         )

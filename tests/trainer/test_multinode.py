@@ -57,7 +57,7 @@ def test_two_nodes_rendezvous_train_and_write_one_set_of_artifacts_like_one_node
     def config(prefix: str) -> dict[str, Any]:
         return s3_run.config(
             prefix,
-            40,
+            rows=40,
             method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
             training={"maxSteps": 8, "checkpointEverySteps": 4, "evalEverySteps": 1000, "logEverySteps": 1},
         )
@@ -136,7 +136,7 @@ def test_a_node_killed_mid_run_and_both_resume_from_the_newest_complete_checkpoi
     bucket = s3_run.bucket
     cfg = s3_run.config(
         "lost",
-        60,
+        rows=60,
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
         # Long enough (tens of seconds) that node 1 is lost mid-training, with a checkpoint every 10 steps.
         training={"maxSteps": 400, "checkpointEverySteps": 10, "evalEverySteps": 1000, "logEverySteps": 5},

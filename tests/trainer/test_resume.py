@@ -20,7 +20,7 @@ def test_sigterm_checkpoints_then_rerun_resumes(s3_moto: S3Endpoint, s3_run: S3R
     bucket = s3_run.bucket
     cfg = s3_run.config(
         "run",
-        60,
+        rows=60,
         # No periodic checkpoint before the signal: the one found later is the SIGTERM one.
         training={"maxSteps": 16, "checkpointEverySteps": 1000, "evalEverySteps": 1000, "logEverySteps": 2},
     )
