@@ -38,7 +38,7 @@ def main() -> None:
     }
     model = work / "model"
     subprocess.run(
-        [sys.executable, "-c", f"from kubetune_trainer.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
+        [sys.executable, "-c", f"from kubetune_cli.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
         env=env,
         check=True,
     )

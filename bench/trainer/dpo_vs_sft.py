@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "trainer"))
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="dpo-vs-sft-"))
     model = write_tiny_model(work / "model", **MODEL_SHAPE)

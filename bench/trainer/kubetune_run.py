@@ -64,35 +64,24 @@ LEVERS = (
 
 
 def without(levers: list[str]) -> None:
-    """Undo the named fast paths in this process (monkeypatching the trainer's modules)."""
-    import torch
+    """Undo the named fast paths in this process: the trainer's speed-ups through its own switch
+    (`speedups.SPEEDUPS_OFF_ENV`), the rest by monkeypatching the trainer's modules."""
+    import os
 
-    from kubetune_trainer import attention, config, loss, model, train
+    from kubetune_trainer import attention, config, objectives, speedups
 
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise SystemExit(f"--without {', '.join(unknown)}: not one of {', '.join(LEVERS)}")
+    os.environ[speedups.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in levers if lever in speedups.SPEEDUPS)
     for lever in levers:
         if lever == "segments":
             attention.register = lambda: "sdpa"  # type: ignore[assignment]
-        elif lever == "shared-dropout":
-            model.share_lora_dropout = lambda m: 0  # type: ignore[assignment]
-        elif lever == "fused-lora":
-            model.fuse_lora_update = lambda m: 0  # type: ignore[assignment]
-        elif lever == "dropout-mask":
-            model.dropout = lambda x, p: torch.nn.functional.dropout(x, p, training=True)  # type: ignore[assignment]
-        elif lever == "input-cast":
-            model.keep_adapter_inputs_in_compute_dtype = lambda m, keep=True: None  # type: ignore[assignment]
-        elif lever == "bf16-weights":
-            model.keep_frozen_weights_in = lambda m, dtype: None  # type: ignore[assignment]
         elif lever == "token-rows":
             config.TrainerConfig.micro_batch_size = lambda self: self.training.batch_size  # type: ignore[method-assign]
             config.TrainerConfig.packed_row_tokens = lambda self: self.dataset.max_length  # type: ignore[method-assign]
-        elif lever == "fused-loss":
-            loss.fuse_head_and_loss = lambda m: False  # type: ignore[assignment]
-        elif lever == "mmap-threshold":
-            train.return_freed_memory = lambda: False  # type: ignore[assignment]
         elif lever == "warm-start":
-            train.warm_start = lambda scheduler, steps: scheduler  # type: ignore[assignment]
-        else:
-            raise SystemExit(f"--without {lever}: not one of {', '.join(LEVERS)}")
+            objectives.warm_start = lambda scheduler, steps: scheduler  # type: ignore[assignment]
 
 
 def config(

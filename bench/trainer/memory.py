@@ -37,7 +37,7 @@ from bench.trainer import workload as wl  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "without-fused-loss": {},  # the model's own head and loss (kubetune_trainer.loss undone)
+    "without-fused-loss": {},  # the model's own head and loss (KUBETUNE_SPEEDUPS_OFF=fused-loss)
     "gradient-checkpointing": {"gradientCheckpointing": True},
 }
 
@@ -85,9 +85,9 @@ def measure(
 
     torch.set_num_threads(2)
     if without_fused_loss:
-        from kubetune_trainer import loss
+        from kubetune_trainer import speedups
 
-        loss.fuse_head_and_loss = lambda m: False  # type: ignore[assignment]
+        os.environ[speedups.SPEEDUPS_OFF_ENV] = "fused-loss"
     model_dir = model_dir or smollm2_dir()
     data = wl.prepare_pretrained(model_dir, work)
     cfg = TrainerConfig.model_validate(

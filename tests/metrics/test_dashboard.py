@@ -351,7 +351,7 @@ def watched_run(
     model = tmp_path / "model"
     # The tiny model is built in a child process, while the rest starts.
     builder = subprocess.Popen(
-        [sys.executable, "-c", f"from kubetune_trainer.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
+        [sys.executable, "-c", f"from kubetune_cli.tiny import write_tiny_model; write_tiny_model({str(model)!r})"],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "trainer")},
     )
     run: WatchedRun | None = None

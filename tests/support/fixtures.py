@@ -86,7 +86,7 @@ def s3_bucket_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Imported here: torch takes seconds to import, and S3-only tests should not pay for it.
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

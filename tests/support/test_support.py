@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -172,7 +171,7 @@ def test_tiny_model_loads_from_its_directory_and_generates(tiny_model_dir: Path)
 def test_tokenizer_round_trips_and_is_deterministic(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     built = build_tokenizer()
     loaded = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -196,7 +195,7 @@ def test_tokenizer_round_trips_and_is_deterministic(tiny_model_dir: Path, tmp_pa
 
 
 def test_extra_texts_change_the_tokenizer() -> None:
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     word = "zyxwvutsrqp"
     with_extra = build_tokenizer([f"{word} {word}."] * 50)
@@ -235,7 +234,7 @@ def test_chat_template_rejects_unknown_roles(tiny_model_dir: Path) -> None:
 def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
     import torch
 
-    from kubetune_trainer.tiny import build_model, build_tokenizer
+    from kubetune_cli.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(123)
@@ -251,7 +250,7 @@ def test_build_model_is_seeded_and_leaves_the_global_rng_alone() -> None:
 
 
 def test_write_tiny_model_names_unknown_arguments(tmp_path: Path) -> None:
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     with pytest.raises(TypeError, match=r"unknown arguments \['hidden'\]"):
         write_tiny_model(tmp_path, hidden=32)
@@ -278,15 +277,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_example_data_is_what_its_generator_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("make_support_dataset", DATA / "make_support_dataset.py")
-    assert spec is not None and spec.loader is not None
-    generator = importlib.util.module_from_spec(spec)
-    # dataclasses resolves the script's string annotations through sys.modules.
-    monkeypatch.setitem(sys.modules, spec.name, generator)
-    spec.loader.exec_module(generator)
+def test_example_data_is_what_its_generator_writes(tmp_path: Path) -> None:
+    from tests.support import make_support_dataset
 
-    generator.main(tmp_path)
+    assert make_support_dataset.DATA == DATA
+    make_support_dataset.main(tmp_path)
 
     for name in ("support-instructions.jsonl", "support-eval.jsonl", "support-chat.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"regenerate {name}"

@@ -72,6 +72,31 @@ def base_config(model: str, train: str, destination: str, **sections: Any) -> di
 
 
 @dataclass
+class S3Run:
+    """A run of the tiny model from S3 to S3 (moto): `config` uploads its training rows and writes its config."""
+
+    s3: S3Endpoint
+    bucket: str
+    model: str  # the tiny model's s3:// prefix
+    tmp_path: Path
+
+    def config(self, prefix: str, *, rows: int, **sections: Any) -> dict[str, Any]:
+        """`base_config` for s3://bucket/`prefix`, training on the first `rows` support rows (uploaded as
+        data/train.jsonl), storage at the endpoint unless `sections` names another."""
+        train = slice_jsonl(DATA / "support-instructions.jsonl", self.tmp_path / "train.jsonl", rows)
+        self.s3.client().upload_file(str(train), self.bucket, "data/train.jsonl")
+        sections = {"storage": storage_section(self.s3), **sections}
+        return base_config(
+            self.model, f"s3://{self.bucket}/data/train.jsonl", f"s3://{self.bucket}/{prefix}", **sections
+        )
+
+
+@pytest.fixture
+def s3_run(s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path) -> S3Run:
+    return S3Run(s3_moto, s3_bucket_name, tiny_model_s3, tmp_path)
+
+
+@dataclass
 class RunResult:
     code: int
     termination: dict[str, Any]
@@ -210,6 +235,6 @@ class TrainerProcess:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared tiny model, initialised wider (0.2) so that a LoRA adapter moves its loss in a few steps."""
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model-trainer"), initializer_range=0.2)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.s3 import S3Endpoint
-from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl, storage_section
+from tests.trainer.conftest import S3Run, TrainerProcess, base_config, s3_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +26,14 @@ def test_launch_command() -> None:
 
 
 def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
+    s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path
 ) -> None:
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
-    cfg = base_config(
-        tiny_model_s3,
-        f"s3://{bucket}/data/train.jsonl",
-        f"s3://{bucket}/ddp",
+    bucket = s3_run.bucket
+    cfg = s3_run.config(
+        "ddp",
+        rows=40,
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
         training={"maxSteps": 10, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
-        storage=storage_section(s3_moto),
     )
     env = {**s3_env(s3_moto), "OMP_NUM_THREADS": "1"}
 

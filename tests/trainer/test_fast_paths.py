@@ -13,13 +13,13 @@ from kubetune_trainer.data import IGNORE_INDEX, Collator, Example, pack
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     return build_tokenizer()
 
 
 def _model(tokenizer, attn: str):
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     model = build_model(tokenizer, initializer_range=0.2)
     model.set_attn_implementation(attn)
@@ -100,9 +100,9 @@ def _all_logits(batch: dict) -> dict:
 
 def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: str = "fp32"):
     """The tiny model with adapters on all linear layers, as `load_model` prepares it for training."""
+    from kubetune_cli.tiny import write_tiny_model
     from kubetune_trainer.config import TrainerConfig
     from kubetune_trainer.model import load_model
-    from kubetune_trainer.tiny import write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model")
     cfg = TrainerConfig.model_validate(
@@ -116,6 +116,40 @@ def _lora_model(tmp_path: Path, dropout: float, method: str = "lora", compute: s
     return load_model(model_dir, cfg, compute)
 
 
+def test_speedups_off_leaves_peft_s_own_dropout_and_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBETUNE_SPEEDUPS_OFF turns the named speed-ups off: the model is peft's, unpatched."""
+    from peft.tuners.lora import LoraLayer
+
+    from kubetune_trainer import speedups
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "shared-dropout,fused-lora")
+    model = _lora_model(tmp_path, 0.5)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert layers
+    assert all(type(module.lora_dropout["default"]) is torch.nn.Dropout for module in layers)
+    assert all("forward" not in vars(module) for module in layers)  # the class's forward, not the fused one
+    assert speedups.enabled("dropout-mask") and not speedups.enabled("fused-lora")
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "all")
+    assert not any(speedups.enabled(name) for name in speedups.SPEEDUPS)
+    assert speedups.return_freed_memory() is False
+
+    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "fused-lora,fast")
+    with pytest.raises(ValueError, match=r"KUBETUNE_SPEEDUPS_OFF='fused-lora,fast': unknown fast; use 'all' or"):
+        speedups.enabled("fused-lora")
+
+
+def test_speedups_are_on_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    from kubetune_trainer import speedups
+
+    monkeypatch.delenv(speedups.SPEEDUPS_OFF_ENV, raising=False)
+    model = _lora_model(tmp_path, 0.5)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    assert layers and all("forward" in vars(module) for module in layers)  # the fused forward
+
+
 def _give_updates_weight(model) -> None:
     """LoRA's B starts at zero, so the update carries nothing; seeded random B's make it count."""
     torch.manual_seed(0)
@@ -125,7 +159,7 @@ def _give_updates_weight(model) -> None:
 
 
 def test_lora_dropout_draws_one_mask_per_shared_input(tmp_path: Path) -> None:
-    from kubetune_trainer.model import SharedInputDropout
+    from kubetune_trainer.speedups import SharedInputDropout
 
     model = _lora_model(tmp_path, 0.5)
     layer = model.get_base_model().model.layers[0]
@@ -209,7 +243,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path: Path) -> Non
 def test_after_training_inference_may_use_the_packed_4bit_kernel_with_the_same_logits(tmp_path: Path) -> None:
     """Once training is over the trainer lets bitsandbytes repack 4-bit weights for CPU inference again (where
     the CPU has the kernel): what was turned off is turned back on, and the logits are the same."""
-    from kubetune_trainer.model import keep_4bit_weights_differentiable
+    from kubetune_trainer.speedups import keep_4bit_weights_differentiable
 
     model = _lora_model(tmp_path, 0.0, "qlora", "bf16")
     _give_updates_weight(model)
@@ -232,7 +266,7 @@ def test_after_training_inference_may_use_the_packed_4bit_kernel_with_the_same_l
 
 
 def test_shared_dropout_keeps_the_expectation() -> None:
-    from kubetune_trainer.model import SharedInputDropout
+    from kubetune_trainer.speedups import SharedInputDropout
 
     torch.manual_seed(0)
     dropout = SharedInputDropout(0.05, {})
@@ -250,7 +284,7 @@ def test_shared_dropout_keeps_the_expectation() -> None:
 def test_warm_up_first_step_learns() -> None:
     from transformers import get_scheduler
 
-    from kubetune_trainer.train import warm_start
+    from kubetune_trainer.objectives import warm_start
 
     def lrs(shift: bool) -> list[float]:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -272,7 +306,8 @@ def test_warm_up_first_step_learns() -> None:
 
 def test_trainer_applies_the_warm_start(tmp_path: Path, tokenizer) -> None:
     from kubetune_trainer.config import TrainerConfig
-    from kubetune_trainer.train import _trainer_class, training_arguments
+    from kubetune_trainer.objectives import sft_trainer_class
+    from kubetune_trainer.train import training_arguments
 
     cfg = TrainerConfig.model_validate(
         {
@@ -283,7 +318,7 @@ def test_trainer_applies_the_warm_start(tmp_path: Path, tokenizer) -> None:
         }
     )
     args = training_arguments(cfg, tmp_path / "t", "fp32", has_eval=False)
-    trainer = _trainer_class()(model=_model(tokenizer, "sdpa"), args=args, train_dataset=[{"input_ids": [1]}])
+    trainer = sft_trainer_class()(model=_model(tokenizer, "sdpa"), args=args, train_dataset=[{"input_ids": [1]}])
     trainer.create_optimizer_and_scheduler(num_training_steps=4)  # warm-up 3% of 4 steps: 1 step
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.training.learning_rate)
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.outage import outage_proxy
 from tests.support.s3 import S3Endpoint
-from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl
+from tests.trainer.conftest import S3Run, TrainerProcess, s3_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +29,15 @@ SEED = int(os.environ.get("KUBETUNE_FAULT_SEED", 14))
 MAX_DELAY = float(os.environ.get("KUBETUNE_FAULT_MAX_DELAY", 9.0))
 
 
-def test_random_kills_never_lose_the_run(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
-) -> None:
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 60)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+def test_random_kills_never_lose_the_run(s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path) -> None:
+    bucket = s3_run.bucket
     rng = random.Random(SEED)
     killed_in: list[str] = []
     with outage_proxy(s3_moto.url) as proxy:
         proxy.bytes_per_second = 400_000  # the model download lasts long enough to be hit too
-        cfg = base_config(
-            tiny_model_s3,
-            f"s3://{bucket}/data/train.jsonl",
-            f"s3://{bucket}/run",
+        cfg = s3_run.config(
+            "run",
+            rows=60,
             training={"maxSteps": 16, "checkpointEverySteps": 3, "evalEverySteps": 8, "logEverySteps": 1},
             storage={"endpoint": proxy.url, "region": s3_moto.region},
         )

@@ -307,7 +307,7 @@ def test_a_changed_model_source_downloads_the_new_model(
     the new model and trains an adapter shaped for it, not for the cached one (issue 29.5)."""
     from safetensors import safe_open
 
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     s3_credentials(s3_moto)
     s3_moto.make_bucket(s3_bucket_name)

@@ -19,7 +19,7 @@ from kubetune_trainer.errors import InvalidInput
 from kubetune_trainer.storage import Storage
 from tests.support.outage import outage_proxy
 from tests.support.s3 import S3Endpoint
-from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl
+from tests.trainer.conftest import S3Run, TrainerProcess, s3_env
 
 TERM = 1.5  # seconds: a short lease, renewed every 0.5 s
 
@@ -144,20 +144,14 @@ def wait_for_log(trainer: TrainerProcess, text: str, timeout: float = 120) -> No
 
 
 @pytest.mark.slow
-def test_two_work_dirs_on_one_destination_train_once(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
-) -> None:
+def test_two_work_dirs_on_one_destination_train_once(s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path) -> None:
     """The same job started from two work dirs: the second is refused (exit 2) naming the first; the first
     trains to the end. Before the lease both trained from scratch at once and both exited 0."""
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
-    cfg = base_config(
-        tiny_model_s3,
-        f"s3://{bucket}/data/train.jsonl",
-        f"s3://{bucket}/run",
+    bucket = s3_run.bucket
+    cfg = s3_run.config(
+        "run",
+        rows=40,
         training={"maxSteps": 30, "checkpointEverySteps": 10, "evalEverySteps": 100},
-        storage={"endpoint": s3_moto.url, "region": s3_moto.region},
     )
     env = {**s3_env(s3_moto), LEASE_SECONDS_ENV: "3"}
     first = TrainerProcess(cfg, tmp_path, "first", env)
@@ -184,20 +178,17 @@ def test_two_work_dirs_on_one_destination_train_once(
 
 @pytest.mark.slow
 def test_a_rerun_while_the_stopped_trainer_still_saves_waits_for_it(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
+    s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path
 ) -> None:
     """`kubetune run` SIGKILLed: its trainer gets SIGTERM (the parent-death signal) and saves a checkpoint,
     slowly (0.5 s of latency on every storage request), while the rerun in the same work dir has started.
     The rerun waits for it and resumes from the checkpoint it saved; before the lease the two overlapped and
     the rerun resumed from an older checkpoint while the old trainer was still uploading a newer one."""
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+    bucket = s3_run.bucket
     with outage_proxy(s3_moto.url) as proxy:
-        cfg = base_config(
-            tiny_model_s3,
-            f"s3://{bucket}/data/train.jsonl",
-            f"s3://{bucket}/run",
+        cfg = s3_run.config(
+            "run",
+            rows=40,
             training={"maxSteps": 14, "checkpointEverySteps": 4, "evalEverySteps": 100, "checkpointsToKeep": 5},
             storage={"endpoint": proxy.url, "region": s3_moto.region},
         )

@@ -15,7 +15,7 @@ from kubetune_trainer.data import IGNORE_INDEX, Collator, Example, pack
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -24,7 +24,7 @@ def _lora_pair(tokenizer):
     """The same LoRA model twice: the model's own forward, and the fused one."""
     from peft import LoraConfig, get_peft_model
 
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     torch.manual_seed(0)
     base = build_model(tokenizer, initializer_range=0.2)
@@ -103,7 +103,7 @@ def test_evaluation_and_generation_keep_the_models_own_forward(tokenizer) -> Non
 
 
 def test_a_trained_head_or_an_unknown_architecture_keeps_the_models_own_path(tokenizer) -> None:
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     full = build_model(tokenizer)  # full fine-tuning: the head trains
     assert loss_mod.fuse_head_and_loss(full)

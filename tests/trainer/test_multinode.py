@@ -13,7 +13,7 @@ import pytest
 
 from kubetune_trainer import contract
 from tests.support.s3 import S3Endpoint, free_port
-from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl, storage_section
+from tests.trainer.conftest import DATA, S3Run, TrainerProcess, base_config, s3_env, storage_section
 
 pytestmark = pytest.mark.slow
 
@@ -50,20 +50,16 @@ def loopback_env(s3_moto: S3Endpoint) -> dict[str, str]:
 
 
 def test_two_nodes_rendezvous_train_and_write_one_set_of_artifacts_like_one_node(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path, loopback_env: dict[str, str]
+    s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path, loopback_env: dict[str, str]
 ) -> None:
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 40)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
+    bucket = s3_run.bucket
 
     def config(prefix: str) -> dict[str, Any]:
-        return base_config(
-            tiny_model_s3,
-            f"s3://{bucket}/data/train.jsonl",
-            f"s3://{bucket}/{prefix}",
+        return s3_run.config(
+            prefix,
+            rows=40,
             method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
             training={"maxSteps": 8, "checkpointEverySteps": 4, "evalEverySteps": 1000, "logEverySteps": 1},
-            storage=storage_section(s3_moto),
         )
 
     started = time.monotonic()
@@ -135,19 +131,15 @@ def test_a_node_whose_peer_never_arrives_fails_clearly_within_the_rendezvous_tim
 
 
 def test_a_node_killed_mid_run_and_both_resume_from_the_newest_complete_checkpoint(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path, loopback_env: dict[str, str]
+    s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path, loopback_env: dict[str, str]
 ) -> None:
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 60)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
-    cfg = base_config(
-        tiny_model_s3,
-        f"s3://{bucket}/data/train.jsonl",
-        f"s3://{bucket}/lost",
+    bucket = s3_run.bucket
+    cfg = s3_run.config(
+        "lost",
+        rows=60,
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
         # Long enough (tens of seconds) that node 1 is lost mid-training, with a checkpoint every 10 steps.
         training={"maxSteps": 400, "checkpointEverySteps": 10, "evalEverySteps": 1000, "logEverySteps": 5},
-        storage=storage_section(s3_moto),
     )
 
     def complete_steps() -> list[int]:

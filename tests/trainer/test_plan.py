@@ -29,7 +29,7 @@ TOLERANCE = 0.15
 
 @pytest.fixture(scope="module")
 def plan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune_trainer.tiny import write_tiny_model
+    from kubetune_cli.tiny import write_tiny_model
 
     return write_tiny_model(
         tmp_path_factory.mktemp("plan-model"),

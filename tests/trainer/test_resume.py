@@ -11,24 +11,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.s3 import S3Endpoint
-from tests.trainer.conftest import DATA, TrainerProcess, base_config, s3_env, slice_jsonl, storage_section
+from tests.trainer.conftest import S3Run, TrainerProcess, s3_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_checkpoints_then_rerun_resumes(
-    s3_moto: S3Endpoint, s3_bucket_name: str, tiny_model_s3: str, tmp_path: Path
-) -> None:
-    bucket = s3_bucket_name
-    train = slice_jsonl(DATA / "support-instructions.jsonl", tmp_path / "train.jsonl", 60)
-    s3_moto.client().upload_file(str(train), bucket, "data/train.jsonl")
-    cfg = base_config(
-        tiny_model_s3,
-        f"s3://{bucket}/data/train.jsonl",
-        f"s3://{bucket}/run",
+def test_sigterm_checkpoints_then_rerun_resumes(s3_moto: S3Endpoint, s3_run: S3Run, tmp_path: Path) -> None:
+    bucket = s3_run.bucket
+    cfg = s3_run.config(
+        "run",
+        rows=60,
         # No periodic checkpoint before the signal: the one found later is the SIGTERM one.
         training={"maxSteps": 16, "checkpointEverySteps": 1000, "evalEverySteps": 1000, "logEverySteps": 2},
-        storage=storage_section(s3_moto),
     )
     env = s3_env(s3_moto)
     first = TrainerProcess(cfg, tmp_path, "first", env)

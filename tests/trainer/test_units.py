@@ -16,7 +16,7 @@ from kubetune_trainer.storage import Storage
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from kubetune_trainer.tiny import build_tokenizer
+    from kubetune_cli.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -58,7 +58,7 @@ def test_packing_keeps_examples_apart(tokenizer) -> None:
     it gets alone: no attention across examples."""
     import torch
 
-    from kubetune_trainer.tiny import build_model
+    from kubetune_cli.tiny import build_model
 
     model = build_model(tokenizer)
     a = Example([5, 6, 7, 8, 9], [5, 6, 7, 8, 9])
@@ -133,7 +133,7 @@ def test_metrics_and_progress_endpoints() -> None:
 
     telemetry = Telemetry(namespace="team", name="support-bot")
     telemetry.update(step=5, total_steps=20, train_loss=1.5, learning_rate=1e-4, tokens_per_second=900.0)
-    telemetry.child(telemetry.tokens_total).inc(1234)
+    telemetry.child(telemetry.tokens).inc(1234)
     telemetry.set_stage("train")
     server = serve(telemetry, port=0, host="127.0.0.1")
     try:

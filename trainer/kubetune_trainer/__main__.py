@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: int | None = None) -> int:
     """Run with SIGTERM handling, /metrics and /progress, and a termination message whatever happens."""
-    from kubetune_trainer import server, train
-    from kubetune_trainer.checkpoints import Preempted, StopRequest
-    from kubetune_trainer.errors import TrainerFailure
+    from kubetune_trainer import server
+    from kubetune_trainer.checkpoints import StopRequest
 
     stop = StopRequest()
     stop.install()
@@ -228,48 +227,44 @@ def execute(cfg: TrainerConfig, workdir: Path, termination: str, *, serve_port: 
         except OSError as exc:  # a busy port must not cost the run
             log.warning("cannot serve metrics: %s", exc)
     try:
-        outcome = train.run(cfg, workdir, telemetry=telemetry, stop=stop)
-    except Preempted:
-        telemetry.set_stage("done")
-        write_termination(termination, _message(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED))
-        return EXIT_PREEMPTED
-    except TrainerFailure as exc:
-        telemetry.set_stage("failed")
-        log.error("%s: %s", exc.error.reason, exc.error.message)
-        outcome_name = "invalid" if exc.exit_code == EXIT_INVALID_INPUT else "failed"
-        write_termination(
-            termination, _message(telemetry, outcome=outcome_name, exit_code=exc.exit_code, error=exc.error)
-        )
-        return exc.exit_code
-    except Exception as exc:
-        telemetry.set_stage("failed")
-        log.exception("training failed")
-        error = TrainerError(reason=type(exc).__name__, message=str(exc)[:2000] or type(exc).__name__)
-        write_termination(termination, _message(telemetry, outcome="failed", exit_code=EXIT_FAILED, error=error))
-        return EXIT_FAILED
+        message = _run_to_the_end(cfg, workdir, telemetry, stop)
     finally:
         stop.finish()
         if http is not None:
             http.shutdown()
             http.server_close()
+    write_termination(termination, message)
+    return message.exit_code
+
+
+def _run_to_the_end(cfg: TrainerConfig, workdir: Path, telemetry: Any, stop: Any) -> TerminationMessage:
+    """Train, and say how the run ended: its termination message."""
+    from kubetune_trainer import train
+    from kubetune_trainer.checkpoints import Preempted
+    from kubetune_trainer.errors import TrainerFailure
+
+    try:
+        outcome = train.run(cfg, workdir, telemetry=telemetry, stop=stop)
+    except Preempted:
+        return _ended(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED)
+    except TrainerFailure as exc:
+        log.error("%s: %s", exc.error.reason, exc.error.message)
+        outcome_name = "invalid" if exc.exit_code == EXIT_INVALID_INPUT else "failed"
+        return _ended(telemetry, outcome=outcome_name, exit_code=exc.exit_code, error=exc.error)
+    except Exception as exc:
+        log.exception("training failed")
+        error = TrainerError(reason=type(exc).__name__, message=str(exc)[:2000] or type(exc).__name__)
+        return _ended(telemetry, outcome="failed", exit_code=EXIT_FAILED, error=error)
     if outcome.status == "preempted":
-        telemetry.set_stage("done")
         log.warning("preempted; resume from %s", outcome.checkpoint.uri if outcome.checkpoint else "nothing")
-        write_termination(
-            termination,
-            _message(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED, checkpoint=outcome.checkpoint),
-        )
-        return EXIT_PREEMPTED
-    telemetry.set_stage("done")
-    write_termination(
-        termination,
-        _message(telemetry, outcome="succeeded", exit_code=EXIT_OK, result=outcome.result, artifacts=outcome.artifacts),
-    )
-    return EXIT_OK
+        return _ended(telemetry, outcome="preempted", exit_code=EXIT_PREEMPTED, checkpoint=outcome.checkpoint)
+    return _ended(telemetry, outcome="succeeded", exit_code=EXIT_OK, result=outcome.result, artifacts=outcome.artifacts)
 
 
-def _message(telemetry: Any, **fields: Any) -> TerminationMessage:
-    """A termination message with the trackers' runs as they stand (status.tracking)."""
+def _ended(telemetry: Any, **fields: Any) -> TerminationMessage:
+    """A termination message with the trackers' runs as they stand (status.tracking); /progress's stage
+    becomes done (succeeded, preempted) or failed."""
+    telemetry.set_stage("done" if fields["outcome"] in ("succeeded", "preempted") else "failed")
     return TerminationMessage(**fields, tracking=telemetry.progress().tracking)
 
 

@@ -141,6 +141,7 @@ def _objective_lines(cfg: TrainerConfig, metrics: dict[str, Any]) -> list[str]:
 
 
 def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
+    """README.md of the artifacts: the base model, method, objective, data, hyperparameters and results."""
     method = cfg.method
     quant = method.effective_quantization()
     lora = method.effective_lora()
@@ -183,15 +184,22 @@ def model_card(cfg: TrainerConfig, metrics: dict[str, Any]) -> str:
         f"- batch size {t.batch_size} x accumulation {t.gradient_accumulation_steps} x "
         f"{metrics.get('world_size', 1)} processes = {metrics.get('global_batch_size')} sequences per step",
         f"- precision {metrics.get('precision')}, max grad norm {t.max_grad_norm}, seed {t.seed}",
+        *_result_lines(metrics),
+    ]
+    return "\n".join(lines)
+
+
+def _result_lines(metrics: dict[str, Any]) -> list[str]:
+    base = metrics.get("base_eval_loss")
+    return [
         "",
         "## Results",
         "",
         f"- final train loss: {_number(metrics.get('train_loss'))}",
         f"- eval loss: {_number(metrics.get('eval_loss'))}"
-        + (f" (base model: {_number(metrics['base_eval_loss'])})" if metrics.get("base_eval_loss") is not None else ""),
+        + (f" (base model: {_number(base)})" if base is not None else ""),
         f"- perplexity: {_number(metrics.get('perplexity'))}",
         f"- trained tokens: {metrics.get('trained_tokens')}",
         f"- train time: {metrics.get('train_seconds')} s",
         "",
     ]
-    return "\n".join(lines)

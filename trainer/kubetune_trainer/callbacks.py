@@ -171,7 +171,7 @@ class ProgressReport(EvalLossCallback):
         telemetry.step_done(state.global_step, state.max_steps)
         if self.dist.is_main:  # sequences consumed by all ranks in this optimizer step
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
-            telemetry.child(telemetry.examples_total).inc(per_step)
+            telemetry.child(telemetry.examples).inc(per_step)
         if control.should_evaluate:
             telemetry.set_stage("evaluating")
         elif control.should_save:
@@ -186,7 +186,7 @@ class ProgressReport(EvalLossCallback):
         tokens = state.num_input_tokens_seen
         tok_rate = (tokens - self.last_log[1]) / max(now - self.last_log[0], 1e-9)
         if self.dist.is_main:
-            telemetry.child(telemetry.tokens_total).inc(max(tokens - self.last_log[1], 0))
+            telemetry.child(telemetry.tokens).inc(max(tokens - self.last_log[1], 0))
         self.last_log = (now, tokens)
         eta = telemetry.eta_seconds()
         grad_norm = float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None
@@ -198,8 +198,6 @@ class ProgressReport(EvalLossCallback):
             tokens_per_second=round(tok_rate, 1),
             eta_seconds=round(eta, 1) if eta is not None else None,
         )
-        if grad_norm is not None:
-            telemetry.child(telemetry.grad_norm).set(grad_norm)
         logs["tokens_per_second"] = round(tok_rate, 1)  # for the trackers' callbacks, which come after this one
         if self.dist.is_main:
             log.info(

@@ -600,8 +600,8 @@ class TrainerConfig(ApiModel):
     """The training part of a FineTuneJob: everything the trainer reads, and nothing secret.
 
     Secret references (model.tokenSecretRef, storage.credentialsSecretRef, the trackers' credentials) are the
-    FineTuneJob's: the
-    operator turns them into env from Secrets, and the trainer reads the standard variables."""
+    FineTuneJob's: the operator turns them into env from Secrets, and the trainer reads the standard variables
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...)."""
 
     model: ModelSpec = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training and evaluation data.")
@@ -612,7 +612,11 @@ class TrainerConfig(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization settings.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Sample generations.")
     output: OutputSpec = Field(description="Where checkpoints and artifacts are written.")
-    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials.")
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec,
+        description="S3 endpoint and region. Credentials are never in the config: the trainer reads the standard "
+        "AWS_* variables, which the operator sets from the FineTuneJob's storage.credentialsSecretRef.",
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow and W&B; off by default.")
 
     rules: ClassVar[tuple[Rule, ...]] = (

@@ -212,7 +212,9 @@ class TrackingRun(ContractModel):
 
 
 def format_seconds(seconds: float | None) -> str:
-    """Progress.eta's form: H:MM:SS ("?" when unknown)."""
+    """Seconds as H:MM:SS, rounded down, hours unbounded (100000 -> 27:46:40): the form of Progress.eta, the
+    trainer's log lines and `kubetune plan`. "?" for None or infinity, which only the log lines and the plan
+    print: an unknown ETA leaves Progress.eta unset."""
     if seconds is None or math.isinf(seconds):
         return "?"
     seconds = int(seconds)

@@ -193,25 +193,27 @@ def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
 # -- formatting and tokenizing ---------------------------------------------------------------------
 
 
+def bad_row(row: Row, message: str, *, field: str | None = None) -> InvalidInput:
+    """The error for an unusable row: InvalidDataset, its message led by `file:line`, the row's file and line."""
+    return InvalidInput(
+        "InvalidDataset", f"{row.file}:{row.line}: {message}", field=field, file=row.file, line=row.line
+    )
+
+
 def _field(row: Row, name: str, kind: type, what: str) -> Any:
     if name not in row.record or row.record[name] is None:
         present = ", ".join(sorted(row.record)) or "none"
-        raise InvalidInput(
-            "InvalidDataset",
-            f"{row.file}:{row.line}: missing field {name!r} ({what}; fields present: {present}); "
-            "set dataset.fields to map your column names",
+        raise bad_row(
+            row,
+            f"missing field {name!r} ({what}; fields present: {present}); set dataset.fields to map your column names",
             field=f"dataset.fields.{what}",
-            file=row.file,
-            line=row.line,
         )
     value = row.record[name]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise InvalidInput(
-            "InvalidDataset",
-            f"{row.file}:{row.line}: field {name!r} must be a {kind.__name__}, got {type(value).__name__}",
+        raise bad_row(
+            row,
+            f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}",
             field=f"dataset.fields.{what}",
-            file=row.file,
-            line=row.line,
         )
     return value
 
@@ -245,28 +247,17 @@ def encode_row(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
 
 def _check_messages(row: Row, spec: DatasetSpec) -> list[dict[str, str]]:
     messages = _field(row, spec.fields.messages, list, "messages")
-    where = f"{row.file}:{row.line}"
     for i, message in enumerate(messages):
         if (
             not isinstance(message, dict)
             or not isinstance(message.get("role"), str)
             or not isinstance(message.get("content"), str)
         ):
-            raise InvalidInput(
-                "InvalidDataset",
-                f"{where}: message {i} must be an object with string role and content",
-                field="dataset.fields.messages",
-                file=row.file,
-                line=row.line,
+            raise bad_row(
+                row, f"message {i} must be an object with string role and content", field="dataset.fields.messages"
             )
     if not any(m["role"] == "assistant" for m in messages):
-        raise InvalidInput(
-            "InvalidDataset",
-            f"{where}: no assistant message to learn from",
-            field="dataset.fields.messages",
-            file=row.file,
-            line=row.line,
-        )
+        raise bad_row(row, "no assistant message to learn from", field="dataset.fields.messages")
     return messages
 
 
@@ -284,7 +275,6 @@ def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
     the run naming its file and line: a template that hides the answers must never train on nothing.
     """
     messages = _check_messages(row, spec)
-    where = f"{row.file}:{row.line}"
     try:
         if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
             out = tokenizer.apply_chat_template(
@@ -293,24 +283,20 @@ def _encode_chat(row: Row, spec: DatasetSpec, tokenizer: Any) -> Example:
             ids = list(out["input_ids"])
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
         else:
-            ids, labels = _label_assistant_spans(messages, tokenizer, where)
+            ids, labels = _label_assistant_spans(messages, tokenizer, row)
     except InvalidInput:
         raise
     except Exception as exc:  # the template raised (unknown role, ...)
-        raise InvalidInput(
-            "InvalidDataset", f"{where}: chat template failed: {exc}", file=row.file, line=row.line
-        ) from exc
+        raise bad_row(row, f"chat template failed: {exc}") from exc
     if all(label == IGNORE_INDEX for label in labels) and any(
         m["role"] == "assistant" and m["content"].strip() for m in messages
     ):
-        raise InvalidInput(
-            "InvalidDataset",
-            f"{where}: the model's chat template marks no token of the assistant messages as the answer, so "
+        raise bad_row(
+            row,
+            "the model's chat template marks no token of the assistant messages as the answer, so "
             "this row would train on nothing; use dataset.format instruction with a template, or a tokenizer "
             "whose chat template renders the assistant turns",
             field="dataset.format",
-            file=row.file,
-            line=row.line,
         )
     # A template whose assistant turns end in plain text would never teach the model to stop: add EOS then.
     trained = [label for label in labels if label != IGNORE_INDEX]
@@ -327,7 +313,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt
     return str(text)
 
 
-def _label_assistant_spans(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+def _label_assistant_spans(messages: list[dict[str, str]], tokenizer: Any, row: Row) -> tuple[list[int], list[int]]:
     """Tokens of the whole conversation, with labels on the characters each assistant turn adds after its
     role header (`add_generation_prompt`), up to its end-of-turn token where the template writes one."""
     full = _render(tokenizer, messages)
@@ -338,9 +324,9 @@ def _label_assistant_spans(messages: list[dict[str, str]], tokenizer: Any, where
         before = _render(tokenizer, messages[:i], generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and full.startswith(through)):
-            raise InvalidInput(
-                "InvalidDataset",
-                f"{where}: the model's chat template renders message {i} differently once later messages "
+            raise bad_row(
+                row,
+                f"the model's chat template renders message {i} differently once later messages "
                 "follow, so its answer tokens cannot be told apart; use dataset.format instruction with a template",
                 field="dataset.format",
             )

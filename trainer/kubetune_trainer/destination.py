@@ -247,13 +247,7 @@ class Lease:
                 return
             if seen is None or seen[0] != version:
                 if seen is not None and other is not None and other.run != self.holder.run:
-                    raise InvalidInput(
-                        "DestinationInUse",
-                        f"output.destination {self.uri.rsplit('/', 1)[0]}/ is being written by another trainer: "
-                        f"{other.name}, which renewed its lease {self.uri} while this one waited. One run per "
-                        "destination: give this job another output.destination, or stop the other run first",
-                        field="output.destination",
-                    )
+                    raise self._held_by_another_run(other)
                 seen = (version, now)
             if (other is not None and other.is_dead_here()) or now - seen[1] >= (
                 other.seconds if other else self.holder.seconds
@@ -269,17 +263,29 @@ class Lease:
                 seen = None
                 continue
             if other is not None and other.run == self.holder.run and now - started > SAME_RUN_WAIT_SECONDS:
-                raise TrainerFailure(
-                    "DestinationInUse",
-                    f"{other.name} still holds {self.uri} after {SAME_RUN_WAIT_SECONDS:.0f} s; is a second copy of "
-                    "this run still going?",
-                    field="output.destination",
-                )
+                raise self._still_held_by_this_run(other)
             message = f"waiting for {other.name if other else 'the holder'} to let go of {self.uri}"
             if message != announced and on_wait is not None:
                 on_wait(message)
             announced = message
             time.sleep(self.poll)
+
+    def _held_by_another_run(self, other: Holder) -> InvalidInput:
+        return InvalidInput(
+            "DestinationInUse",
+            f"output.destination {self.uri.rsplit('/', 1)[0]}/ is being written by another trainer: "
+            f"{other.name}, which renewed its lease {self.uri} while this one waited. One run per "
+            "destination: give this job another output.destination, or stop the other run first",
+            field="output.destination",
+        )
+
+    def _still_held_by_this_run(self, other: Holder) -> TrainerFailure:
+        return TrainerFailure(
+            "DestinationInUse",
+            f"{other.name} still holds {self.uri} after {SAME_RUN_WAIT_SECONDS:.0f} s; is a second copy of "
+            "this run still going?",
+            field="output.destination",
+        )
 
     def _write(self, *, version: str | None) -> bool:
         """One conditional write of our holder record, then a read-back (the only check on a store without

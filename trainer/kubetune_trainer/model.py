@@ -1,13 +1,13 @@
 """The model side of a run: precision, quantization and LoRA factories, and loading the base model.
 
 Factories turn config into library objects and do nothing else; `load_model` applies them in the order
-the libraries need (quantized load -> k-bit preparation -> adapters).
+the libraries need (quantized load -> k-bit preparation -> adapters) and hands the model to `speedups`
+after each of the last two (what those patches buy, and how to turn them off, is said there).
 """
 
 from __future__ import annotations
 
 import logging
-import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kubetune_trainer import loss
+from kubetune_trainer import speedups
 from kubetune_trainer.config import MethodSpec, TrainerConfig, TrainingSpec
 from kubetune_trainer.errors import InvalidInput
 
@@ -72,6 +72,16 @@ def bitsandbytes_problem() -> str | None:
     except Exception as exc:  # ImportError, or a native library that fails to load
         return f"bitsandbytes is not usable here ({type(exc).__name__}: {exc})"
     return None
+
+
+def require_bitsandbytes(method: MethodSpec) -> None:
+    """InvalidInput (QuantizationUnavailable) when `method` quantizes and bitsandbytes cannot here."""
+    if method.effective_quantization() is not None and (problem := bitsandbytes_problem()):
+        raise InvalidInput(
+            "QuantizationUnavailable",
+            f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
+            field="method.type",
+        )
 
 
 def quantization_config(method: MethodSpec, compute: str) -> Any:
@@ -161,21 +171,41 @@ def load_model(
 ) -> Any:
     """The model ready to train: quantized and prepared for k-bit training, with LoRA adapters (unless
     `with_adapter` is False: the caller's trainer adds them), or full."""
+    method = cfg.method
+    require_bitsandbytes(method)
+    quant = quantization_config(method, compute)
+    model = _from_pretrained(model_dir, cfg, compute, quant, device_index)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    gc = gradient_checkpointing(cfg.training)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        with _quiet_peft():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        speedups.after_kbit_preparation(model, method, compute)
+    if method.type == "full" or not with_adapter:
+        return model
+    from peft import get_peft_model
+
+    lora = lora_config(method, model)
+    if gc and quant is None:
+        model.enable_input_require_grads()
+    with _quiet_peft():
+        model = get_peft_model(model, lora)
+    speedups.after_adapters(model, compute)
+    return model
+
+
+def _from_pretrained(model_dir: Path, cfg: TrainerConfig, compute: str, quant: Any, device_index: int | None) -> Any:
+    """transformers' model from `model_dir` as configured: dtype, quantization, attention; InvalidInput
+    naming the field to change when it does not load."""
     from transformers import AutoModelForCausalLM
 
-    method = cfg.method
-    quant = quantization_config(method, compute)
-    if quant is not None:
-        problem = bitsandbytes_problem()
-        if problem:
-            raise InvalidInput(
-                "QuantizationUnavailable",
-                f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
-                field="method.type",
-            )
     # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); adapters train on a
     # frozen base held in the compute dtype.
-    dtype = torch.float32 if method.type == "full" else DTYPES[compute]
+    dtype = torch.float32 if cfg.method.type == "full" else DTYPES[compute]
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.dataset.packing:
         from kubetune_trainer import attention
@@ -186,205 +216,13 @@ def load_model(
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": device_index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (ImportError, NotImplementedError) as exc:
         raise InvalidInput(
             "QuantizationUnavailable", f"cannot load {cfg.model.source} as configured: {exc}", field="method"
         ) from exc
     except (OSError, ValueError) as exc:
         raise InvalidInput("InvalidModel", f"cannot load {cfg.model.source}: {exc}", field="model.source") from exc
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    gc = gradient_checkpointing(cfg.training)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        with _quiet_peft():
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        frozen = frozen_weights_dtype(method, compute)
-        if frozen != "fp32":
-            keep_frozen_weights_in(model, DTYPES[frozen])
-        keep_4bit_weights_differentiable(model)
-    if method.type == "full" or not with_adapter:
-        return model
-    from peft import get_peft_model
-
-    lora = lora_config(method, model)
-    if gc and quant is None:
-        model.enable_input_require_grads()
-    with _quiet_peft():
-        model = get_peft_model(model, lora)
-    if compute != "fp32":
-        keep_adapter_inputs_in_compute_dtype(model)
-    share_lora_dropout(model)
-    fuse_lora_update(model)
-    loss.fuse_head_and_loss(model)
-    return model
-
-
-def frozen_weights_dtype(method: MethodSpec, compute: str) -> str:
-    """The dtype of the weights that are neither trained nor quantized (norms, embeddings, the head).
-
-    Full fine-tuning trains them in fp32; lora loads the base in the compute dtype; qlora's k-bit preparation
-    upcasts them to fp32, which bf16 runs undo (`keep_frozen_weights_in`) and fp16 runs keep (fp16's range)."""
-    if method.type == "full":
-        return "fp32"
-    if method.effective_quantization() is None:
-        return compute
-    return "bf16" if compute == "bf16" else "fp32"
-
-
-def keep_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Undo peft's k-bit preparation upcast of the unquantized weights (norms, embeddings, head) to fp32.
-
-    With an fp32 embedding the residual stream is fp32, and under bf16 autocast every quantized matmul
-    and adapter casts its input to bf16 again: the casts (`copy_`) were the largest item of a CPU profile.
-    Kept in bf16 - as `lora` keeps them, and as fp16-free QLoRA needs no upcast for range - the stream
-    stays bf16; RMSNorm still computes its statistics in fp32 inside, and the loss upcasts the logits."""
-    for param in model.parameters():
-        if param.dtype == torch.float32 and not param.requires_grad and type(param).__name__ == "Parameter":
-            param.data = param.data.to(dtype)
-
-
-def keep_4bit_weights_differentiable(model: torch.nn.Module, keep: bool = True) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
-
-    On CPUs with AVX512-BF16 (or AMX) an eval-mode forward without gradients - the Trainer's evaluation -
-    converts each `Linear4bit` weight, for good, to a layout only `gemv_4bit` reads, and that op has no
-    backward: every training step after the first evaluation silently lost the gradient through the frozen
-    base layers (layer 0's adapter gradient fell by ~30 % in a check). Evaluation keeps the differentiable
-    dequantize-and-matmul path instead. Once training is over, `keep=False` allows the repack again for the
-    layers this turned off: generating samples token by token through the packed kernel instead of
-    dequantizing every weight for every token took SmolLM2-135M's samples from minutes to seconds."""
-    changed = 0
-    for module in model.modules():
-        if keep and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            module.kubetune_packs_for_cpu_inference = True
-            changed += 1
-        elif not keep and getattr(module, "kubetune_packs_for_cpu_inference", False):
-            module.support_avx512bf16_for_cpu = True
-            changed += 1
-    return changed
-
-
-def keep_adapter_inputs_in_compute_dtype(model: torch.nn.Module, keep: bool = True) -> None:
-    """Under autocast the adapters' matmuls run in the compute dtype whatever their input's: peft's cast of
-    every adapter input to the fp32 adapter weights is a copy that autocast undoes at once. Off for
-    training (`keep`); back on (`keep=False`) for generating outside autocast after it."""
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = not keep
-
-
-class SharedInputDropout(torch.nn.Module):
-    """LoRA dropout that draws one mask per distinct input, not one per adapted module.
-
-    peft drops each adapted module's input on its own: q/k/v_proj (and gate/up_proj) read the same
-    hidden states, so a layer draws 7 full-size masks for all-linear targets. Here modules that read the
-    same tensor get the same dropped tensor (4 masks a layer, and one saved activation instead of three
-    or two). Each module still sees its input dropped with probability p and scaled by 1/(1-p) - the
-    same expectation and the same marginal as peft's; only the masks of q/k/v (gate/up) are no longer
-    independent of each other."""
-
-    def __init__(self, p: float, last: dict[str, Any]):
-        super().__init__()
-        self.p = p
-        self.last = last  # shared by every SharedInputDropout of a model: {"input", "p", "output"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        last = self.last
-        if last.get("input") is not x or last.get("p") != self.p:
-            # Holding the input keeps its id from being reused by a new tensor while it is cached.
-            last.update(input=x, p=self.p, output=dropout(x, self.p))
-        return last["output"]
-
-
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout, with a cheaper mask on CPUs (elsewhere torch's fused dropout).
-
-    torch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`, ~7 ns each: 9.5 % of a
-    default run's CPU time). Here one 64-bit draw gives four 16-bit uniforms, and an element is dropped
-    when its uniform falls in the lowest round(p * 65536) of the 65536 values: with probability p rounded to
-    a multiple of 1/65536 (0.05 -> 0.0500031). Kept elements are scaled by exactly 1 / (1 - that
-    probability), so the expectation is the input's."""
-    if x.device.type != "cpu" or p <= 0:
-        return torch.nn.functional.dropout(x, p, training=True)
-    dropped = round(p * 65536)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
-    return torch.where(keep, x, 0).mul_(65536 / (65536 - dropped))
-
-
-def share_lora_dropout(model: torch.nn.Module) -> int:
-    """Replace peft's per-module LoRA dropout by `SharedInputDropout`; returns the modules changed."""
-    last: dict[str, Any] = {}
-    changed = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, dropout in list(dropouts.items()):
-            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                shared = SharedInputDropout(dropout.p, last)
-                shared.train(dropout.training)
-                dropouts[name] = shared
-                changed += 1
-    if changed:  # nothing outlives a forward pass (a recomputing backward draws again, as peft's would)
-        model.register_forward_hook(lambda *_: last.clear())
-    return changed
-
-
-def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A LoRA layer's forward as one `addmm`: base(x) + scaling * lora_A(dropout(x)) @ lora_B^T.
-
-    peft's vanilla path computes `result.clone()` (4-bit only), `lora_B(...)`, `* scaling` and `result + ...`:
-    three or four full `[tokens, out_features]` tensors a module, and as many elementwise passes backward.
-    Here the update, its scaling and the sum are one matmul that accumulates into the base output (its
-    backward scales the rank-r gradient, not the full one). Anything else - merged or disabled adapters,
-    several active adapters, variants such as DoRA, a LoRA bias, mixed-adapter batches, adapter and base
-    dtypes that only peft's casts reconcile - goes through peft's own forward."""
-    active = self.active_adapters
-    adapter = active[0] if len(active) == 1 else None
-    if (
-        adapter is None
-        or self.disable_adapters
-        or self.merged
-        or kwargs.get("adapter_names") is not None
-        or adapter not in self.lora_A
-        or adapter in self.lora_variant
-        or self.lora_B[adapter].bias is not None
-        or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[adapter].weight.dtype)
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    low_rank = self.lora_A[adapter](self.lora_dropout[adapter](x))
-    scaling = self.scaling[adapter]
-    if result.dtype != low_rank.dtype:  # outside autocast, a base that computes in another dtype
-        return result + (self.lora_B[adapter](low_rank) * scaling).to(result.dtype)
-    flat = torch.addmm(
-        result.reshape(-1, result.shape[-1]),
-        low_rank.reshape(-1, low_rank.shape[-1]),
-        self.lora_B[adapter].weight.t(),
-        alpha=scaling,
-    )
-    return flat.view(result.shape)
-
-
-def fuse_lora_update(model: torch.nn.Module) -> int:
-    """Give every LoRA linear layer `_fused_lora_forward` (which itself leaves what it cannot fuse, such as
-    DoRA, to peft); returns the layers changed."""
-    from peft.tuners.lora import LoraLayer
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and "Linear" in type(module).__name__:
-            module.forward = types.MethodType(_fused_lora_forward, module)
-            changed += 1
-    return changed
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -11,13 +11,13 @@ The memory estimate sums what a training step holds at its peak (the start of th
 - weights at their stored size: 4-bit NF4/FP4 linear layers with their quantization constants (bitsandbytes'
   block size 64; double quantization stores them in 8 bits with fp32 constants per 256 blocks), 8-bit
   layers with their row scales; every other parameter (embeddings, norms, the head) in the dtype
-  `model.frozen_weights_dtype` gives it (fp32 after k-bit preparation, bf16 again for bf16 runs);
+  `speedups.frozen_weights_dtype` gives it (fp32 after k-bit preparation, bf16 again for bf16 runs);
 - trainable parameters (LoRA's A and B, in fp32; every weight for full fine-tuning), their gradients and
   the optimizer's state (AdamW: two fp32 moments; 8-bit AdamW: two 8-bit moments);
 - activations saved for backward at the micro-batch of the run that needs the most (one packed row of up to
   training.batchTokens tokens with packing, batchSize padded sequences without), counted per decoder layer
   from the tensors autograd keeps for a Llama-style block (RMSNorm, attention, gated MLP, LoRA's low-rank
-  intermediates and its dropout copies, one per distinct input as `model.share_lora_dropout` shares them);
+  intermediates and its dropout copies, one per distinct input as `speedups.share_lora_dropout` shares them);
   with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
 - the logits and the loss at the label positions only (the collator's `logits_to_keep`): with a frozen plain
   head, one chunk of them at a time and the hidden states' gradient (`kubetune_trainer.loss`); otherwise the
@@ -38,6 +38,7 @@ from typing import Any
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import loss as loss_mod
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import speedups
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.train import optimizer_name
 
@@ -406,7 +407,7 @@ def _lora_modules(cfg: TrainerConfig, shape: ModelShape) -> list[tuple[str, int,
     return [(n, i, o) for n, i, o in shape.linear if targets is None or n in targets]
 
 
-# The linear layers of a Llama-style block that read the same tensor: `model.share_lora_dropout` gives
+# The linear layers of a Llama-style block that read the same tensor: `speedups.share_lora_dropout` gives
 # adapters on them one dropped copy of it (o_proj and down_proj each read their own input).
 SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
@@ -434,7 +435,7 @@ def weight_bytes(cfg: TrainerConfig, shape: ModelShape, precision: str) -> int:
     # Norms, embeddings and the head: fp32 for full fine-tuning and after k-bit preparation, unless a bf16
     # run keeps them in bf16; lora's frozen base is held in the compute dtype.
     unquantized = (shape.other_params + shape.head_params) * DTYPE_BYTES[
-        model_mod.frozen_weights_dtype(cfg.method, precision)
+        speedups.frozen_weights_dtype(cfg.method, precision)
     ]
     if quant is None:
         per = 4 if cfg.method.type == "full" else DTYPE_BYTES[precision]
@@ -458,7 +459,7 @@ def activation_bytes(
     # The residual stream has the embedding's dtype; where that is not the compute dtype (full fine-tuning and
     # fp16 QLoRA keep fp32 weights) each linear layer fed from it (q, k, v, gate, up) keeps its own input cast
     # to the compute dtype.
-    stream = DTYPE_BYTES[model_mod.frozen_weights_dtype(cfg.method, precision)]
+    stream = DTYPE_BYTES[speedups.frozen_weights_dtype(cfg.method, precision)]
     casts = 5 * e * h if stream != e else 0
     # Under autocast, RMSNorm keeps its fp32 input (and its normalized output where its weight trains), and a
     # frozen base layer keeps no input: its weight needs no gradient, and an adapter's input is counted with the

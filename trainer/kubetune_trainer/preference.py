@@ -26,7 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kubetune_trainer.config import DpoSpec, TrainerConfig
-from kubetune_trainer.data import Row
+from kubetune_trainer.data import Row, bad_row
 from kubetune_trainer.errors import InvalidInput
 from kubetune_trainer.server import Telemetry
 
@@ -63,13 +63,7 @@ class PreferenceData:
 
 
 def _bad(row: Row, what: str, message: str) -> InvalidInput:
-    return InvalidInput(
-        "InvalidDataset",
-        f"{row.file}:{row.line}: {message}",
-        field=f"dataset.fields.{what}",
-        file=row.file,
-        line=row.line,
-    )
+    return bad_row(row, message, field=f"dataset.fields.{what}")
 
 
 def _value(row: Row, name: str, what: str) -> Any:
@@ -197,22 +191,15 @@ def encode_pair(row: Row, checked: PreferenceRow, tokenizer: Any) -> Pair:
         with_chosen = _chat_ids(tokenizer, checked.prompt + checked.chosen)
         with_rejected = _chat_ids(tokenizer, checked.prompt + checked.rejected)
     except Exception as exc:  # the template raised (unknown role, ...)
-        raise InvalidInput(
-            "InvalidDataset", f"{row.file}:{row.line}: chat template failed: {exc}", file=row.file, line=row.line
-        ) from exc
+        raise bad_row(row, f"chat template failed: {exc}") from exc
     # Templates may render the prompt differently once an answer follows; the shared tokens are the prompt.
     n = min(len(prompt_ids), _common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
     return Pair(prompt_ids[:n], with_chosen[n:], with_rejected[n:])
 
 
-def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str = "train") -> PreferenceData:
-    """Check and encode every row; keep the end of long prompts and the start of long answers; count both."""
-    if not rows:
-        raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
-    dpo = cfg.objective.effective_dpo() or DpoSpec()
-    max_length = cfg.dataset.max_length
-    max_prompt = dpo.effective_max_prompt_length(max_length)
-    checked = [(row, check_row(row, cfg)) for row in rows]
+def _one_form(checked: list[tuple[Row, PreferenceRow]], tokenizer: Any) -> bool:
+    """Whether the rows are conversational (message lists); InvalidInput when they mix the two forms, or when
+    message lists meet a tokenizer without a chat template."""
     forms = {c.conversational for _, c in checked}
     if len(forms) > 1:
         row = next(r for r, c in checked if c.conversational != checked[0][1].conversational)
@@ -225,7 +212,18 @@ def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str =
             "model's has none; give prompt, chosen and rejected as strings",
             field="dataset.fields.chosen",
         )
-    out = PreferenceData([], conversational)
+    return conversational
+
+
+def tokenize(rows: list[Row], cfg: TrainerConfig, tokenizer: Any, *, name: str = "train") -> PreferenceData:
+    """Check and encode every row; keep the end of long prompts and the start of long answers; count both."""
+    if not rows:
+        raise InvalidInput("EmptyDataset", f"the {name} dataset has no rows", field=f"dataset.{name}")
+    dpo = cfg.objective.effective_dpo() or DpoSpec()
+    max_length = cfg.dataset.max_length
+    max_prompt = dpo.effective_max_prompt_length(max_length)
+    checked = [(row, check_row(row, cfg)) for row in rows]
+    out = PreferenceData([], _one_form(checked, tokenizer))
     for row, pair_row in checked:
         pair = encode_pair(row, pair_row, tokenizer)
         prompt = pair.prompt_ids[-max_prompt:]

@@ -67,8 +67,65 @@ class Pace:
         return (left - 1) * running  # this step is slow: assume the rest are as slow
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A series family of a run: `kubetune_trainer_<name>` (a Telemetry attribute, `telemetry.step`), its
+    help text, and labels beyond the run's."""
+
+    name: str
+    kind: type
+    doc: str
+    labels: tuple[str, ...] = ()
+
+
+# A plain gauge named like a Progress field follows it (`Telemetry.update`); the others are set by callbacks.
+METRICS = (
+    Metric("step", Gauge, "Optimizer steps done."),
+    Metric("total_steps", Gauge, "Optimizer steps planned."),
+    Metric("epoch", Gauge, "Epochs done (fractional)."),
+    Metric("train_loss", Gauge, "Training loss over the last logging interval."),
+    Metric("eval_loss", Gauge, "Latest evaluation loss."),
+    Metric("learning_rate", Gauge, "Current learning rate."),
+    Metric("grad_norm", Gauge, "Gradient norm before clipping, last logging interval."),
+    Metric("tokens_per_second", Gauge, "Training throughput, non-padding tokens per second."),
+    Metric("eta_seconds", Gauge, "Estimated seconds until training ends."),
+    # Preference optimization (objective dpo); absent from SFT runs.
+    Metric("reward_accuracy", Gauge, "DPO: share of pairs whose chosen reward beats the rejected."),
+    Metric("reward_margin", Gauge, "DPO: mean chosen minus rejected reward, last logging interval."),
+    Metric("reward_chosen", Gauge, "DPO: mean reward of the chosen answers, last logging interval."),
+    Metric("reward_rejected", Gauge, "DPO: mean reward of the rejected answers, last interval."),
+    Metric("eval_reward_accuracy", Gauge, "DPO: reward accuracy on the eval pairs."),
+    Metric("eval_reward_margin", Gauge, "DPO: mean reward margin on the eval pairs."),
+    Metric("checkpoint_bytes", Gauge, "Size of the latest checkpoint."),
+    Metric("stage", Gauge, "1 for the current stage of the run, 0 for the others.", ("stage",)),
+    Metric("tokens", Counter, "Non-padding tokens trained on."),
+    Metric("examples", Counter, "Training sequences consumed."),
+    Metric("checkpoint_save_seconds", Histogram, "Time to write a checkpoint locally."),
+    Metric("checkpoint_upload_seconds", Histogram, "Time to upload a checkpoint."),
+)
+# Created at 0 with the run's labels, so dashboards see them from the first scrape.
+AT_START = ("tokens", "examples", "checkpoint_save_seconds", "checkpoint_upload_seconds", "checkpoint_bytes", "step")
+FOLLOW_PROGRESS = frozenset(
+    m.name for m in METRICS if m.kind is Gauge and not m.labels and m.name in Progress.model_fields
+)
+# With CUDA: memory per device (`record_gpu_memory`).
+GPU_METRICS = tuple(
+    Metric(f"gpu_memory_{kind}_bytes", Gauge, f"GPU memory {kind}.", ("device",))
+    for kind in ("allocated", "reserved", "peak")
+)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 class Telemetry:
-    """Metrics and progress of one run."""
+    """Metrics and progress of one run: the series of `METRICS` by name (`telemetry.metrics["tokens"]`, or
+    as an attribute where no method has the name: `telemetry.step`)."""
 
     def __init__(
         self, namespace: str | None = None, name: str | None = None, clock: Callable[[], float] = time.monotonic
@@ -80,68 +137,24 @@ class Telemetry:
             "namespace": namespace if namespace is not None else os.environ.get(RUN_NAMESPACE_ENV, ""),
             "finetunejob": name if name is not None else os.environ.get(RUN_NAME_ENV, ""),
         }
-        names = list(self.labels)
-        r = self.registry
-
-        def gauge(metric: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(PREFIX + metric, doc, [*names, *extra], registry=r)
-
-        self.step = gauge("step", "Optimizer steps done.")
-        self.total_steps = gauge("total_steps", "Optimizer steps planned.")
-        self.epoch = gauge("epoch", "Epochs done (fractional).")
-        self.train_loss = gauge("train_loss", "Training loss over the last logging interval.")
-        self.eval_loss = gauge("eval_loss", "Latest evaluation loss.")
-        self.learning_rate = gauge("learning_rate", "Current learning rate.")
-        self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logging interval.")
-        self.tokens_per_second = gauge("tokens_per_second", "Training throughput, non-padding tokens per second.")
-        self.eta_seconds_gauge = gauge("eta_seconds", "Estimated seconds until training ends.")
-        # Preference optimization (objective dpo); absent from SFT runs.
-        self.reward_accuracy = gauge("reward_accuracy", "DPO: share of pairs whose chosen reward beats the rejected.")
-        self.reward_margin = gauge("reward_margin", "DPO: mean chosen minus rejected reward, last logging interval.")
-        self.reward_chosen = gauge("reward_chosen", "DPO: mean reward of the chosen answers, last logging interval.")
-        self.reward_rejected = gauge("reward_rejected", "DPO: mean reward of the rejected answers, last interval.")
-        self.eval_reward_accuracy = gauge("eval_reward_accuracy", "DPO: reward accuracy on the eval pairs.")
-        self.eval_reward_margin = gauge("eval_reward_margin", "DPO: mean reward margin on the eval pairs.")
-        self.checkpoint_bytes = gauge("checkpoint_bytes", "Size of the latest checkpoint.")
-        self.stage = gauge("stage", "1 for the current stage of the run, 0 for the others.", ("stage",))
-        self.tokens_total = Counter(PREFIX + "tokens", "Non-padding tokens trained on.", names, registry=r)
-        self.examples_total = Counter(PREFIX + "examples", "Training sequences consumed.", names, registry=r)
-        self.checkpoint_save_seconds = Histogram(
-            PREFIX + "checkpoint_save_seconds",
-            "Time to write a checkpoint locally.",
-            names,
-            buckets=_SAVE_BUCKETS,
-            registry=r,
-        )
-        self.checkpoint_upload_seconds = Histogram(
-            PREFIX + "checkpoint_upload_seconds",
-            "Time to upload a checkpoint.",
-            names,
-            buckets=_SAVE_BUCKETS,
-            registry=r,
-        )
-        # Create every run-labelled series now, so dashboards see them (at 0) from the first scrape.
-        for metric in (
-            self.tokens_total,
-            self.examples_total,
-            self.checkpoint_save_seconds,
-            self.checkpoint_upload_seconds,
-            self.checkpoint_bytes,
-            self.step,
-        ):
-            metric.labels(**self.labels)
-        self._gpu: dict[str, Gauge] = {}
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                for kind in ("allocated", "reserved", "peak"):
-                    self._gpu[kind] = gauge(f"gpu_memory_{kind}_bytes", f"GPU memory {kind}.", ("device",))
-        except ImportError:
-            pass
+        self.metrics = {metric.name: self._register(metric) for metric in METRICS}
+        for name in AT_START:
+            self.child(self.metrics[name])
+        self._gpu = {metric.name: self._register(metric) for metric in GPU_METRICS} if _cuda() else {}
         self._lock = threading.Lock()
         self._progress = Progress()
         self.set_stage("starting")
+
+    def _register(self, metric: Metric) -> Any:
+        extra: dict[str, Any] = {"buckets": _SAVE_BUCKETS} if metric.kind is Histogram else {}
+        names = [*self.labels, *metric.labels]
+        return metric.kind(PREFIX + metric.name, metric.doc, names, registry=self.registry, **extra)
+
+    def __getattr__(self, attribute: str) -> Any:
+        metrics = self.__dict__.get("metrics", {})
+        if attribute in metrics:
+            return metrics[attribute]
+        raise AttributeError(f"{type(self).__name__} has no attribute {attribute!r}")
 
     def child(self, metric: Any) -> Any:
         return metric.labels(**self.labels)
@@ -174,25 +187,9 @@ class Telemetry:
                 fields = {k: v for k, v in fields.items() if k not in refused}
                 kept = {k: v for k, v in data.items() if k not in refused}
                 self._progress = Progress(**{**self._progress.model_dump(), **kept})
-        gauges = {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch,
-            "train_loss": self.train_loss,
-            "eval_loss": self.eval_loss,
-            "learning_rate": self.learning_rate,
-            "tokens_per_second": self.tokens_per_second,
-            "eta_seconds": self.eta_seconds_gauge,
-            "reward_accuracy": self.reward_accuracy,
-            "reward_margin": self.reward_margin,
-            "reward_chosen": self.reward_chosen,
-            "reward_rejected": self.reward_rejected,
-            "eval_reward_accuracy": self.eval_reward_accuracy,
-            "eval_reward_margin": self.eval_reward_margin,
-        }
         for key, value in fields.items():
-            if key in gauges and value is not None:
-                self.child(gauges[key]).set(value)
+            if key in FOLLOW_PROGRESS and value is not None:
+                self.child(self.metrics[key]).set(value)
 
     def step_done(self, step: int, total_steps: int, *, start: bool = False) -> None:
         """The loop finished optimizer step `step` (or, `start`, begins at it): the live ETA's reference."""
@@ -233,15 +230,21 @@ class Telemetry:
 
         for index in range(torch.cuda.device_count()):
             device = str(index)
-            self._gpu["allocated"].labels(**self.labels, device=device).set(torch.cuda.memory_allocated(index))
-            self._gpu["reserved"].labels(**self.labels, device=device).set(torch.cuda.memory_reserved(index))
-            self._gpu["peak"].labels(**self.labels, device=device).set(torch.cuda.max_memory_allocated(index))
+            self._gpu["gpu_memory_allocated_bytes"].labels(**self.labels, device=device).set(
+                torch.cuda.memory_allocated(index)
+            )
+            self._gpu["gpu_memory_reserved_bytes"].labels(**self.labels, device=device).set(
+                torch.cuda.memory_reserved(index)
+            )
+            self._gpu["gpu_memory_peak_bytes"].labels(**self.labels, device=device).set(
+                torch.cuda.max_memory_allocated(index)
+            )
 
     def exposition(self) -> bytes:
         self.record_gpu_memory()
         eta = self.eta_seconds()
         if eta is not None and self.progress().stage == "train":  # as live as /progress
-            self.child(self.eta_seconds_gauge).set(round(eta, 1))
+            self.child(self.metrics["eta_seconds"]).set(round(eta, 1))
         return generate_latest(self.registry)
 
 

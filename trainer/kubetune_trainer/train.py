@@ -26,6 +26,7 @@ from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import destination as destination_mod
 from kubetune_trainer import model as model_mod
+from kubetune_trainer import speedups
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
     COMPLETE_MARKER,
@@ -37,6 +38,7 @@ from kubetune_trainer.contract import (
     CheckpointRef,
     Result,
 )
+from kubetune_trainer.objectives import LoopParts, Objective, objective_for
 from kubetune_trainer.server import Telemetry
 from kubetune_trainer.storage import Storage, join, parse_uri
 
@@ -78,28 +80,6 @@ class Distributed:
             dist.barrier()
 
 
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold at 128 KiB (its initial value), so large host buffers are mapped on
-    allocation and unmapped when freed. By default glibc raises the threshold to each freed mmapped buffer's
-    size (up to 32 MiB): then activations of every new row length are carved from the heap, which
-    fragments and is not given back - peak RSS grew with the number of steps (+570 MiB between 32 and 128
-    examples on the CPU bench). What `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here
-    so every launch gets it. False where the C library has no mallopt (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -119,96 +99,68 @@ def optimizer_name(cfg: TrainerConfig, *, cuda: bool | None = None) -> str:
 
 
 def training_arguments(cfg: TrainerConfig, output_dir: Path, precision: str, has_eval: bool) -> Any:
+    """The loop's TrainingArguments (the objective's class, e.g. TRL's DPOConfig, with its settings on top)."""
     import torch
-    from transformers import TrainingArguments
 
-    t = cfg.training
-    # objective dpo: TRL's DPOConfig (a TrainingArguments) with the DPO settings on top of the shared ones.
-    args_class, objective_settings = TrainingArguments, {}
-    if cfg.objective.type == "dpo":
-        from kubetune_trainer.preference import dpo_arguments
-
-        args_class, objective_settings = dpo_arguments(cfg)
-    recompute = model_mod.gradient_checkpointing(t)
-    # transformers 5 renamed gradient checkpointing to activation checkpointing (old names warn).
-    checkpointing = (
-        {
-            "activation_checkpointing": recompute,
-            "activation_checkpointing_kwargs": {"use_reentrant": False},
-        }
-        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-        else {
-            "gradient_checkpointing": recompute,
-            "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        }
-    )
+    args_class, objective_settings = objective_for(cfg).arguments()
     return args_class(
-        **checkpointing,
+        **_checkpointing_arguments(args_class, model_mod.gradient_checkpointing(cfg.training)),
         **objective_settings,
+        **_optimization_arguments(cfg),
+        **_loop_arguments(cfg, has_eval),
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.micro_batch_size(),
-        per_device_eval_batch_size=cfg.micro_batch_size(),
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        num_train_epochs=t.effective_epochs() if t.max_steps is None else 1,
-        max_steps=t.max_steps or -1,
-        optim=optimizer_name(cfg),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_strategy="steps",
-        logging_steps=t.log_every_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_every_steps,
-        save_strategy="steps",
-        save_steps=t.checkpoint_every_steps,
-        save_total_limit=2,  # local copies only; the destination keeps checkpointsToKeep
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
     )
 
 
-def warm_start(scheduler: Any, warmup_steps: int) -> Any:
-    """Shift the warm-up by one step: step s < warmup_steps runs at (s + 1) / warmup_steps of the peak, so the
-    first optimizer step learns (transformers' warm-up starts at 0: with 3% warm-up a 30-step run's first
-    step, and a very short run's only warm-up step, would change nothing). After warm-up the schedule is
-    unchanged, so its end is too."""
-    scheduler.lr_lambdas = [
-        (lambda step, f=f: f(step + 1) if step < warmup_steps else f(step)) for f in scheduler.lr_lambdas
-    ]
-    # LambdaLR set the first learning rate from the unshifted lambdas when it was made; set it again.
-    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * f(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-    return scheduler
+def _checkpointing_arguments(args_class: type, recompute: bool) -> dict[str, Any]:
+    # transformers 5 renamed gradient checkpointing to activation checkpointing (old names warn).
+    fields = getattr(args_class, "__dataclass_fields__", {})
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: recompute, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def _trainer_class() -> Any:
-    from transformers import Trainer
+def _optimization_arguments(cfg: TrainerConfig) -> dict[str, Any]:
+    """Batches, the optimizer and its schedule, the length of the run."""
+    t = cfg.training
+    return {
+        "per_device_train_batch_size": cfg.micro_batch_size(),
+        "per_device_eval_batch_size": cfg.micro_batch_size(),
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "num_train_epochs": t.effective_epochs() if t.max_steps is None else 1,
+        "max_steps": t.max_steps or -1,
+        "optim": optimizer_name(cfg),
+        "seed": t.seed,
+        "data_seed": t.seed,
+    }
 
-    class WarmStartTrainer(Trainer):  # type: ignore[misc]
-        """transformers' Trainer whose warm-up starts above 0 (`warm_start`)."""
 
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            fresh = self.lr_scheduler is None
-            scheduler = super().create_scheduler(num_training_steps, optimizer)
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            if fresh and warmup > 0 and hasattr(scheduler, "lr_lambdas"):
-                warm_start(scheduler, warmup)
-            return scheduler
-
-    return WarmStartTrainer
+def _loop_arguments(cfg: TrainerConfig, has_eval: bool) -> dict[str, Any]:
+    """When the loop logs, evaluates and saves, and what it leaves to kubetune (reports, columns, workers)."""
+    t = cfg.training
+    return {
+        "logging_strategy": "steps",
+        "logging_steps": t.log_every_steps,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": t.eval_every_steps,
+        "save_strategy": "steps",
+        "save_steps": t.checkpoint_every_steps,
+        "save_total_limit": 2,  # local copies only; the destination keeps checkpointsToKeep
+        "report_to": "none",
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "ddp_find_unused_parameters": False,
+        "dataloader_num_workers": 0,
+    }
 
 
 # -- the stages ------------------------------------------------------------------------------------
@@ -230,17 +182,28 @@ class Context:
 class Prepared:
     """What setup builds, for train and save."""
 
+    objective: Objective
     precision: str
     model_dir: Path
     tokenizer: Any
-    train_data: data_mod.TokenizedData
-    eval_data: data_mod.TokenizedData | None
+    train_data: Any  # data.TokenizedData (sft) or preference.PreferenceData (dpo)
+    eval_data: Any
     has_eval: bool
     resume: ckpt.Checkpoint | None
     resume_dir: Path | None
     trainer: Any
     callbacks: Any  # callbacks.RunCallbacks (that module imports transformers)
     trackers: Any = None  # tracking.Trackers: MLflow and W&B runs (spec.tracking)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The data stage's result: tokenized rows and the loop's features built from them."""
+
+    train: Any
+    eval: Any
+    train_features: Any
+    eval_features: Any
 
 
 @dataclass
@@ -343,154 +306,134 @@ def finished_outcome(ctx: Context) -> Outcome | None:
 
 
 def setup(ctx: Context) -> Prepared:
-    """Everything the loop needs, in the order it depends: data (fails fast on bad rows), the model (its
-    tokenizer comes with it, and the data needs the tokenizer), the checkpoint to resume, the loop."""
-    cfg, dist = ctx.cfg, ctx.dist
+    """Everything the loop needs, in the order it depends: data rows (fail fast on bad input), the model
+    directory and its tokenizer (the data needs the tokenizer), the data's tokens, the checkpoint to resume,
+    the model, the callbacks and trackers, the loop."""
+    cfg, objective = ctx.cfg, objective_for(ctx.cfg)
     precision = model_mod.precision(cfg.training)
-    if cfg.method.type == "qlora" and (problem := model_mod.bitsandbytes_problem()):
-        from kubetune_trainer.errors import InvalidInput
-
-        raise InvalidInput(
-            "QuantizationUnavailable",
-            f"method.type qlora needs bitsandbytes: {problem}; use method.type lora instead",
-            field="method.type",
-        )
+    model_mod.require_bitsandbytes(cfg.method)  # before any download
     rows_train, rows_eval = data_mod.train_eval_rows(ctx.storage, cfg.dataset, cfg.training.seed, ctx.workdir)
     args = training_arguments(cfg, ctx.workdir / "trainer", precision, has_eval=bool(rows_eval))
     model_dir = _local_model(ctx, args)
     tokenizer = model_mod.load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    dpo = cfg.objective.effective_dpo()
-    row_tokens = cfg.packed_row_tokens()
-    if dpo is not None:
-        from kubetune_trainer import preference
+    data = _setup_data(ctx, objective, tokenizer, (rows_train, rows_eval), precision)
+    resume, resume_dir = _setup_resume(ctx, args)
+    model = _setup_model(ctx, objective, model_dir, precision, has_eval=bool(data.eval_features))
+    callbacks, trackers = _setup_callbacks(ctx)
+    parts = LoopParts(
+        args=args,
+        model=model,
+        tokenizer=tokenizer,
+        train_features=data.train_features,
+        eval_features=data.eval_features,
+        run_callbacks=callbacks.in_order(),
+        trackers=trackers.callbacks,
+        precision=precision,
+        telemetry=ctx.telemetry,
+        dist=ctx.dist,
+        fetch_model=lambda source, name: _local_model(ctx, args, source, name),
+    )
+    return Prepared(
+        objective=objective,
+        precision=precision,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        train_data=data.train,
+        eval_data=data.eval,
+        has_eval=bool(data.eval_features),
+        resume=resume,
+        resume_dir=resume_dir,
+        trainer=_setup_trainer(ctx, objective, parts),
+        callbacks=callbacks,
+        trackers=trackers,
+    )
 
-        train_data: Any = preference.tokenize(rows_train, cfg, tokenizer, name="train")
-        eval_data: Any = preference.tokenize(rows_eval, cfg, tokenizer, name="eval") if rows_eval else None
-        train_features: Any = preference.features(train_data)
-        eval_features: Any = preference.features(eval_data) if eval_data else None
-    else:
-        train_data = data_mod.tokenize(rows_train, cfg.dataset, tokenizer, name="train")
-        eval_data = data_mod.tokenize(rows_eval, cfg.dataset, tokenizer, name="eval") if rows_eval else None
-        train_features = data_mod.as_features(train_data.examples, row_tokens, cfg.dataset.packing)
-        eval_features = data_mod.as_features(eval_data.examples, row_tokens, cfg.dataset.packing) if eval_data else None
+
+def _setup_data(
+    ctx: Context,
+    objective: Objective,
+    tokenizer: Any,
+    rows: tuple[list[data_mod.Row], list[data_mod.Row]],
+    precision: str,
+) -> Data:
+    """The rows as tokens (bad rows fail with file:line) and as the loop's features."""
+    rows_train, rows_eval = rows
+    train_data = objective.tokenize(rows_train, tokenizer, "train")
+    eval_data = objective.tokenize(rows_eval, tokenizer, "eval") if rows_eval else None
+    data = Data(
+        train_data,
+        eval_data,
+        objective.features(train_data),
+        objective.features(eval_data) if eval_data else None,
+    )
     log.info(
         "data: %d train %s (%d tokens) in %d sequences%s; %d eval; precision %s; gradient checkpointing %s",
         len(train_data.examples),
-        "pairs" if dpo else "examples",
+        objective.unit,
         train_data.tokens,
-        len(train_features),
-        f" (packed, <= {row_tokens} tokens each)" if cfg.dataset.packing and not dpo else "",
+        len(data.train_features),
+        objective.layout(),
         len(eval_data.examples) if eval_data else 0,
         precision,
-        "on" if model_mod.gradient_checkpointing(cfg.training) else "off",
+        "on" if model_mod.gradient_checkpointing(ctx.cfg.training) else "off",
     )
-    resume = ckpt.latest_checkpoint(ctx.storage, cfg.output.destination)
-    resume_dir: Path | None = None
-    if resume is not None:
-        resume_dir = ctx.workdir / "resume" / f"checkpoint-{resume.step}"
-        with args.main_process_first(local=True, desc="checkpoint download"):
-            if dist.local_rank == 0:
-                ckpt.download_checkpoint(ctx.storage, resume, resume_dir)
-        log.info("resuming from step %d (%s)", resume.step, resume.uri)
-        # /progress (and so status.progress) shows where the run stands from now, not step 0 until the loop.
-        planned = _planned_steps(args, resume_dir)
-        ctx.telemetry.update(resumed_from_step=resume.step, step=resume.step, total_steps=planned)
-    # DPO with LoRA: TRL adds the adapter itself, so that the reference pass is the base with it disabled.
+    return data
+
+
+def _setup_resume(ctx: Context, args: Any) -> tuple[ckpt.Checkpoint | None, Path | None]:
+    """The newest complete checkpoint at the destination, downloaded (None, None: a fresh start)."""
+    resume = ckpt.latest_checkpoint(ctx.storage, ctx.cfg.output.destination)
+    if resume is None:
+        return None, None
+    resume_dir = ctx.workdir / "resume" / f"checkpoint-{resume.step}"
+    with args.main_process_first(local=True, desc="checkpoint download"):
+        if ctx.dist.local_rank == 0:
+            ckpt.download_checkpoint(ctx.storage, resume, resume_dir)
+    log.info("resuming from step %d (%s)", resume.step, resume.uri)
+    # /progress (and so status.progress) shows where the run stands from now, not step 0 until the loop.
+    planned = _planned_steps(args, resume_dir)
+    ctx.telemetry.update(resumed_from_step=resume.step, step=resume.step, total_steps=planned)
+    return resume, resume_dir
+
+
+def _setup_model(ctx: Context, objective: Objective, model_dir: Path, precision: str, *, has_eval: bool) -> Any:
+    """The model to train (with its adapter unless the objective's trainer adds it)."""
+    cfg = ctx.cfg
     model = model_mod.load_model(
-        model_dir, cfg, precision, device_index=dist.local_rank, with_adapter=dpo is None or cfg.method.type == "full"
+        model_dir, cfg, precision, device_index=ctx.dist.local_rank, with_adapter=objective.adapter_in_model
     )
     if ctx.stop.requested:
         raise ckpt.Preempted("SIGTERM before training started")
-    if cfg.training.early_stopping and not eval_features:
+    if cfg.training.early_stopping and not has_eval:
         log.warning("training.earlyStopping needs eval data (dataset.eval or evalSplit > 0); it is off")
+    return model
 
-    from transformers import PrinterCallback
 
+def _setup_callbacks(ctx: Context) -> tuple[Any, Any]:
+    """The run's callbacks (progress, checkpoints, SIGTERM, early stopping) and its trackers (MLflow, W&B)."""
     from kubetune_trainer.callbacks import run_callbacks
-
-    callbacks = run_callbacks(cfg, ctx.telemetry, ctx.stop, ctx.storage, dist)
     from kubetune_trainer.tracking import Trackers
 
-    trackers = Trackers.start(cfg, ctx.telemetry, ctx.workdir, is_main=dist.is_main)
-    if dpo is not None:
-        trainer = _preference_trainer(
-            ctx, args, precision, model, tokenizer, (train_features, eval_features), callbacks, trackers.callbacks
-        )
-    else:
-        trainer = _trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=train_features,
-            eval_dataset=eval_features,
-            data_collator=data_mod.Collator(tokenizer.pad_token_id),
-            processing_class=tokenizer,
-            callbacks=[*callbacks.in_order(), *trackers.callbacks],  # trackers last: they log what ProgressReport adds
-        )
+    callbacks = run_callbacks(ctx.cfg, ctx.telemetry, ctx.stop, ctx.storage, ctx.dist)
+    trackers = Trackers.start(ctx.cfg, ctx.telemetry, ctx.workdir, is_main=ctx.dist.is_main)
+    return callbacks, trackers
+
+
+def _setup_trainer(ctx: Context, objective: Objective, parts: LoopParts) -> Any:
+    """The objective's loop, with one readable log line per interval instead of transformers' printer."""
+    from transformers import PrinterCallback
+
+    trainer = objective.trainer(parts)
     trainer.remove_callback(PrinterCallback)  # ProgressReport writes one readable line per interval
     trainable, total = model_mod.trainable_parameters(trainer.model)
     log.info(
-        "model: %s, objective %s, %d of %d parameters trainable", cfg.method.type, cfg.objective.type, trainable, total
+        "model: %s, objective %s, %d of %d parameters trainable",
+        ctx.cfg.method.type,
+        ctx.cfg.objective.type,
+        trainable,
+        total,
     )
-    return Prepared(
-        precision,
-        model_dir,
-        tokenizer,
-        train_data,
-        eval_data,
-        bool(eval_features),
-        resume,
-        resume_dir,
-        trainer,
-        callbacks,
-        trackers,
-    )
-
-
-def _preference_trainer(
-    ctx: Context,
-    args: Any,
-    precision: str,
-    model: Any,
-    tokenizer: Any,
-    features: tuple[Any, Any],
-    callbacks: Any,
-    trackers: list[Any],
-) -> Any:
-    """objective dpo's loop: TRL's DPOTrainer with the run's callbacks, its reference policy as configured."""
-    from kubetune_trainer import preference
-
-    cfg = ctx.cfg
-    dpo = cfg.objective.effective_dpo()
-    assert dpo is not None
-    reference = None
-    if dpo.reference_model is not None:
-        reference_dir = _local_model(ctx, args, dpo.reference_model.source, "reference-model")
-        reference = preference.load_reference_model(reference_dir, cfg, precision, ctx.dist.local_rank)
-    elif cfg.method.type == "full":
-        _, total = model_mod.trainable_parameters(model)
-        log.warning(
-            "objective dpo with method full: the reference is a frozen copy of the base, %.2f GB more memory "
-            "(set objective.dpo.referenceModel, or use lora/qlora, whose reference is the base with the "
-            "adapter disabled)",
-            total * next(model.parameters()).element_size() / 1e9,
-        )
-    log.info(
-        "objective dpo: loss %s, beta %g, reference %s",
-        dpo.loss,
-        dpo.beta,
-        dpo.reference_model.source if dpo.reference_model else "the base model",
-    )
-    return preference.preference_trainer_class()(
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=features[0],
-        eval_dataset=features[1],
-        processing_class=tokenizer,
-        peft_config=model_mod.lora_config(cfg.method, model),  # TRL adds the adapter: None for full
-        # trackers last: they log what ProgressReport and RewardReport add
-        callbacks=[*callbacks.in_order(), preference.RewardReport(ctx.telemetry, ctx.dist), *trackers],
-    )
+    return trainer
 
 
 def train(ctx: Context, prepared: Prepared) -> Trained:
@@ -518,7 +461,8 @@ def train(ctx: Context, prepared: Prepared) -> Trained:
         else:
             eval_loss = trainer.evaluate()["eval_loss"]
     # DPO's base is its reference policy, against which its eval loss is already measured.
-    base_loss = art.base_eval_loss(trainer) if eval_loss is not None and ctx.cfg.objective.type == "sft" else None
+    measure_base = eval_loss is not None and prepared.objective.language_model_loss
+    base_loss = art.base_eval_loss(trainer) if measure_base else None
     return Trained(state, train_seconds, eval_loss, base_loss)
 
 
@@ -554,10 +498,7 @@ def _load_finished_checkpoint(trainer: Any, checkpoint_dir: Path) -> None:
 def save(ctx: Context, prepared: Prepared, trained: Trained) -> Outcome:
     """The numbers, and (rank 0) the artifacts at the destination with the final marker last."""
     ctx.telemetry.set_stage("save")
-    # Sample generation runs outside autocast: adapters take their fp32 input again; no more gradients, so 4-bit
-    # weights may take bitsandbytes' CPU inference layout.
-    model_mod.keep_adapter_inputs_in_compute_dtype(prepared.trainer.model, keep=False)
-    model_mod.keep_4bit_weights_differentiable(prepared.trainer.model, keep=False)
+    speedups.for_generation(prepared.trainer.model)  # samples are generated outside autocast, with no gradients
     state, eval_loss = trained.state, trained.eval_loss
     metrics = _metrics(ctx, prepared, trained)
     outcome = Outcome(
@@ -594,7 +535,7 @@ def run(
 ) -> Outcome:
     """Train as configured, resuming from the newest complete checkpoint at the destination."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return_freed_memory()
+    speedups.return_freed_memory()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars are noise in a pod log
@@ -656,11 +597,44 @@ def _run_holding(ctx: Context) -> Outcome:
 
 
 def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, Any]:
-    cfg, dist, resume = ctx.cfg, ctx.dist, prepared.resume
-    state, eval_loss, train_seconds = trained.state, trained.eval_loss, trained.train_seconds
-    train_data, eval_data, precision = prepared.train_data, prepared.eval_data, prepared.precision
-    import torch
+    """metrics.json: the run's settings, its losses and their history, its data and what it cost."""
+    cfg, dist, state, eval_loss = ctx.cfg, ctx.dist, trained.state, trained.eval_loss
+    resumed_from = prepared.resume.step if prepared.resume else None
+    losses, evals = _loss_histories(state, eval_loss)
+    return {
+        "method": cfg.method.type,
+        "objective": cfg.objective.type,
+        **prepared.objective.metrics(state.log_history),
+        "precision": prepared.precision,
+        "world_size": dist.world_size,
+        # Sequences (packed rows with packing) per optimizer step across every process of every node.
+        "global_batch_size": cfg.micro_batch_size() * cfg.training.gradient_accumulation_steps * dist.world_size,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": state.epoch,
+        "resumed_from_step": resumed_from,
+        "early_stopped": prepared.callbacks.early_stopped,
+        "train_loss": losses[-1]["loss"] if losses else None,
+        "first_train_loss": losses[0]["loss"] if losses else None,
+        "eval_loss": eval_loss,
+        "base_eval_loss": trained.base_eval_loss,  # the same eval data through the base model (adapter off)
+        # The DPO loss is no language-model loss: exp() of it is no perplexity.
+        "perplexity": (
+            math.exp(min(eval_loss, 50)) if eval_loss is not None and prepared.objective.language_model_loss else None
+        ),
+        "loss_history": losses,
+        "eval_history": evals,
+        "trained_tokens": int(state.num_input_tokens_seen),
+        "train_examples": len(prepared.train_data.examples),
+        "eval_examples": len(prepared.eval_data.examples) if prepared.eval_data else 0,
+        "truncated_examples": prepared.train_data.truncated,
+        "dropped_examples": prepared.train_data.dropped,
+        **_cost(trained, state.global_step - (resumed_from or 0)),
+    }
 
+
+def _loss_histories(state: Any, eval_loss: float | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The logged train losses (with the learning rate) and eval losses, the final eval's included."""
     losses = [
         {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
         for h in state.log_history
@@ -669,48 +643,23 @@ def _metrics(ctx: Context, prepared: Prepared, trained: Trained) -> dict[str, An
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in state.log_history if "eval_loss" in h]
     if eval_loss is not None and (not evals or evals[-1]["step"] != state.global_step):
         evals.append({"step": state.global_step, "eval_loss": eval_loss})
-    steps_here = state.global_step - (resume.step if resume else 0)
-    peak_gpu = (
-        {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
-        if torch.cuda.is_available()
-        else {}
-    )
-    sft = cfg.objective.type == "sft"
-    preference_part: dict[str, Any] = {}
-    if not sft:
-        from kubetune_trainer.preference import preference_metrics
+    return losses, evals
 
-        preference_part = preference_metrics(state.log_history, cfg)
+
+def _cost(trained: Trained, steps_here: int) -> dict[str, Any]:
+    """Time, speed and peak memory of this process's part of the run (`steps_here`: the steps it took)."""
+    import torch
+
+    seconds = trained.train_seconds
     return {
-        "method": cfg.method.type,
-        "objective": cfg.objective.type,
-        **preference_part,
-        "precision": precision,
-        "world_size": dist.world_size,
-        # Sequences (packed rows with packing) per optimizer step across every process of every node.
-        "global_batch_size": cfg.micro_batch_size() * cfg.training.gradient_accumulation_steps * dist.world_size,
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "epochs": state.epoch,
-        "resumed_from_step": resume.step if resume else None,
-        "early_stopped": prepared.callbacks.early_stopped,
-        "train_loss": losses[-1]["loss"] if losses else None,
-        "first_train_loss": losses[0]["loss"] if losses else None,
-        "eval_loss": eval_loss,
-        "base_eval_loss": trained.base_eval_loss,  # the same eval data through the base model (adapter off)
-        # The DPO loss is no language-model loss: exp() of it is no perplexity.
-        "perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None and sft else None,
-        "loss_history": losses,
-        "eval_history": evals,
-        "trained_tokens": int(state.num_input_tokens_seen),
-        "train_examples": len(train_data.examples),
-        "eval_examples": len(eval_data.examples) if eval_data else 0,
-        "truncated_examples": train_data.truncated,
-        "dropped_examples": train_data.dropped,
-        "train_seconds": round(train_seconds, 3),
-        "steps_per_second": round(steps_here / train_seconds, 4) if train_seconds > 0 and steps_here > 0 else None,
+        "train_seconds": round(seconds, 3),
+        "steps_per_second": round(steps_here / seconds, 4) if seconds > 0 and steps_here > 0 else None,
         "peak_rss_bytes": peak_rss_bytes(),
-        "peak_gpu_memory_bytes": peak_gpu,
+        "peak_gpu_memory_bytes": (
+            {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+            if torch.cuda.is_available()
+            else {}
+        ),
     }
 
 

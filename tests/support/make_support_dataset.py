@@ -3,11 +3,12 @@
 Rows are composed from per-topic templates and small vocabularies, so the facts stay consistent
 (a plan always costs the same, an error code always means the same thing) and a tiny model has
 something learnable. The output is deterministic: running this script again rewrites the same
-bytes. Run from anywhere:
+bytes (tests/support/test_support.py checks that the shipped files are what it writes). Run from anywhere:
 
-    python cli/kubetune_cli/data/make_support_dataset.py [OUT_DIR]
+    python tests/support/make_support_dataset.py [OUT_DIR]
 
-It writes, next to itself unless OUT_DIR is given:
+It writes, into the CLI package's data folder (cli/kubetune_cli/data/, which ships in the wheel for
+`kubetune demo`) unless OUT_DIR is given:
   support-instructions.jsonl  {"prompt", "response"} rows for training
   support-eval.jsonl          held-out {"prompt", "response"} rows (no prompt also in training)
   support-chat.jsonl          {"messages": [...]} conversations, some with a system message, some multi-turn
@@ -26,7 +27,7 @@ N_INSTRUCTIONS = 300
 N_EVAL = 30
 N_CHAT = 100
 MAX_RESPONSE_WORDS = 120
-HERE = Path(__file__).resolve().parent
+DATA = Path(__file__).resolve().parents[2] / "cli" / "kubetune_cli" / "data"
 
 PRODUCT = "Quillstack"
 
@@ -565,7 +566,7 @@ def write_jsonl(path: Path, rows: list) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main(out_dir: Path = HERE) -> None:
+def main(out_dir: Path = DATA) -> None:
     rng = random.Random(SEED)
     pairs = instruction_rows(rng, N_INSTRUCTIONS + N_EVAL)
     # Unique prompts, so the held-out rows never appear verbatim in training.
@@ -575,4 +576,4 @@ def main(out_dir: Path = HERE) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DATA)

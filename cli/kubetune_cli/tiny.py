@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
 
 def corpus_lines() -> list[str]:
     """The built-in English corpus the tokenizer is trained on, one non-empty line per item."""
-    text = resources.files("kubetune_trainer").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
+    text = resources.files("kubetune_cli").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
 
