@@ -198,3 +198,23 @@ def test_sigterm_before_training_stops_at_once_and_after_waits_for_the_step() ->
         stop.finish()
         later.finish()
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_objective_for_picks_sft_or_dpo_and_says_what_differs() -> None:
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.objectives import Dpo, Sft, objective_for
+
+    base = {"model": {"source": "/m"}, "dataset": {"train": "/d.jsonl"}, "output": {"destination": "/o"}}
+    sft = objective_for(TrainerConfig.model_validate(base))
+    assert isinstance(sft, Sft) and sft.adapter_in_model and sft.language_model_loss and sft.unit == "examples"
+    assert sft.layout() == f" (packed, <= {sft.cfg.packed_row_tokens()} tokens each)"
+    assert sft.arguments()[0].__name__ == "TrainingArguments" and sft.metrics([{"loss": 1.0, "step": 1}]) == {}
+
+    preference = {**base, "dataset": {"train": "/d.jsonl", "format": "preference"}, "objective": {"type": "dpo"}}
+    for method, adapter_in_model in (("qlora", False), ("lora", False), ("full", True)):
+        dpo = objective_for(TrainerConfig.model_validate({**preference, "method": {"type": method}}))
+        # With adapters TRL adds them itself, so that its reference pass is the base with the adapter disabled.
+        assert isinstance(dpo, Dpo) and dpo.adapter_in_model is adapter_in_model, method
+        assert not dpo.language_model_loss and dpo.unit == "pairs" and dpo.layout() == ""
+        args_class, settings = dpo.arguments()
+        assert args_class.__name__ == "DPOConfig" and settings["beta"] == 0.1

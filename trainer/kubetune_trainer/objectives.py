@@ -9,6 +9,7 @@ tokens (`tokenize`) and the loop's inputs (`features`), the TrainingArguments cl
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class LoopParts:
     fetch_model: Callable[[str, str], Path]
 
 
-class Objective:
+class Objective(ABC):
     """The interface; `Sft` and `Dpo` are the two objectives."""
 
     unit = "examples"  # what a row becomes, for the log
@@ -49,11 +50,13 @@ class Objective:
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
 
+    @abstractmethod
     def tokenize(self, rows: list[data_mod.Row], tokenizer: Any, name: str) -> Any:
-        raise NotImplementedError
+        """The rows as tokens; bad rows fail with file:line."""
 
+    @abstractmethod
     def features(self, data: Any) -> Any:
-        raise NotImplementedError
+        """The tokens as the loop's dataset."""
 
     def layout(self) -> str:
         """How the features hold the data, for the log line ('' when there is nothing to say)."""
@@ -65,8 +68,9 @@ class Objective:
 
         return TrainingArguments, {}
 
+    @abstractmethod
     def trainer(self, parts: LoopParts) -> Any:
-        raise NotImplementedError
+        """The loop, with the run's callbacks."""
 
     def metrics(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
         """This objective's part of metrics.json."""
