@@ -257,6 +257,7 @@ def test_sigterm_during_a_long_model_download_stops_within_the_grace(
         finally:
             trainer.kill()
     assert code == 3, trainer.log()[-3000:]
+    print(f"stopped {stopped_in:.1f} s after SIGTERM")
     assert stopped_in < grace, stopped_in
     assert trainer.result()["outcome"] == "preempted"
     assert not (tmp_path / "slow-work" / "model" / "COMPLETE").exists()

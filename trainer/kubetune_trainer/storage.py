@@ -127,7 +127,12 @@ class Storage:
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
 
-        return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
+        # io_chunksize: a download looks at `cancel_downloads` once per chunk read. At boto's 256 KiB a slow link
+        # (15 KB/s in tests/trainer/test_faults.py) read one chunk in 17 s, so a stop outlasted its 20 s grace;
+        # 64 KiB is a check every 4 s there, and every few milliseconds at ordinary speeds.
+        return TransferConfig(
+            multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8, io_chunksize=64 * 2**10
+        )
 
     def _failure(self, exc: Exception, uri: str, action: str) -> TrainerFailure:
         """Map a boto/botocore error to the failure a user can act on."""
