@@ -34,7 +34,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
     from kubetune_operator.crd import render_crd_yaml
     from kubetune_operator.reference import render_reference
 
-    text = render_reference() if args.reference else render_crd_yaml()
+    text = render_reference() if args.reference else render_crd_yaml(args.kind)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -141,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.set_defaults(handler=cmd_validate)
 
-    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd = commands.add_parser("crd", help="print the FineTuneJob (or FineTuneSweep) CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.add_argument(
+        "--kind", choices=["FineTuneJob", "FineTuneSweep"], default="FineTuneJob", help="which CRD (default FineTuneJob)"
+    )
     crd.add_argument(
         "--reference", action="store_true", help="the field reference in Markdown (docs/reference.md) instead"
     )
