@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from kubetune_trainer.contract import (
+    MAX_EVALUATIONS,
     METRICS_PATH,
     METRICS_PORT,
     METRICS_PORT_ENV,
@@ -193,6 +194,20 @@ class Telemetry:
         for key, value in fields.items():
             if key in gauges and value is not None:
                 self.child(gauges[key]).set(value)
+
+    def evaluated(self, step: int, **metrics: float) -> None:
+        """Record an evaluation's metrics at `step` in progress.evaluations (merged into the entry of that step:
+        the eval loss and DPO's reward metrics arrive in separate callbacks). A value that is not finite (a
+        diverging run) is left out: JSON has no NaN, and an absent value reads as diverged."""
+        finite = {key: value for key, value in metrics.items() if math.isfinite(value)}
+        with self._lock:
+            evaluations = [entry.model_dump() for entry in self._progress.evaluations or []]
+            if evaluations and evaluations[-1]["step"] == step:
+                evaluations[-1].update(finite)
+            else:
+                evaluations.append({"step": step, **finite})
+            evaluations = evaluations[-MAX_EVALUATIONS:]
+        self.update(evaluations=evaluations)
 
     def step_done(self, step: int, total_steps: int, *, start: bool = False) -> None:
         """The loop finished optimizer step `step` (or, `start`, begins at it): the live ETA's reference."""
