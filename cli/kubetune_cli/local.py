@@ -306,8 +306,12 @@ def execute(
     port: int | None = None,
     poll_seconds: float = 0.25,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    on_progress: Callable[[Progress], bool] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status)."""
+    """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status).
+
+    `on_progress` sees every progress read; when it returns True the trainer is stopped as a pod is (SIGTERM:
+    it checkpoints and exits 3): a sweep's pruner stops a trial so."""
     port = port or free_port()
     env = {**os.environ, **trainer_env(run, port)}
     printer = ProgressPrinter(out)
@@ -331,6 +335,9 @@ def execute(
                 progress = read_progress(port)
                 if progress is not None:
                     printer.show(progress)
+                    if on_progress is not None and on_progress(progress):
+                        _stop_trainer(child)
+                        break
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
@@ -361,6 +368,16 @@ def execute(
     elif message is not None and code not in (EXIT_OK, EXIT_PREEMPTED, EXIT_INVALID_INPUT):
         code = message.exit_code or code
     return code, trainer_ending(message, code).status()
+
+
+def _stop_trainer(child: subprocess.Popen[bytes]) -> None:
+    """Stop the trainer as the kubelet stops a pod: SIGTERM (it checkpoints), SIGKILL after the pod's grace."""
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=TERMINATION_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def print_status(status: dict[str, Any], out: IO[str]) -> None:

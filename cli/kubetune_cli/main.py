@@ -27,6 +27,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
         elif checked.job is not None:
             print(f"{checked.document.where}: FineTuneJob {checked.job.metadata.name}: OK")
+        elif checked.sweep is not None:
+            print(f"{checked.document.where}: FineTuneSweep {checked.sweep.metadata.name}: OK")
     return EXIT_INVALID if failed else EXIT_OK
 
 
@@ -46,6 +48,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kubetune_cli.local import run_file
 
     return run_file(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kubetune_cli.sweep import run_sweep
+
+    return run_sweep(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -164,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="override training: stop after N optimizer steps")
     run.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
     run.set_defaults(handler=cmd_run)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a FineTuneSweep on this machine: its trials one after another, pruned as the operator prunes",
+        description="Validate a FineTuneSweep as the API server would, then run its trials here one after another, "
+        "each as `kubetune run` runs a FineTuneJob, with the operator's search (the same Optuna sampler, seed and "
+        "pruner): a trial the pruner stops is stopped cleanly (it checkpoints). Prints a row per trial as it "
+        "finishes, then the best. Exits 0 with a best trial, 1 for an invalid file or when no trial succeeded.",
+    )
+    sweep.add_argument("file", type=Path, metavar="FILE")
+    sweep.add_argument("--workdir", type=Path, help="each trial's config, logs and scratch (default .kubetune/NAME)")
+    sweep.add_argument("--max-steps", type=int, help="override training: stop each trial after N optimizer steps")
+    sweep.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
+    sweep.set_defaults(handler=cmd_sweep)
 
     plan = commands.add_parser(
         "plan",

@@ -27,15 +27,19 @@ def trial_name(sweep_name: str, number: int) -> str:
 
 
 def build_trial(sweep: FineTuneSweep, number: int, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Trial `number`'s FineTuneJob: the template with the parameters set, owned by the sweep (its deletion
-    deletes the trials), in the template's Kueue queue like any run."""
+    """Trial `number`'s FineTuneJob: the template with the parameters set, writing under its own name in the
+    template's output.destination (a destination holds one run), owned by the sweep (its deletion deletes the
+    trials), in the template's Kueue queue like any run."""
+    name = trial_name(sweep.metadata.name, number)
     spec = trial_spec(sweep.spec.template.spec, parameters)
+    output = spec.output.model_copy(update={"destination": f"{spec.output.destination.rstrip('/')}/{name}/"})
+    spec = spec.model_copy(update={"output": output})
     metadata = sweep.spec.template.metadata
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
         "metadata": {
-            "name": trial_name(sweep.metadata.name, number),
+            "name": name,
             "namespace": sweep.metadata.namespace,
             "labels": {**metadata.labels, LABEL_SWEEP: sweep.metadata.name},
             "annotations": {
