@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     crd = commands.add_parser("crd", help="print the FineTuneJob (or FineTuneSweep) CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
     crd.add_argument(
-        "--kind", choices=["FineTuneJob", "FineTuneSweep"], default="FineTuneJob", help="which CRD (default FineTuneJob)"
+        "--kind",
+        choices=["FineTuneJob", "FineTuneSweep"],
+        default="FineTuneJob",
+        help="which CRD (default FineTuneJob)",
     )
     crd.add_argument(
         "--reference", action="store_true", help="the field reference in Markdown (docs/reference.md) instead"

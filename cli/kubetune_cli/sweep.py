@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kubetune_cli.local import LocalRunError, execute, lock_workdir, prepare
-from kubetune_operator import API_GROUP, API_VERSION, KIND
-from kubetune_operator.api import FineTuneJob, FineTuneSweep, ObjectMeta, SpecError
+from kubetune_operator.api import FineTuneJob, FineTuneJobSpec, FineTuneSweep, ObjectMeta, SpecError
 from kubetune_operator.search import Search, TrialRecord
 from kubetune_operator.sweep import build_trial, record_of, trial_name
 from kubetune_trainer.contract import Progress
@@ -28,10 +27,10 @@ def trial_job(sweep: FineTuneSweep, number: int, parameters: dict[str, Any]) -> 
     body = build_trial(sweep, number, parameters)
     metadata = body["metadata"]
     return FineTuneJob(
-        apiVersion=f"{API_GROUP}/{API_VERSION}",
-        kind=KIND,
+        api_version="kubetune.dev/v1alpha1",
+        kind="FineTuneJob",
         metadata=ObjectMeta(name=metadata["name"], labels=metadata["labels"], annotations=metadata["annotations"]),
-        spec=sweep.spec.template.spec.model_validate(body["spec"], by_alias=True, by_name=False),
+        spec=FineTuneJobSpec.model_validate(body["spec"], by_alias=True, by_name=False),
     )
 
 
@@ -73,7 +72,9 @@ def run_trial(
 
     with (run.workdir / "progress.log").open("w") as log:
         _code, status = execute(run, log, on_progress=prune)
-    return record_of(number, parameters, {**status, "progress": seen.get("progress")}, metric, seen.get("pruned", False))
+    return record_of(
+        number, parameters, {**status, "progress": seen.get("progress")}, metric, seen.get("pruned", False)
+    )
 
 
 def run_sweep(

@@ -580,7 +580,7 @@ class SweepObjective(ApiModel):
         default=None, description="minimize or maximize. Default: maximize the reward metrics, minimize the losses."
     )
 
-    def effective_direction(self) -> str:
+    def effective_direction(self) -> Literal["minimize", "maximize"]:
         return self.direction or ("maximize" if self.metric in MAXIMIZED_METRICS else "minimize")
 
 
@@ -690,8 +690,7 @@ class FineTuneSweepSpec(ApiModel):
             ".pruner",
         ),
         Rule(
-            f"!(self.objective.metric in {_cel_list(list(DPO_METRICS))}) || "
-            "self.template.spec.objective.type == 'dpo'",
+            f"!(self.objective.metric in {_cel_list(list(DPO_METRICS))}) || self.template.spec.objective.type == 'dpo'",
             "objective rewardAccuracy and rewardMargin need template.spec.objective.type dpo",
             lambda s: s.objective.metric not in DPO_METRICS or s.template.spec.objective.type == "dpo",
             ".objective",

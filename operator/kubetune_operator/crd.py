@@ -165,7 +165,7 @@ def openapi_schema() -> dict[str, Any]:
     return schema
 
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the run is."},
     {
         "name": "Progress",
@@ -180,7 +180,9 @@ PRINTER_COLUMNS = [
 ]
 
 
-def _crd(kind: str, plural: str, short_name: str, columns: list[dict[str, Any]], schema: dict[str, Any]) -> dict[str, Any]:
+def _crd(
+    kind: str, plural: str, short_name: str, columns: list[dict[str, Any]], schema: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -225,7 +227,7 @@ _SWEEP_DESCRIPTION = (
 # What a running sweep's search may change: how many trials, and how many at once. The rest defines the study.
 SWEEP_IMMUTABLE_SECTIONS = ("template", "parameters", "objective", "algorithm", "pruner")
 
-SWEEP_PRINTER_COLUMNS = [
+SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Trials", "type": "string", "jsonPath": ".status.progress", "description": "Trials finished / in all."},
     {"name": "Running", "type": "integer", "jsonPath": ".status.running", "description": "Trials running now."},
     {"name": "Best", "type": "number", "jsonPath": ".status.bestValue", "description": "The best objective so far."},

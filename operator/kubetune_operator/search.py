@@ -130,7 +130,9 @@ class Search:
     def _pruner(self) -> optuna.pruners.BasePruner:
         pruner = self.spec.pruner
         if pruner.type == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_steps)
+            return optuna.pruners.MedianPruner(
+                n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_steps
+            )
         if pruner.type == "hyperband":
             evaluations = self.spec.template.spec.training.eval_every_steps
             return optuna.pruners.HyperbandPruner(min_resource=max(evaluations, pruner.warmup_steps or 1))
@@ -173,7 +175,9 @@ class Search:
 
     def best(self) -> TrialRecord | None:
         """The succeeded trial with the best objective (the lowest number among equals)."""
-        finished = [r for r in self.records if r.state == "Succeeded" and r.value is not None and not math.isnan(r.value)]
+        finished = [
+            r for r in self.records if r.state == "Succeeded" and r.value is not None and not math.isnan(r.value)
+        ]
         if not finished:
             return None
         sign = -1.0 if self.spec.objective.effective_direction() == "maximize" else 1.0

@@ -68,7 +68,9 @@ def pruned_patch(step: int) -> dict[str, Any]:
     return {"metadata": {"annotations": {ANNOTATION_PRUNED: str(step)}}, "spec": {"runPolicy": {"suspend": True}}}
 
 
-def record_of(number: int, parameters: dict[str, Any], status: dict[str, Any], metric: str, pruned: bool) -> TrialRecord:
+def record_of(
+    number: int, parameters: dict[str, Any], status: dict[str, Any], metric: str, pruned: bool
+) -> TrialRecord:
     """A trial's record from its FineTuneJob status (the operator's, or the one `kubetune run` computes)."""
     value, intermediate = objective_of(metric, status)
     phase = status.get("phase")
@@ -121,14 +123,18 @@ def compute_sweep_status(
 ) -> dict[str, Any]:
     """The sweep's status from its trials (as the search holds them): trials, counts, best, phase, conditions."""
     records, name = search.records, sweep.metadata.name
-    counts = {state: sum(1 for r in records if r.state == state) for state in ("Running", "Succeeded", "Pruned", "Failed")}
+    counts = {
+        state: sum(1 for r in records if r.state == state) for state in ("Running", "Succeeded", "Pruned", "Failed")
+    }
     total = trials_to_run(sweep.spec)
     finished = counts["Succeeded"] + counts["Pruned"] + counts["Failed"]
     best = search.best()
     if finished >= total and counts["Running"] == 0:
         phase, reason = ("Succeeded", "TrialsDone") if best is not None else ("Failed", "NoTrialSucceeded")
-        message = f"{finished} trials finished; best {trial_name(name, best.number)}" if best else (
-            f"none of the {finished} trials succeeded with {sweep.spec.objective.metric}"
+        message = (
+            f"{finished} trials finished; best {trial_name(name, best.number)}"
+            if best
+            else (f"none of the {finished} trials succeeded with {sweep.spec.objective.metric}")
         )
     else:
         phase, reason = "Running", "TrialsRunning"

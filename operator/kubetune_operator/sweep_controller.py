@@ -25,7 +25,7 @@ from kubetune_operator.kube import FINETUNEJOBS, FINETUNESWEEPS, ApiError, Kube,
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.search import Search
 from kubetune_operator.settings import Settings
-from kubetune_operator.status import phase_event, status_patch, timestamp
+from kubetune_operator.status import build_condition, phase_event, status_patch
 from kubetune_operator.sweep import (
     LABEL_SWEEP,
     build_trial,
@@ -45,7 +45,11 @@ class SweepController:
     """The sweeps the watch saw, their trials, and the queue that syncs them."""
 
     def __init__(
-        self, kube: Kube, settings: Settings, metrics: Metrics, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        kube: Kube,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -97,7 +101,9 @@ class SweepController:
             return
         self.queue.add((namespace, name))
         if not self._workers:
-            self._workers = [asyncio.create_task(self._work(), name=f"kubetune-sweep-{i}") for i in range(SWEEP_WORKERS)]
+            self._workers = [
+                asyncio.create_task(self._work(), name=f"kubetune-sweep-{i}") for i in range(SWEEP_WORKERS)
+            ]
             self.queue.resync_every(self.settings.resync_seconds, lambda: list(self.sweeps))
 
     async def _work(self) -> None:
@@ -137,9 +143,8 @@ class SweepController:
             return parse_finetunesweep(body)
         except SpecError as error:
             message = "invalid spec: " + "; ".join(error.problems)
-            now = timestamp(self.clock())
-            condition = {"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": message,
-                         "lastTransitionTime": now, "observedGeneration": body["metadata"].get("generation")}  # fmt: skip
+            generation = body["metadata"].get("generation")
+            condition = build_condition("Failed", True, "InvalidSpec", message, None, generation, self.clock())
             status = {"phase": "Failed", "reason": "InvalidSpec", "message": message, "conditions": [condition]}
             await self._publish(body, status)
             raise kopf.PermanentError(message) from None
@@ -172,7 +177,9 @@ class SweepController:
             try:
                 observed, created = await self.kube.ensure(trial, body)
             except NameConflict as error:
-                await self._publish(body, {**(body.get("status") or {}), "reason": "NameConflict", "message": str(error)})
+                await self._publish(
+                    body, {**(body.get("status") or {}), "reason": "NameConflict", "message": str(error)}
+                )
                 raise kopf.TemporaryError(str(error), delay=30) from None
             self._keep_trial(sweep, observed)
             if not created:  # it existed (a restart, a watch behind): sync again with it before going on

@@ -25,8 +25,13 @@ def sweep_file(tmp_path: Path, **spec: object) -> Path:
                 "spec": {
                     "model": {"source": str(model)},
                     "dataset": {"train": str(DATA / "support-instructions.jsonl"), "maxLength": 128, "evalSplit": 0.1},
-                    "training": {"maxSteps": 12, "batchSize": 4, "gradientAccumulationSteps": 1,
-                                 "evalEverySteps": 4, "logEverySteps": 2},  # fmt: skip
+                    "training": {
+                        "maxSteps": 12,
+                        "batchSize": 4,
+                        "gradientAccumulationSteps": 1,
+                        "evalEverySteps": 4,
+                        "logEverySteps": 2,
+                    },
                     "output": {"destination": str(tmp_path / "out") + "/"},
                     "resources": {"gpus": 0},
                 }
@@ -46,7 +51,9 @@ def test_a_three_trial_sweep_finds_the_trial_with_the_lowest_eval_loss(tmp_path:
     done = kubetune("sweep", str(path), "--workdir", str(tmp_path / "work"), timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("lr-")]
-    assert [row[:2] for row in rows] == [["lr-0", "Succeeded"], ["lr-1", "Succeeded"], ["lr-2", "Succeeded"]], done.stdout
+    assert [row[:2] for row in rows] == [["lr-0", "Succeeded"], ["lr-1", "Succeeded"], ["lr-2", "Succeeded"]], (
+        done.stdout
+    )
     # Each trial's own record of its result: the trainer's termination message, and its own destination.
     losses = {}
     for number in range(3):

@@ -55,15 +55,24 @@ def sweep_with(**spec: Any) -> dict[str, Any]:
         ({"parameters": [{"name": "training.learningrate", "float": {"min": 1e-5, "max": 1e-2}}]}, "parameters.0"),
         ({"parameters": [{"name": "training.learningRate", "float": {"min": 1e-2, "max": 1e-5}}]}, "float.min"),
         ({"parameters": [{"name": "method.lora.r", "int": {"min": 64, "max": 8}}]}, "int.min"),
-        ({"parameters": [{"name": "training.learningRate", "float": {"min": 1e-5, "max": 1e-2}}],
-          "algorithm": {"type": "grid"}}, "grid"),  # fmt: skip
+        (
+            {
+                "parameters": [{"name": "training.learningRate", "float": {"min": 1e-5, "max": 1e-2}}],
+                "algorithm": {"type": "grid"},
+            },
+            "grid",
+        ),
         ({"parallelTrials": 5}, "parallelTrials"),
         ({"trials": 101}, "trials"),
         ({"parameters": [{"name": "method.lora.r", "float": {"min": 4, "max": 8}}]}, "float ranges only number"),
-        ({"parameters": [{"name": "method.lora.r", "int": {"min": 4, "max": 8}, "categorical": {"choices": [4]}}]},
-         "exactly one"),  # fmt: skip
-        ({"parameters": [{"name": "training.lrScheduler", "categorical": {"choices": ["cosine", "sideways"]}}]},
-         "'sideways'"),  # fmt: skip
+        (
+            {"parameters": [{"name": "method.lora.r", "int": {"min": 4, "max": 8}, "categorical": {"choices": [4]}}]},
+            "exactly one",
+        ),
+        (
+            {"parameters": [{"name": "training.lrScheduler", "categorical": {"choices": ["cosine", "sideways"]}}]},
+            "'sideways'",
+        ),
     ],
 )
 def test_a_bad_sweep_is_refused_naming_the_field(spec: dict[str, Any], named: str) -> None:
@@ -86,7 +95,9 @@ def test_an_objective_or_pruner_that_needs_evaluation_is_refused_without_an_eval
 
 def finished(number: int, rate: float, losses: list[float], state: str = "Succeeded") -> TrialRecord:
     steps = {10 * (i + 1): loss for i, loss in enumerate(losses)}
-    return TrialRecord(number, {"training.learningRate": rate}, state, losses[-1] if state == "Succeeded" else None, steps)  # type: ignore[arg-type]
+    return TrialRecord(
+        number, {"training.learningRate": rate}, state, losses[-1] if state == "Succeeded" else None, steps
+    )  # type: ignore[arg-type]
 
 
 def test_the_study_rebuilt_from_the_same_trials_suggests_the_same_next_trial() -> None:
@@ -137,7 +148,9 @@ def test_a_trial_is_the_template_with_its_values_owned_by_the_sweep_and_reads_ba
     assert trial["spec"]["training"]["learningRate"] == 3e-4
     assert trial["spec"]["scheduling"]["queueName"] == "gpus"  # Kueue admits trials like any run
     assert trial["spec"]["output"]["destination"] == "s3://out/lr/lr-3/"  # a destination holds one run
-    assert json.loads(trial["metadata"]["annotations"]["kubetune.dev/trial-parameters"]) == {"training.learningRate": 3e-4}
+    assert json.loads(trial["metadata"]["annotations"]["kubetune.dev/trial-parameters"]) == {
+        "training.learningRate": 3e-4
+    }
 
     running = {**trial, "status": {"phase": "Running", "progress": {"evaluations": [{"step": 10, "evalLoss": 2.5}]}}}
     assert trial_record(sweep, running) == TrialRecord(3, {"training.learningRate": 3e-4}, "Running", None, {10: 2.5})

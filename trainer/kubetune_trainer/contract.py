@@ -265,7 +265,7 @@ class Progress(ContractModel):
     evaluations: list[Evaluation] | None = Field(
         default=None,
         max_length=MAX_EVALUATIONS,
-        description=f"Every evaluation's metrics by step (the latest {MAX_EVALUATIONS}): what a FineTuneSweep prunes on.",
+        description=f"Every evaluation's metrics by step (the latest {MAX_EVALUATIONS}): what a sweep prunes on.",
     )
     resumed_from_step: int | None = Field(default=None, ge=0, description="Checkpoint step this attempt resumed from.")
     storage_retry: str | None = Field(
