@@ -546,13 +546,15 @@ class SweepParameter(ApiModel):
             lambda p: [p.float_, p.int_, p.categorical].count(None) == 2,
         ),
         Rule(
-            f"!has(self.float) || self.name in {_cel_list(_NUMBER_PATHS)}",
+            f"!has(self.float) || !(self.name in {_cel_list(sorted(TUNABLE_PATHS))}) || "
+            f"self.name in {_cel_list(_NUMBER_PATHS)}",
             "float ranges only number fields (e.g. training.learningRate); use int or categorical for this field",
             lambda p: p.float_ is None or p.name not in TUNABLE_PATHS or p.name in _NUMBER_PATHS,
             ".float",
         ),
         Rule(
-            f"!has(self.int) || self.name in {_cel_list(_NUMERIC_PATHS)}",
+            f"!has(self.int) || !(self.name in {_cel_list(sorted(TUNABLE_PATHS))}) || "
+            f"self.name in {_cel_list(_NUMERIC_PATHS)}",
             "int ranges only numeric fields (e.g. method.lora.r); use categorical for this field",
             lambda p: p.int_ is None or p.name not in TUNABLE_PATHS or p.name in _NUMERIC_PATHS,
             ".int",

@@ -184,7 +184,16 @@ class Search:
         return min(finished, key=lambda record: (sign * (record.value or 0.0), record.number))
 
 
-def combinations(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
-    """Every grid point (grid search), for `kubetune plan`."""
-    space = {p.name: list(p.categorical.choices) for p in spec.parameters if p.categorical is not None}
-    return [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
+MAX_EDGE_COMBINATIONS = 64
+
+
+def edge_combinations(spec: FineTuneSweepSpec) -> list[dict[str, Any]]:
+    """The trials at the edges of the search space, for `kubetune plan`'s worst case: each range at its min and
+    max, each numeric choice list at its smallest and largest, other choices all; at most MAX_EDGE_COMBINATIONS."""
+    edges: dict[str, list[Any]] = {}
+    for parameter in spec.parameters:
+        values = parameter.bounds()
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        edges[parameter.name] = [min(numbers), max(numbers)] if numbers and len(numbers) == len(values) else values
+    product = itertools.product(*(dict.fromkeys(values) for values in edges.values()))
+    return [dict(zip(edges, values, strict=True)) for values in itertools.islice(product, MAX_EDGE_COMBINATIONS)]

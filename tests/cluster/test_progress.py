@@ -26,10 +26,11 @@ pytestmark = pytest.mark.usefixtures("operator")
 DATASET = Path(__file__).resolve().parents[2] / "cli" / "kubetune_cli" / "data" / "support-instructions.jsonl"
 
 
-def trainer_process(kube: Kube, ns: str, scratch: Path) -> subprocess.Popen[bytes]:
-    """Start the real trainer as the pod's container would run, from the objects the operator created."""
-    config = json.loads(kube.configmap(ns, "run-trainer")["data"]["config.json"])
-    container = kube.job(ns)["spec"]["template"]["spec"]["containers"][0]
+def trainer_process(kube: Kube, ns: str, scratch: Path, name: str = "run") -> subprocess.Popen[bytes]:
+    """Start the real trainer as the pod's container would run, from the objects the operator created for the
+    FineTuneJob `name`."""
+    config = json.loads(kube.configmap(ns, f"{name}-trainer")["data"]["config.json"])
+    container = kube.job(ns, name)["spec"]["template"]["spec"]["containers"][0]
     paths = {contract.CONFIG_PATH: scratch / "config.json", contract.TERMINATION_LOG: scratch / "termination-log"}
     paths[contract.CONFIG_PATH].write_text(json.dumps(config))
     command = [str(paths.get(arg, arg)) for arg in container["command"]]

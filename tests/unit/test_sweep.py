@@ -19,6 +19,8 @@ from kubetune_operator.sweep import (
     pruned_patch,
     trial_record,
 )
+from tests.support.admission import admit
+from tests.support.catalog import SWEEP_BAD, SWEEP_BASE
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)
 SWEEP: dict[str, Any] = {
@@ -174,3 +176,29 @@ def test_the_status_counts_trials_and_names_the_best() -> None:
                                    "state": "Pruned", "value": 4.0, "step": 10}  # fmt: skip
     done = compute_sweep_status(sweep, Search(sweep.spec, "lr", [*records[:3], finished(3, 1e-3, [1.0])]), status, NOW)
     assert (done["phase"], done["bestTrial"], done["progress"]) == ("Succeeded", "lr-3", "4/4")
+
+
+@pytest.mark.parametrize(("case", "obj", "names"), SWEEP_BAD, ids=[case for case, _, _ in SWEEP_BAD])
+def test_models_and_crd_refuse_the_same_sweeps(case: str, obj: dict[str, Any], names: str) -> None:
+    with pytest.raises(SpecError) as refused:
+        parse_finetunesweep(obj)
+    from_server = admit(obj)
+    assert any(names in problem for problem in refused.value.problems), refused.value.problems
+    assert any(names in problem for problem in from_server), from_server
+
+
+def test_the_models_and_the_crd_admit_the_base_sweep() -> None:
+    parse_finetunesweep(SWEEP_BASE)
+    assert admit(SWEEP_BASE) == []
+
+
+def test_the_operator_exports_trials_by_state_and_the_best_value_then_forgets_a_deleted_sweep() -> None:
+    from kubetune_operator.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_sweep("team", "lr", {"running": 1, "succeeded": 2, "pruned": 1, "failed": 0, "bestValue": 1.2})
+    text = metrics.render().decode()
+    assert 'kubetune_sweep_trials{finetunesweep="lr",namespace="team",state="Pruned"} 1.0' in text
+    assert 'kubetune_sweep_best_value{finetunesweep="lr",namespace="team"} 1.2' in text
+    metrics.forget_sweep("team", "lr")
+    assert 'finetunesweep="lr"' not in metrics.render().decode()
