@@ -35,7 +35,7 @@ from kubetune_operator.sweep import (
     trial_name,
     trial_record,
 )
-from kubetune_operator.workqueue import Backoff, QueueClosed, WorkQueue
+from kubetune_operator.workqueue import Backoff, WorkQueue
 
 logger = logging.getLogger(__name__)
 SWEEP_WORKERS = 2  # sweeps are few and their syncs short; trials are reconciled by the FineTuneJob workers
@@ -107,22 +107,19 @@ class SweepController:
             self.queue.resync_every(self.settings.resync_seconds, lambda: list(self.sweeps))
 
     async def _work(self) -> None:
-        while True:
-            try:
-                key = await self.queue.get()
-            except QueueClosed:
-                return
-            try:
-                await self.sync(*key)
-            except kopf.PermanentError:
-                self.queue.forget(key)
-            except Exception as error:
-                delay = self.queue.add_rate_limited(key)
-                logger.warning("sync of sweep %s/%s failed: %s; retrying in %.1f s", *key, error, delay)
-            else:
-                self.queue.forget(key)
-            finally:
-                self.queue.done(key)
+        await self.queue.serve(self._sync_queued)
+
+    async def _sync_queued(self, key: Key) -> None:
+        """`sync` for a key the queue handed out: back after its backoff on failure, forgotten on success."""
+        try:
+            await self.sync(*key)
+        except kopf.PermanentError:
+            self.queue.forget(key)  # told in the sweep's status and events
+        except Exception as error:
+            delay = self.queue.add_rate_limited(key)
+            logger.warning("sync of sweep %s/%s failed: %s; retrying in %.1f s", *key, error, delay)
+        else:
+            self.queue.forget(key)
 
     # -- the one reconciliation path ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ so the result in the status is the real trainer's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,8 @@ def trainer_process(kube: Kube, ns: str, scratch: Path, name: str = "run") -> su
     with (scratch / "trainer.log").open("wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, *command[1:]],
-            env={"PATH": "/usr/bin:/bin", **env},
+            # PYTHONPATH, where the tests set one: the trainer of this checkout, as the operator under test is.
+            env={"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,

@@ -24,7 +24,12 @@ BASE: dict[str, Any] = {
 
 def with_changes(*changes: tuple[str, Any]) -> dict[str, Any]:
     """BASE with dotted paths set (a value of ... deletes the key)."""
-    obj = copy.deepcopy(BASE)
+    return changed(BASE, *changes)
+
+
+def changed(base: dict[str, Any], *changes: tuple[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with dotted paths set (a value of ... deletes the key)."""
+    obj = copy.deepcopy(base)
     for dotted, value in changes:
         *parents, last = dotted.split(".")
         node = obj
@@ -424,17 +429,7 @@ SWEEP_BASE: dict[str, Any] = {
 
 def sweep_with(*changes: tuple[str, Any]) -> dict[str, Any]:
     """SWEEP_BASE with dotted paths set (a value of ... deletes the key)."""
-    obj = copy.deepcopy(SWEEP_BASE)
-    for dotted, value in changes:
-        *parents, last = dotted.split(".")
-        node = obj
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is ...:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return obj
+    return changed(SWEEP_BASE, *changes)
 
 
 def _lr(**search: Any) -> list[dict[str, Any]]:
