@@ -234,6 +234,11 @@ class Evaluation(ContractModel):
 class Progress(ContractModel):
     """Live progress of a run: what the trainer serves at /progress, mirrored into status.progress."""
 
+    run: str | None = Field(
+        default=None,
+        description="The FineTuneJob this trainer runs, as namespace/name: the operator ignores a /progress of "
+        "another run (an address reused by another pod between two polls).",
+    )
     stage: Stage = Field(default="starting", description="What the trainer is doing now.")
     step: int = Field(default=0, ge=0, description="Optimizer steps completed.")
     total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps the run will take.")

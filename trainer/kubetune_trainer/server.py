@@ -141,7 +141,8 @@ class Telemetry:
         except ImportError:
             pass
         self._lock = threading.Lock()
-        self._progress = Progress()
+        run = self.labels["namespace"], self.labels["finetunejob"]
+        self._progress = Progress(run="/".join(run) if all(run) else None)
         self.set_stage("starting")
 
     def child(self, metric: Any) -> Any:
