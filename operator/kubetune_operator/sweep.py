@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND, SWEEP_KIND
-from kubetune_operator.api import FineTuneSweep, trial_spec
+from kubetune_operator.api import EVALUATED_METRICS, FineTuneSweep, trial_spec
 from kubetune_operator.search import Search, TrialRecord, objective_of, trials_to_run
 from kubetune_operator.status import build_condition
 
@@ -73,6 +73,9 @@ def record_of(
 ) -> TrialRecord:
     """A trial's record from its FineTuneJob status (the operator's, or the one `kubetune run` computes)."""
     value, intermediate = objective_of(metric, status)
+    steps = (status.get("result") or {}).get("steps")
+    if value is not None and steps is not None and metric in EVALUATED_METRICS:
+        intermediate.setdefault(int(steps), value)  # the final evaluation, which a poll may not have seen
     phase = status.get("phase")
     if pruned:
         state = "Pruned"

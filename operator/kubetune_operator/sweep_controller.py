@@ -6,8 +6,9 @@ sync does it all from state, in named steps: parse the sweep, rebuild the Optuna
 (`search.Search`: no database), stop the running trials the pruner gives up on, start trials up to
 parallelTrials, compute the status and write it if it changed.
 
-No duplicate trial after a restart: trial n is named `<sweep>-<n>`, so creating one that exists answers 409;
-the existing trial is adopted and the sweep synced again with it, before any later trial is started.
+No duplicate trial after a restart: trial n is named `<sweep>-<n>`, so creating one that exists answers 409,
+and the sweep waits for the watch to bring that trial before it starts any later one. (It never reads a trial
+on its own: the watch is the one source, and the operator needs no `get` on FineTuneJobs.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import kopf
 
 from kubetune_operator.api import FineTuneSweep, SpecError, parse_finetunesweep
 from kubetune_operator.cache import Body, Key, key_of
-from kubetune_operator.kube import FINETUNEJOBS, FINETUNESWEEPS, ApiError, Kube, NameConflict
+from kubetune_operator.kube import FINETUNEJOBS, FINETUNESWEEPS, ApiError, Kube
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.search import Search
 from kubetune_operator.settings import Settings
@@ -116,7 +117,8 @@ class SweepController:
         except kopf.PermanentError:
             self.queue.forget(key)  # told in the sweep's status and events
         except Exception as error:
-            delay = self.queue.add_rate_limited(key)
+            at_least = error.delay if isinstance(error, kopf.TemporaryError) and error.delay else 0.0
+            delay = self.queue.add_rate_limited(key, at_least)
             logger.warning("sync of sweep %s/%s failed: %s; retrying in %.1f s", *key, error, delay)
         else:
             self.queue.forget(key)
@@ -171,17 +173,24 @@ class SweepController:
         while not search.done() and sum(r.state == "Running" for r in search.records) < sweep.spec.parallel_trials:
             number, parameters = search.next_number, search.next_parameters()
             trial = build_trial(sweep, number, parameters)
+            name = trial["metadata"]["name"]
+            if name in self.trials.get(key_of(body), {}):  # a FineTuneJob of that name that is not this sweep's
+                message = f"FineTuneJob {name} exists and is not a trial of this sweep; delete or rename it"
+                await self._publish(body, {**(body.get("status") or {}), "reason": "NameConflict", "message": message})
+                raise kopf.TemporaryError(message, delay=30)
             try:
-                observed, created = await self.kube.ensure(trial, body)
-            except NameConflict as error:
-                await self._publish(
-                    body, {**(body.get("status") or {}), "reason": "NameConflict", "message": str(error)}
-                )
-                raise kopf.TemporaryError(str(error), delay=30) from None
-            self._keep_trial(sweep, observed)
-            if not created:  # it existed (a restart, a watch behind): sync again with it before going on
-                self.enqueue(*key_of(body))
-                return self._search(sweep)
+                created = await self.kube.create(trial)
+            except ApiError as error:
+                if error.status != 409:
+                    raise
+                # It exists (a restart, a watch behind): the watch brings it, then the sweep goes on with it. Still
+                # unseen after a few tries, it is no trial (it lacks the sweep's label): the user is told.
+                message = f"FineTuneJob {name} exists; waiting for the watch to show it as a trial of this sweep"
+                if self.queue.failures(key_of(body)) >= 3:
+                    await self._publish(body, {**(body.get("status") or {}), "reason": "NameConflict",
+                                               "message": message + "; delete or rename it if it is not"})  # fmt: skip
+                raise kopf.TemporaryError(message, delay=1) from None
+            self._keep_trial(sweep, created)
             self.kube.event(body, "Normal", "TrialCreated", f"{trial_name(sweep.metadata.name, number)}: {parameters}")
             search = self._search(sweep)
         return search

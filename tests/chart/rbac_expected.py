@@ -16,10 +16,10 @@ def _grant(group: str, resource: str, *verbs: str) -> set[Permission]:
     return {(group, resource, verb) for verb in verbs}
 
 
-# FineTuneSweeps: watched, their status written; their trials are FineTuneJobs created (get: one that exists is
-# adopted), and patched when pruned (already granted above). finalizers: blockOwnerDeletion on the trials.
+# FineTuneSweeps: watched, their status written; their trials are FineTuneJobs created (one that exists is awaited
+# from the watch, never read) and patched when pruned (granted above). finalizers: blockOwnerDeletion on the trials.
 SWEEPS: frozenset[Permission] = frozenset(
-    _grant("kubetune.dev", "finetunejobs", "get", "create")
+    _grant("kubetune.dev", "finetunejobs", "create")
     | _grant("kubetune.dev", "finetunesweeps", "list", "watch")
     | _grant("kubetune.dev", "finetunesweeps/status", "patch")
     | _grant("kubetune.dev", "finetunesweeps/finalizers", "update")

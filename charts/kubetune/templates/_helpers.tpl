@@ -98,13 +98,12 @@ Rules for the namespaces the operator watches (a Role in each, or part of the Cl
 - events: both APIs, since Kopf posts core/v1 events and newer clients events.k8s.io/v1.
 - workloads (Kueue): why a queued run waits; `spec.active` keeps a suspended run suspended.
 - finetunesweeps: list and watch (synced from the watch), their status; trials are FineTuneJobs the operator
-  creates (get: one that exists is adopted) and patches (a pruned trial is suspended); finalizers of sweeps:
-  blockOwnerDeletion on the trials.
+  creates and patches (a pruned trial is suspended); finalizers of sweeps: blockOwnerDeletion on the trials.
 */}}
 {{- define "kubetune.rbac.namespacedRules" -}}
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunesweeps"]
   verbs: ["list", "watch"]
