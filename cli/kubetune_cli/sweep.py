@@ -17,7 +17,7 @@ from kubetune_cli.local import LocalRunError, execute, lock_workdir, prepare
 from kubetune_operator.api import FineTuneJob, FineTuneJobSpec, FineTuneSweep, ObjectMeta, SpecError
 from kubetune_operator.search import Search, TrialRecord
 from kubetune_operator.sweep import build_trial, record_of, trial_name
-from kubetune_trainer.contract import Progress
+from kubetune_trainer.contract import EXIT_PREEMPTED, Progress
 
 COLUMNS = ("TRIAL", "STATE", "VALUE", "STEP", "PARAMETERS")
 
@@ -71,7 +71,9 @@ def run_trial(
         return bool(seen["pruned"])
 
     with (run.workdir / "progress.log").open("w") as log:
-        _code, status = execute(run, log, on_progress=prune)
+        code, status = execute(run, log, on_progress=prune)
+    if code == EXIT_PREEMPTED and not seen.get("pruned"):
+        raise KeyboardInterrupt  # stopped by Ctrl-C (the trainer saved a checkpoint): the sweep stops too
     return record_of(
         number, parameters, {**status, "progress": seen.get("progress")}, metric, seen.get("pruned", False)
     )
@@ -105,6 +107,9 @@ def run_sweep(
             except LocalRunError as error:
                 print(f"{path}: {error}", file=sys.stderr)
                 return error.exit_code
+            except KeyboardInterrupt:
+                print(f"stopped after {len(records)} finished trials", file=out)
+                return EXIT_PREEMPTED
             records.append(record)
             print(format_row(sweep.metadata.name, record), file=out, flush=True)
     best = Search(sweep.spec, sweep.metadata.name, records).best()

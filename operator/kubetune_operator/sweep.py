@@ -77,10 +77,10 @@ def record_of(
     if value is not None and steps is not None and metric in EVALUATED_METRICS:
         intermediate.setdefault(int(steps), value)  # the final evaluation, which a poll may not have seen
     phase = status.get("phase")
-    if pruned:
-        state = "Pruned"
-    elif phase == "Succeeded":
+    if phase == "Succeeded":  # before the pruner's mark: a trial may finish before its stop takes effect
         state = "Succeeded" if value is not None else "Failed"  # finished without the metric: nothing to compare
+    elif pruned:
+        state = "Pruned"
     elif phase == "Failed":
         state = "Failed"
     else:

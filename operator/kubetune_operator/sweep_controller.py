@@ -88,11 +88,10 @@ class SweepController:
         if sweep is None:
             return
         namespace, name = key_of(body)
-        trials = self.trials.setdefault((namespace, sweep), {})
         if deleted:
-            trials.pop(name, None)
+            self.trials.get((namespace, sweep), {}).pop(name, None)
         else:
-            trials[name] = body
+            self.trials.setdefault((namespace, sweep), {})[name] = body
         self.enqueue(namespace, sweep)
 
     # -- the work queue ----------------------------------------------------------------------------

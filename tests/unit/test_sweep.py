@@ -160,8 +160,11 @@ def test_a_trial_is_the_template_with_its_values_owned_by_the_sweep_and_reads_ba
     pruned["metadata"]["annotations"][ANNOTATION_PRUNED] = "10"
     assert trial_record(sweep, pruned).state == "Pruned"
     assert pruned_patch(10)["spec"] == {"runPolicy": {"suspend": True}}
-    succeeded = {**running, "status": {"phase": "Succeeded", "result": {"evalLoss": 1.25}}}
+    succeeded = {**running, "status": {"phase": "Succeeded", "result": {"evalLoss": 1.25, "steps": 40}}}
     assert trial_record(sweep, succeeded).value == 1.25
+    assert trial_record(sweep, succeeded).intermediate == {40: 1.25}  # the final evaluation, if no poll saw it
+    finished_anyway = {**pruned, "status": succeeded["status"]}  # it finished before its stop took effect
+    assert trial_record(sweep, finished_anyway).state == "Succeeded"
 
 
 def test_the_status_counts_trials_and_names_the_best() -> None:
