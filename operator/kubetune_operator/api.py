@@ -8,12 +8,22 @@ truth: `kubetune_operator.crd` generates the CRD schema from them.
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND
 from kubetune_operator.pod_api import PodSpec
@@ -520,6 +530,12 @@ class CategoricalSearch(ApiModel):
     choices: list[Choice] = Field(min_length=1, max_length=100, description="The values, each valid for the field.")
 
 
+_UNTUNABLE_MESSAGE = (
+    "name must be a number, integer, string or boolean field of spec.template.spec's "
+    f"{', '.join(TUNABLE_SECTIONS)} sections, e.g. training.learningRate, method.lora.r, training.epochs"
+)
+
+
 class SweepParameter(ApiModel):
     """One hyperparameter: a field of the template's spec and the values to search."""
 
@@ -532,11 +548,19 @@ class SweepParameter(ApiModel):
     int_: IntSearch | None = Field(default=None, alias="int", description="An integer range (numeric fields).")
     categorical: CategoricalSearch | None = Field(default=None, description="A list of values (any field).")
 
+    @field_validator("name")
+    @classmethod
+    def _tunable(cls, name: str) -> str:
+        """The API server's rule (below), with the field most likely meant."""
+        if name not in TUNABLE_PATHS:
+            close = difflib.get_close_matches(name, TUNABLE_PATHS, n=1, cutoff=0.6)
+            raise ValueError(_UNTUNABLE_MESSAGE + (f"; did you mean `{close[0]}`?" if close else ""))
+        return name
+
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             f"self.name in {_cel_list(sorted(TUNABLE_PATHS))}",
-            "name must be a number, integer, string or boolean field of spec.template.spec's "
-            f"{', '.join(TUNABLE_SECTIONS)} sections, e.g. training.learningRate, method.lora.r, training.epochs",
+            _UNTUNABLE_MESSAGE,
             lambda p: p.name in TUNABLE_PATHS,
             ".name",
         ),
