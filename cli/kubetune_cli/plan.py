@@ -394,10 +394,14 @@ def run_sweep_plan(
         except TrainerFailure as failure:
             print(f"{failure.error.reason}: {failure.error.message}", file=sys.stderr)
             return failure.exit_code
-    bad = [message for plan in plans for message in plan.rejected]
-    if bad:
-        for message in bad[:5]:
-            print(f"invalid input: {message}", file=sys.stderr)
+    bad = [
+        f"invalid input with {trial.metadata.annotations['kubetune.dev/trial-parameters']}: {message}"
+        for trial, plan in zip(trials, plans, strict=True)
+        for message in plan.rejected[:1]
+    ]
+    if bad:  # a trial at an edge of the search space would fail: shrink the range
+        for line in bad:
+            print(line, file=sys.stderr)
         return EXIT_INVALID_INPUT
     count = trials_to_run(sweep.spec)
     worst_memory = max(plans, key=lambda plan: plan.memory.peak_bytes if plan.memory else 0)

@@ -63,3 +63,28 @@ def test_a_three_trial_sweep_finds_the_trial_with_the_lowest_eval_loss(tmp_path:
     assert len({row[4] for row in rows}) == 3, "three different learning rates"
     best = min(losses, key=losses.__getitem__)
     assert f"best: {best} evalLoss {losses[best]:.4f}" in done.stdout, (losses, done.stdout)
+
+
+def test_plan_on_a_sweep_names_the_trials_the_worst_case_memory_and_gpu_hours(tmp_path: Path) -> None:
+    path = sweep_file(
+        tmp_path,
+        parameters=[
+            {"name": "training.learningRate", "float": {"min": 1e-4, "max": 0.05, "log": True}},
+            {"name": "dataset.maxLength", "int": {"min": 64, "max": 128}},
+        ],
+        trials=6,
+    )
+    done = kubetune("plan", str(path), "--gpu", "L4", "-o", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["trials"] == 6 and plan["fits"] is True
+    assert plan["worst_case_parameters"]["dataset.maxLength"] == 128  # the longest sequences need the most memory
+    assert plan["worst_peak_gpu_memory"] > 0 and plan["gpu_hours_at_most"] > 0
+    table = kubetune("plan", str(path), "--gpu", "L4")
+    assert "trials         6 (1 at a time" in table.stdout and "GPU-hours      at most" in table.stdout, table.stdout
+    # A trial at an edge of the search space that the trainer would refuse: named, before any trial runs.
+    too_short = sweep_file(
+        tmp_path / "short", parameters=[{"name": "dataset.maxLength", "int": {"min": 16, "max": 128}}]
+    )
+    refused = kubetune("plan", str(too_short), "--gpu", "L4")
+    assert refused.returncode == 2 and 'invalid input with {"dataset.maxLength": 16}' in refused.stderr, refused.stderr
