@@ -26,12 +26,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import yaml
 
-from kubetune_operator.api import FineTuneJob, SpecError
+from kubetune_operator.api import FineTuneJob, FineTuneSweep, SpecError
 from kubetune_operator.status import trainer_ending
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
@@ -391,20 +391,36 @@ def run_file(
     """`kubetune run`: 1 for an invalid file (nothing loaded), else the trainer's exit code."""
     from kubetune_cli.manifests import load_finetunejob
 
+    return in_workdir(
+        path,
+        load_finetunejob,
+        workdir,
+        lambda job, where: _run_locked(path, job, where, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out),
+    )
+
+
+Loaded = TypeVar("Loaded", FineTuneJob, FineTuneSweep)
+
+
+def in_workdir(
+    path: Path, load: Callable[[Path], Loaded], workdir: Path | None, run: Callable[[Loaded, Path], int]
+) -> int:
+    """Load the file (1 when it is invalid, every problem printed), then `run` it holding its work directory's
+    lock (default .kubetune/NAME) until it is over: `kubetune run` and `kubetune sweep`."""
     try:
-        job = load_finetunejob(path)
+        loaded = load(path)
     except SpecError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return 1
-    workdir = workdir or Path(".kubetune") / job.metadata.name
+    workdir = workdir or Path(".kubetune") / loaded.metadata.name
     try:
         lock = lock_workdir(workdir)
     except LocalRunError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return error.exit_code
-    with lock:  # held until the run is over
-        return _run_locked(path, job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out)
+    with lock:
+        return run(loaded, workdir)
 
 
 def _run_locked(

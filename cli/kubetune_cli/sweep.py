@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from kubetune_cli.local import LocalRunError, execute, lock_workdir, prepare
-from kubetune_operator.api import FineTuneJob, FineTuneJobSpec, FineTuneSweep, ObjectMeta, SpecError
+from kubetune_cli.local import LocalRunError, execute, in_workdir, prepare
+from kubetune_operator.api import FineTuneJob, FineTuneJobSpec, FineTuneSweep, ObjectMeta
 from kubetune_operator.search import Search, TrialRecord
 from kubetune_operator.sweep import build_trial, record_of, trial_name
 from kubetune_trainer.contract import EXIT_PREEMPTED, Progress
@@ -85,33 +85,29 @@ def run_sweep(
     """`kubetune sweep`: 0 when the sweep found a best trial, 1 for an invalid file or when no trial succeeded."""
     from kubetune_cli.manifests import load_finetunesweep
 
-    try:
-        sweep = load_finetunesweep(path)
-    except SpecError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
-        return 1
-    workdir = workdir or Path(".kubetune") / sweep.metadata.name
-    try:
-        lock = lock_workdir(workdir)
-    except LocalRunError as error:
-        print(f"{path}: {error}", file=sys.stderr)
-        return error.exit_code
+    def run(sweep: FineTuneSweep, where: Path) -> int:
+        return _run_trials(sweep, where, path, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out)
+
+    return in_workdir(path, load_finetunesweep, workdir, run)
+
+
+def _run_trials(
+    sweep: FineTuneSweep, workdir: Path, path: Path, *, max_steps: int | None, s3_endpoint: str | None, out: IO[str]
+) -> int:
     records: list[TrialRecord] = []
-    with lock:
-        print(f"sweep {sweep.metadata.name}: trials and their logs under {workdir}", file=out)
-        print(format_row_header(), file=out, flush=True)
-        while not Search(sweep.spec, sweep.metadata.name, records).done():
-            try:
-                record = run_trial(sweep, records, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint)
-            except LocalRunError as error:
-                print(f"{path}: {error}", file=sys.stderr)
-                return error.exit_code
-            except KeyboardInterrupt:
-                print(f"stopped after {len(records)} finished trials", file=out)
-                return EXIT_PREEMPTED
-            records.append(record)
-            print(format_row(sweep.metadata.name, record), file=out, flush=True)
+    print(f"sweep {sweep.metadata.name}: trials and their logs under {workdir}", file=out)
+    print(format_row_header(), file=out, flush=True)
+    while not Search(sweep.spec, sweep.metadata.name, records).done():
+        try:
+            record = run_trial(sweep, records, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint)
+        except LocalRunError as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print(f"stopped after {len(records)} finished trials", file=out)
+            return EXIT_PREEMPTED
+        records.append(record)
+        print(format_row(sweep.metadata.name, record), file=out, flush=True)
     best = Search(sweep.spec, sweep.metadata.name, records).best()
     if best is None:
         print(f"no trial succeeded with {sweep.spec.objective.metric}", file=out)
