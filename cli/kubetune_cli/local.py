@@ -26,12 +26,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import yaml
 
-from kubetune_operator.api import FineTuneJob, SpecError
+from kubetune_operator.api import FineTuneJob, FineTuneSweep, SpecError
 from kubetune_operator.status import trainer_ending
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.contract import (
@@ -306,8 +306,12 @@ def execute(
     port: int | None = None,
     poll_seconds: float = 0.25,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    on_progress: Callable[[Progress], bool] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status)."""
+    """Run the trainer to its end (or to Ctrl-C: it checkpoints, exit 3). Returns (exit code, status).
+
+    `on_progress` sees every progress read; when it returns True the trainer is stopped as a pod is (SIGTERM:
+    it checkpoints and exits 3): a sweep's pruner stops a trial so."""
     port = port or free_port()
     env = {**os.environ, **trainer_env(run, port)}
     printer = ProgressPrinter(out)
@@ -331,6 +335,9 @@ def execute(
                 progress = read_progress(port)
                 if progress is not None:
                     printer.show(progress)
+                    if on_progress is not None and on_progress(progress):
+                        _stop_trainer(child)
+                        break
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:
             printer.finish()
@@ -363,6 +370,16 @@ def execute(
     return code, trainer_ending(message, code).status()
 
 
+def _stop_trainer(child: subprocess.Popen[bytes]) -> None:
+    """Stop the trainer as the kubelet stops a pod: SIGTERM (it checkpoints), SIGKILL after the pod's grace."""
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=TERMINATION_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def print_status(status: dict[str, Any], out: IO[str]) -> None:
     print("status:", file=out)
     print(yaml.safe_dump(status, sort_keys=False, width=120).rstrip().replace("\n", "\n  ").join(["  ", ""]), file=out)
@@ -374,20 +391,36 @@ def run_file(
     """`kubetune run`: 1 for an invalid file (nothing loaded), else the trainer's exit code."""
     from kubetune_cli.manifests import load_finetunejob
 
+    return in_workdir(
+        path,
+        load_finetunejob,
+        workdir,
+        lambda job, where: _run_locked(path, job, where, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out),
+    )
+
+
+Loaded = TypeVar("Loaded", FineTuneJob, FineTuneSweep)
+
+
+def in_workdir(
+    path: Path, load: Callable[[Path], Loaded], workdir: Path | None, run: Callable[[Loaded, Path], int]
+) -> int:
+    """Load the file (1 when it is invalid, every problem printed), then `run` it holding its work directory's
+    lock (default .kubetune/NAME) until it is over: `kubetune run` and `kubetune sweep`."""
     try:
-        job = load_finetunejob(path)
+        loaded = load(path)
     except SpecError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return 1
-    workdir = workdir or Path(".kubetune") / job.metadata.name
+    workdir = workdir or Path(".kubetune") / loaded.metadata.name
     try:
         lock = lock_workdir(workdir)
     except LocalRunError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return error.exit_code
-    with lock:  # held until the run is over
-        return _run_locked(path, job, workdir, max_steps=max_steps, s3_endpoint=s3_endpoint, out=out)
+    with lock:
+        return run(loaded, workdir)
 
 
 def _run_locked(

@@ -27,6 +27,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
         elif checked.job is not None:
             print(f"{checked.document.where}: FineTuneJob {checked.job.metadata.name}: OK")
+        elif checked.sweep is not None:
+            print(f"{checked.document.where}: FineTuneSweep {checked.sweep.metadata.name}: OK")
     return EXIT_INVALID if failed else EXIT_OK
 
 
@@ -34,7 +36,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
     from kubetune_operator.crd import render_crd_yaml
     from kubetune_operator.reference import render_reference
 
-    text = render_reference() if args.reference else render_crd_yaml()
+    text = render_reference() if args.reference else render_crd_yaml(args.kind)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -46,6 +48,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kubetune_cli.local import run_file
 
     return run_file(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kubetune_cli.sweep import run_sweep
+
+    return run_sweep(args.file, args.workdir, max_steps=args.max_steps, s3_endpoint=args.s3_endpoint)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -141,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.set_defaults(handler=cmd_validate)
 
-    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd = commands.add_parser("crd", help="print the FineTuneJob (or FineTuneSweep) CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.add_argument(
+        "--kind",
+        choices=["FineTuneJob", "FineTuneSweep"],
+        default="FineTuneJob",
+        help="which CRD (default FineTuneJob)",
+    )
     crd.add_argument(
         "--reference", action="store_true", help="the field reference in Markdown (docs/reference.md) instead"
     )
@@ -161,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="override training: stop after N optimizer steps")
     run.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
     run.set_defaults(handler=cmd_run)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a FineTuneSweep on this machine: its trials one after another, pruned as the operator prunes",
+        description="Validate a FineTuneSweep as the API server would, then run its trials here one after another, "
+        "each as `kubetune run` runs a FineTuneJob, with the operator's search (the same Optuna sampler, seed and "
+        "pruner): a trial the pruner stops is stopped cleanly (it checkpoints). Prints a row per trial as it "
+        "finishes, then the best. Exits 0 with a best trial, 1 for an invalid file or when no trial succeeded.",
+    )
+    sweep.add_argument("file", type=Path, metavar="FILE")
+    sweep.add_argument("--workdir", type=Path, help="each trial's config, logs and scratch (default .kubetune/NAME)")
+    sweep.add_argument("--max-steps", type=int, help="override training: stop each trial after N optimizer steps")
+    sweep.add_argument("--s3-endpoint", help="override spec.storage.endpoint, e.g. http://127.0.0.1:9000")
+    sweep.set_defaults(handler=cmd_sweep)
 
     plan = commands.add_parser(
         "plan",

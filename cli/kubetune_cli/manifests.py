@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from kubetune_cli.kubeyaml import KubectlLoader
-from kubetune_operator import API_GROUP, KIND
-from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
+from kubetune_operator import API_GROUP, KIND, SWEEP_KIND
+from kubetune_operator.api import FineTuneJob, FineTuneSweep, SpecError, parse_finetunejob, parse_finetunesweep
 
 YAML_SUFFIXES = (".yaml", ".yml")
 # Deeper than any Kubernetes object nests (affinity is the deepest, about 12): refused with its line before
@@ -97,6 +97,7 @@ class Checked:
 
     document: Document
     job: FineTuneJob | None = None
+    sweep: FineTuneSweep | None = None
     problems: list[str] = field(default_factory=list)
     skipped: str | None = None
 
@@ -161,18 +162,21 @@ def check_document(document: Document) -> Checked:
     body = document.body
     if not isinstance(body, dict):
         return Checked(document, problems=[f"{document.where}:1: a document must be a mapping (a Kubernetes object)"])
-    if body.get("kind") != KIND:
+    if body.get("kind") not in (KIND, SWEEP_KIND):
         group = str(body.get("apiVersion", "")).partition("/")[0]
         if group == API_GROUP:  # ours, misspelled: skipping it would hide the mistake
             line = document.line_of("kind")
             return Checked(
                 document,
                 problems=[
-                    f"{document.path}:{line}: kind: {body.get('kind')!r} is not a kind of {API_GROUP}; use {KIND}"
+                    f"{document.path}:{line}: kind: {body.get('kind')!r} is not a kind of {API_GROUP}; "
+                    f"use {KIND} or {SWEEP_KIND}"
                 ],
             )
         return Checked(document, skipped=f"{body.get('kind', 'object without kind')} is not a {KIND}")
     try:
+        if body.get("kind") == SWEEP_KIND:
+            return Checked(document, sweep=parse_finetunesweep(body))
         return Checked(document, job=parse_finetunejob(body))
     except SpecError as error:
         located = []
@@ -196,13 +200,25 @@ def check_files(paths: list[Path]) -> list[Checked]:
     return checked
 
 
-def load_finetunejob(path: Path) -> FineTuneJob:
-    """The one FineTuneJob in a file, or SpecError with every problem located."""
+def _checked(path: Path) -> list[Checked]:
     results = [checked for checked in check_files([path]) if checked.skipped is None]
     problems = [problem for checked in results for problem in checked.problems]
     if problems:
         raise SpecError(problems)
-    jobs = [checked.job for checked in results if checked.job is not None]
+    return results
+
+
+def load_finetunejob(path: Path) -> FineTuneJob:
+    """The one FineTuneJob in a file, or SpecError with every problem located."""
+    jobs = [checked.job for checked in _checked(path) if checked.job is not None]
     if len(jobs) != 1:
         raise SpecError([f"{path}: expected exactly one {KIND}, found {len(jobs)}"])
     return jobs[0]
+
+
+def load_finetunesweep(path: Path) -> FineTuneSweep:
+    """The one FineTuneSweep in a file, or SpecError with every problem located."""
+    sweeps = [checked.sweep for checked in _checked(path) if checked.sweep is not None]
+    if len(sweeps) != 1:
+        raise SpecError([f"{path}: expected exactly one {SWEEP_KIND}, found {len(sweeps)}"])
+    return sweeps[0]

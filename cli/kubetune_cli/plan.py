@@ -236,11 +236,22 @@ def run_plan(
     out: IO[str] | None = None,
 ) -> int:
     from kubetune_cli.local import local_config
-    from kubetune_cli.manifests import load_finetunejob
+    from kubetune_cli.manifests import check_files, load_finetunejob
     from kubetune_operator.api import SpecError
 
     out = out or sys.stdout
+    sweep = any(checked.sweep is not None for checked in check_files([path]))
 
+    import logging
+
+    if sweep:
+        trainer_log = logging.getLogger("kubetune_trainer")
+        level = trainer_log.level
+        trainer_log.setLevel(logging.ERROR)  # the data's warnings are the template's, for `kubetune plan` on it
+        try:
+            return run_sweep_plan(path, gpu=gpu, gpu_memory=gpu_memory, output=output, s3_endpoint=s3_endpoint, out=out)
+        finally:
+            trainer_log.setLevel(level)
     try:
         job = load_finetunejob(path)
         config = local_config(job, s3_endpoint=s3_endpoint)
@@ -248,7 +259,6 @@ def run_plan(
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID_FILE
-    import logging
 
     from kubetune_trainer import plan as plan_mod
 
@@ -334,3 +344,91 @@ def plan_target(job: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None
     memory = plan_mod.parse_memory(gpu_memory) if gpu_memory else (chosen.memory_bytes if chosen else None)
     cuda = chosen is not None or memory is not None or job.spec.resources.gpus > 0
     return plan_mod.Target(cuda=cuda, memory_bytes=memory, gpu=chosen)
+
+
+def run_sweep_plan(
+    path: Path, *, gpu: str | None, gpu_memory: str | None, output: str, s3_endpoint: str | None, out: IO[str]
+) -> int:
+    """`kubetune plan` on a FineTuneSweep: how many trials, the worst case of peak GPU memory over the trials at
+    the edges of the search space, and GPU-hours at most (every trial as long as the longest of them)."""
+    from kubetune_cli.local import local_config
+    from kubetune_cli.manifests import load_finetunesweep
+    from kubetune_cli.sweep import trial_job
+    from kubetune_operator.api import SpecError
+    from kubetune_operator.search import edge_combinations, trials_to_run
+    from kubetune_trainer import plan as plan_mod
+    from kubetune_trainer.contract import format_seconds
+
+    try:
+        sweep = load_finetunesweep(path)
+        trials = [trial_job(sweep, number, values) for number, values in enumerate(edge_combinations(sweep.spec))]
+        configs = [local_config(trial, s3_endpoint=s3_endpoint) for trial in trials]
+        for config in configs:
+            plan_mod.refuse_unplannable(config)
+        target = plan_target(trials[0], plan_mod, gpu, gpu_memory)
+    except SpecError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID_FILE
+    except plan_mod.PlanError as error:
+        print(f"kubetune plan: {error}", file=sys.stderr)
+        return EXIT_INVALID_FILE
+    from kubetune_trainer import data as data_mod
+    from kubetune_trainer import model as model_mod
+    from kubetune_trainer.errors import TrainerFailure
+    from kubetune_trainer.storage import Storage
+
+    resources = sweep.spec.template.spec.resources
+    world = max(resources.gpus, 1) * resources.nodes
+    first = configs[0]
+    with tempfile.TemporaryDirectory(prefix="kubetune-plan-") as scratch, quiet_libraries():
+        try:
+            storage = Storage(first.storage)
+            model_dir = fetch_model_files(storage, first.model.source, Path(scratch) / "model")
+            tokenizer = model_mod.load_tokenizer(model_dir, first.model.trust_remote_code)
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=first.model.trust_remote_code)
+            rows = data_mod.train_eval_rows(storage, first.dataset, first.training.seed, Path(scratch))
+            plans = [plan_mod.make_plan(config, *rows, tokenizer, model_config, target, world) for config in configs]
+        except TrainerFailure as failure:
+            print(f"{failure.error.reason}: {failure.error.message}", file=sys.stderr)
+            return failure.exit_code
+    bad = [
+        f"invalid input with {trial.metadata.annotations['kubetune.dev/trial-parameters']}: {message}"
+        for trial, plan in zip(trials, plans, strict=True)
+        for message in plan.rejected[:1]
+    ]
+    if bad:  # a trial at an edge of the search space would fail: shrink the range
+        for line in bad:
+            print(line, file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    count = trials_to_run(sweep.spec)
+    worst_memory = max(plans, key=lambda plan: plan.memory.peak_bytes if plan.memory else 0)
+    peak = worst_memory.memory.peak_bytes if worst_memory.memory else None
+    at = trials[plans.index(worst_memory)].metadata.annotations
+    longest = max((plan.eta.seconds[1] for plan in plans if plan.eta), default=None)
+    gpus = max(resources.gpus, 1) * resources.nodes
+    gpu_hours = count * longest * gpus / 3600 if longest is not None else None
+    fits = peak is None or target.memory_bytes is None or peak <= target.memory_bytes
+    if output == "json":
+        document = {"file": str(path), "name": sweep.metadata.name, "trials": count,
+                    "parallel_trials": sweep.spec.parallel_trials, "worst_peak_gpu_memory": peak,
+                    "worst_case_parameters": json.loads(at["kubetune.dev/trial-parameters"]),
+                    "longest_trial_seconds": longest, "gpu_hours_at_most": gpu_hours, "fits": fits}  # fmt: skip
+        print(json.dumps(document, indent=2), file=out)
+    else:
+        print(f"{path}: FineTuneSweep {sweep.metadata.name}", file=out)
+        each = f"{gpus} GPU(s) each" if resources.gpus else "on CPU"
+        print(f"  trials         {count} ({sweep.spec.parallel_trials} at a time, {each})", file=out)
+        where = at["kubetune.dev/trial-parameters"]
+        print(f"  peak memory    {gib(peak) if peak is not None else 'unknown'} at worst (with {where})", file=out)
+        if longest is not None and gpu_hours is not None:
+            print(f"  longest trial  {format_seconds(longest)}", file=out)
+            print(f"  GPU-hours      at most {gpu_hours:.2f} (fewer with pruning)", file=out)
+        else:
+            print("  GPU-hours      unknown: name the GPU with --gpu for an ETA", file=out)
+    if not fits:
+        print(f"{path}: does not fit: the worst-case trial needs {gib(peak or 0)} of GPU memory", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return EXIT_OK

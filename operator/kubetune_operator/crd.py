@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic.json_schema import GenerateJsonSchema
 
-from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
-from kubetune_operator.api import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, FineTuneJob
+from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL, SWEEP_KIND, SWEEP_PLURAL
+from kubetune_operator.api import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, MAX_SWEEP_NAME_LENGTH, FineTuneJob, FineTuneSweep
 
 _DROPPED_KEYS = {"title", "additionalProperties", "discriminator"}
 _ROOT_DESCRIPTION = (
@@ -107,7 +107,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         out["additionalProperties"] = _structural(extra_properties)
     if "items" in node:
         out["items"] = _structural(node["items"])
-    if "type" not in out:
+    if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in out:
+        out.pop("additionalProperties", None)  # any value at all (a sweep's choices and parameter values)
+    elif "type" not in out:
         raise ValueError(f"schema node without a type: {node}")
     return out
 
@@ -123,18 +125,29 @@ def _immutable(section: str) -> dict[str, str]:
     return {"rule": "self == oldSelf", "message": f"spec.{section} is immutable: create a new FineTuneJob instead"}
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The structural openAPIV3Schema of a FineTuneJob."""
-    raw = FineTuneJob.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
+def _object_schema(model: type[Any], kind: str, description: str) -> dict[str, Any]:
+    """The structural openAPIV3Schema of one of the API's kinds, before its kind's own rules."""
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
     resolved = _resolve({key: value for key, value in raw.items() if key != "$defs"}, raw.get("$defs", {}))
     schema = _structural(resolved)
-    schema["description"] = _ROOT_DESCRIPTION
+    schema["description"] = description
     properties = schema["properties"]
     properties["apiVersion"] = {"type": "string", "description": "kubetune.dev/v1alpha1"}
-    properties["kind"] = {"type": "string", "description": "FineTuneJob"}
+    properties["kind"] = {"type": "string", "description": kind}
     # The apiserver refuses anything but `type` here (kubectl explain shows ObjectMeta's own description).
     properties["metadata"] = {"type": "object"}
     schema["required"] = ["spec"]
+    status = properties["status"]
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The structural openAPIV3Schema of a FineTuneJob."""
+    schema = _object_schema(FineTuneJob, KIND, _ROOT_DESCRIPTION)
+    properties = schema["properties"]
     schema["x-kubernetes-validations"] = [_name_rule()]
 
     spec = properties["spec"]
@@ -149,15 +162,10 @@ def openapi_schema() -> dict[str, Any]:
             )
             continue
         spec["properties"][section].setdefault("x-kubernetes-validations", []).append(_immutable(section))
-
-    status = properties["status"]
-    conditions = status["properties"]["conditions"]
-    conditions["x-kubernetes-list-type"] = "map"
-    conditions["x-kubernetes-list-map-keys"] = ["type"]
     return schema
 
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the run is."},
     {
         "name": "Progress",
@@ -172,24 +180,25 @@ PRINTER_COLUMNS = [
 ]
 
 
-def finetunejob_crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition manifest."""
+def _crd(
+    kind: str, plural: str, short_name: str, columns: list[dict[str, Any]], schema: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{PLURAL}.{API_GROUP}",
+            "name": f"{plural}.{API_GROUP}",
             "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
         },
         "spec": {
             "group": API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": ["ftj"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
                 "categories": ["kubetune", "all"],
             },
             "versions": [
@@ -198,14 +207,62 @@ def finetunejob_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
 
 
-def render_crd_yaml() -> str:
+def finetunejob_crd() -> dict[str, Any]:
+    """The whole FineTuneJob CustomResourceDefinition manifest."""
+    return _crd(KIND, PLURAL, "ftj", PRINTER_COLUMNS, openapi_schema())
+
+
+_SWEEP_DESCRIPTION = (
+    "A FineTuneSweep searches hyperparameters of a FineTuneJob template with Optuna: each trial is a FineTuneJob "
+    "it owns, bad trials are pruned on their live evaluation metric, and its status names the best trial."
+)
+# What a running sweep's search may change: how many trials, and how many at once. The rest defines the study.
+SWEEP_IMMUTABLE_SECTIONS = ("template", "parameters", "objective", "algorithm", "pruner")
+
+SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Trials", "type": "string", "jsonPath": ".status.progress", "description": "Trials finished / in all."},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.running", "description": "Trials running now."},
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestValue", "description": "The best objective so far."},
+    {"name": "Best trial", "type": "string", "jsonPath": ".status.bestTrial", "description": "Its FineTuneJob."},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1, "description": "Where it is."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def sweep_openapi_schema() -> dict[str, Any]:
+    """The structural openAPIV3Schema of a FineTuneSweep."""
+    schema = _object_schema(FineTuneSweep, SWEEP_KIND, _SWEEP_DESCRIPTION)
+    schema["x-kubernetes-validations"] = [
+        {
+            "rule": f"self.metadata.name.size() <= {MAX_SWEEP_NAME_LENGTH}",
+            "message": f"metadata.name must be at most {MAX_SWEEP_NAME_LENGTH} characters (trials are named "
+            "<sweep>-<number>)",
+        }
+    ]
+    spec = schema["properties"]["spec"]
+    for section in SWEEP_IMMUTABLE_SECTIONS:
+        spec["properties"][section].setdefault("x-kubernetes-validations", []).append(
+            {"rule": "self == oldSelf", "message": f"spec.{section} is immutable: create a new FineTuneSweep instead"}
+        )
+    return schema
+
+
+def finetunesweep_crd() -> dict[str, Any]:
+    """The whole FineTuneSweep CustomResourceDefinition manifest."""
+    return _crd(SWEEP_KIND, SWEEP_PLURAL, "fts", SWEEP_PRINTER_COLUMNS, sweep_openapi_schema())
+
+
+CRD_KINDS = {KIND: finetunejob_crd, SWEEP_KIND: finetunesweep_crd}
+
+
+def render_crd_yaml(kind: str = KIND) -> str:
     header = "# Generated by `kubetune crd` from the API models. Do not edit: change the models and regenerate.\n"
-    return header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=120, allow_unicode=True)
+    return header + yaml.safe_dump(CRD_KINDS[kind](), sort_keys=False, width=120, allow_unicode=True)

@@ -20,7 +20,7 @@ import kopf
 import kubernetes
 import urllib3
 
-from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL
+from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL, SWEEP_PLURAL
 from kubetune_operator.cache import Body
 from kubetune_operator.settings import API_CONCURRENCY
 
@@ -73,6 +73,7 @@ class Resource:
 
 
 FINETUNEJOBS = Resource(API_GROUP, API_VERSION, PLURAL)
+FINETUNESWEEPS = Resource(API_GROUP, API_VERSION, SWEEP_PLURAL)
 JOBS = Resource("batch", "v1", "jobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 PODS = Resource("", "v1", "pods")
@@ -87,7 +88,7 @@ def resource_of(body: Body, plural: str) -> Resource:
     return Resource(group, version, plural)
 
 
-KIND_RESOURCES = {"Job": JOBS, "ConfigMap": CONFIGMAPS, "Service": SERVICES}
+KIND_RESOURCES = {"Job": JOBS, "ConfigMap": CONFIGMAPS, "Service": SERVICES, KIND: FINETUNEJOBS}
 
 
 def owned_by(obj: Body, owner_uid: str) -> bool:

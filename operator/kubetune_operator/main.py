@@ -15,11 +15,12 @@ import kopf
 
 from kubetune_operator import API_GROUP
 from kubetune_operator.builders import LABEL_MANAGED_BY, MANAGED_BY
-from kubetune_operator.kube import FINETUNEJOBS, JOBS, KUEUE_GROUP, PODS, Kube
+from kubetune_operator.kube import FINETUNEJOBS, FINETUNESWEEPS, JOBS, KUEUE_GROUP, PODS, Kube
 from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressPoller
 from kubetune_operator.reconcile import Reconciler
 from kubetune_operator.settings import Settings
+from kubetune_operator.sweep_controller import SweepController
 
 MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 
@@ -54,6 +55,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     memo.metrics_server = await metrics.serve(config.metrics_port)
     poller = ProgressPoller(config.progress_concurrency, config.progress_timeout_seconds)
     memo.reconciler = Reconciler(kube, config, metrics, poller)
+    memo.sweeps = SweepController(kube, config, metrics)
     logger.info(
         "kubetune operator started: trainer image %s, metrics on :%d", config.trainer_image, config.metrics_port
     )
@@ -88,6 +90,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    sweeps: SweepController | None = memo.get("sweeps")
+    if sweeps is not None:
+        await sweeps.close()
     reconciler: Reconciler | None = memo.get("reconciler")
     if reconciler is not None:
         await reconciler.close()
@@ -99,6 +104,13 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def finetunejob_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Any FineTuneJob event (creation, spec change, the list after a restart): reconcile it from state."""
     memo.reconciler.observe_finetunejob(_raw(body), deleted=type == "DELETED")
+    memo.sweeps.observe_finetunejob(_raw(body), deleted=type == "DELETED")
+
+
+@kopf.on.event(*FINETUNESWEEPS.gvr)
+async def finetunesweep_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Any FineTuneSweep event: sync it from state (its trials, rebuilt into the study)."""
+    memo.sweeps.observe_sweep(_raw(body), deleted=type == "DELETED")
 
 
 @kopf.on.event(*JOBS.gvr, labels=MANAGED)

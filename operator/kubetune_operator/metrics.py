@@ -16,11 +16,13 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetune_operator.api import Phase
+from kubetune_operator.api import Phase, TrialState
 from kubetune_operator.status import parse_timestamp
 
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 RUN_LABELS = ("namespace", "finetunejob")
+SWEEP_LABELS = ("namespace", "finetunesweep")
+TRIAL_STATES: tuple[str, ...] = TrialState.__args__  # type: ignore[attr-defined]
 RETRY_REASONS = ("CreateRefused", "Unreachable", "ApiError", "Waiting", "Error")
 # Queue waits and runs span seconds to days.
 LONG_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200, float("inf"))
@@ -86,6 +88,15 @@ class Metrics:
         self.train_loss = prometheus_client.Gauge(
             "kubetune_run_train_loss", "Latest training loss reported by the trainer.", RUN_LABELS, registry=r
         )
+        self.sweep_trials = prometheus_client.Gauge(
+            "kubetune_sweep_trials",
+            "Trials of each FineTuneSweep, by state (Running, Succeeded, Pruned, Failed).",
+            [*SWEEP_LABELS, "state"],
+            registry=r,
+        )
+        self.sweep_best_value = prometheus_client.Gauge(
+            "kubetune_sweep_best_value", "The best objective of each FineTuneSweep so far.", SWEEP_LABELS, registry=r
+        )
         for result in ("ok", "error"):  # series exist from the start, so rate() sees the first increment
             self.progress_polls.labels(result)
         for result in ("ok", "failed", "error"):
@@ -124,6 +135,21 @@ class Metrics:
         for gauge in (self.progress_ratio, self.train_loss):
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
+
+    def observe_sweep(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """A sweep's trials by state and its best value, as its status says."""
+        for state in TRIAL_STATES:
+            self.sweep_trials.labels(namespace, name, state).set(status.get(state.lower()) or 0)
+        if status.get("bestValue") is not None:
+            self.sweep_best_value.labels(namespace, name).set(float(status["bestValue"]))
+
+    def forget_sweep(self, namespace: str, name: str) -> None:
+        """Drop a deleted FineTuneSweep's series."""
+        for state in TRIAL_STATES:
+            with contextlib.suppress(KeyError):
+                self.sweep_trials.remove(namespace, name, state)
+        with contextlib.suppress(KeyError):
+            self.sweep_best_value.remove(namespace, name)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -177,6 +177,11 @@ class ProgressFollower:
         except ProgressError as problem:
             self.metrics.progress_polls.labels("error").inc()
             return Polled(before.progress, before.failures + 1, str(problem))
+        run = progress.get("run")
+        progress = {name: value for name, value in progress.items() if name != "run"}  # status names its run
+        if run is not None and run != "/".join(key):  # a pod IP answered by another run's trainer
+            self.metrics.progress_polls.labels("error").inc()
+            return Polled(before.progress, before.failures + 1, f"{url} serves the trainer of {run}, not of this run")
         self.metrics.progress_polls.labels("ok").inc()
         self.metrics.observe_progress(*key, progress)
         return Polled(progress)

@@ -66,7 +66,7 @@ from kubetune_operator.status import (
     phase_event,
     status_patch,
 )
-from kubetune_operator.workqueue import Backoff, QueueClosed, WorkQueue
+from kubetune_operator.workqueue import Backoff, WorkQueue
 
 PREDECESSOR_RETRY_SECONDS = 2.0  # at least this long before a run whose children's names are held is retried
 # A starting run's status moves through reasons within Pending (WaitingForPod, ContainerCreating, ...) in quick
@@ -203,15 +203,7 @@ class Reconciler:
         return body is not None and not (body.get("status") or {}).get("phase") and key not in self._created
 
     async def _work(self) -> None:
-        while True:
-            try:
-                key = await self.queue.get()
-            except QueueClosed:
-                return
-            try:
-                await self._sync_queued(*key)
-            finally:
-                self.queue.done(key)
+        await self.queue.serve(lambda key: self._sync_queued(*key))
 
     async def _sync_queued(self, namespace: str, name: str) -> None:
         """`sync` for a key the queue handed out: forgotten by the queue's backoff on success, back on the queue

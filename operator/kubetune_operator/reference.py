@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubetune_operator.crd import openapi_schema
+from kubetune_operator.crd import openapi_schema, sweep_openapi_schema
 
 HEADER = """# FineTuneJob field reference
 
@@ -25,7 +25,7 @@ offline, with the same message.
 
 
 def _type(node: dict[str, Any]) -> str:
-    kind = node.get("type", "")
+    kind = node.get("type", "any" if node.get("x-kubernetes-preserve-unknown-fields") else "")
     if kind == "array":
         return f"list of {_type(node.get('items', {}))}"
     if kind == "object" and isinstance(node.get("additionalProperties"), dict):
@@ -99,6 +99,23 @@ def _section(path: str, node: dict[str, Any]) -> str:
 
 def render_reference() -> str:
     """The reference page, every object of the spec (the status is the operator's, not the user's)."""
-    schema = openapi_schema()
-    spec = schema["properties"]["spec"]
-    return HEADER + "".join("\n" + _section(path, node) for path, node in _objects(spec, "spec"))
+    spec = openapi_schema()["properties"]["spec"]
+    sweep = sweep_openapi_schema()["properties"]["spec"]
+    # A sweep's template.spec is a FineTuneJob spec: its fields are those above.
+    sweep_objects = [
+        (path, node) for path, node in _objects(sweep, "spec") if not path.startswith("spec.template.spec.")
+    ]
+    return (
+        HEADER
+        + "".join("\n" + _section(path, node) for path, node in _objects(spec, "spec"))
+        + SWEEP_HEADER
+        + "".join("\n" + _section(path, node) for path, node in sweep_objects)
+    )
+
+
+SWEEP_HEADER = """
+# FineTuneSweep field reference
+
+`kubetune.dev/v1alpha1`, kind `FineTuneSweep`, short name `fts` (docs/sweeps.md). `spec.template.spec` is a
+FineTuneJob spec, whose fields are listed above; each parameter's values are set into it for a trial.
+"""

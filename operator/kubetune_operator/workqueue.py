@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -136,6 +136,19 @@ class WorkQueue(Generic[K]):
         self._waiting.discard(key)
         self._active.add(key)
         return key
+
+    async def serve(self, work: Callable[[K], Awaitable[None]]) -> None:
+        """A worker's loop: hand each key to `work`, one at a time, marking it done after, until the queue closes.
+        `work` handles its own failures (`add_rate_limited` or `forget`)."""
+        while True:
+            try:
+                key = await self.get()
+            except QueueClosed:
+                return
+            try:
+                await work(key)
+            finally:
+                self.done(key)
 
     def done(self, key: K) -> None:
         """A worker finished with `key`; one added meanwhile is queued again."""

@@ -3,7 +3,7 @@ the emulated API server's request log."""
 
 from __future__ import annotations
 
-from tests.chart.rbac_expected import ADMISSION_ONLY, ALL_NAMESPACES, KUEUE_ONLY, Permission
+from tests.chart.rbac_expected import ADMISSION_ONLY, ALL_NAMESPACES, KUEUE_ONLY, SWEEP_ONLY, Permission
 
 Grant = tuple[str, str, str, str | None]
 
@@ -17,3 +17,4 @@ def as_grant(permission: Permission) -> Grant:
 GRANTED: frozenset[Grant] = frozenset(as_grant(permission) for permission in ALL_NAMESPACES)
 NEEDED_BY_ADMISSION: frozenset[Grant] = frozenset(as_grant(permission) for permission in ADMISSION_ONLY)
 USED_ONLY_WITH_KUEUE: frozenset[Grant] = frozenset(as_grant(permission) for permission in KUEUE_ONLY)
+USED_ONLY_WITH_SWEEPS: frozenset[Grant] = frozenset(as_grant(permission) for permission in SWEEP_ONLY)

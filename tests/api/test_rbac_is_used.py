@@ -4,7 +4,7 @@ FineTuneJob's whole life (the `operator` fixture checks that no call goes beyond
 from __future__ import annotations
 
 from tests.api.fixtures import Cluster, Operator, operator_calls, wait_for
-from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION, USED_ONLY_WITH_KUEUE
+from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION, USED_ONLY_WITH_KUEUE, USED_ONLY_WITH_SWEEPS
 from tests.kubeapi import cluster as kubelet
 from tests.objects import LEGACY_FINALIZER, finetunejob_body
 
@@ -36,5 +36,7 @@ def test_every_grant_is_used_over_a_lifetime(operator: Operator, cluster: Cluste
     # than one poll, so the deletion, which only a finished run gets, is what the test waits for.
     wait_for(lambda: cluster.ftj() is None, timeout=25, what="FineTuneJob finished and deleted after its TTL")
     # The emulated API has no Kueue; tests/cluster/test_rbac.py checks those grants on the real control plane.
-    unused = GRANTED - NEEDED_BY_ADMISSION - USED_ONLY_WITH_KUEUE - operator_calls(cluster.server)
+    unused = (
+        GRANTED - NEEDED_BY_ADMISSION - USED_ONLY_WITH_KUEUE - USED_ONLY_WITH_SWEEPS - operator_calls(cluster.server)
+    )
     assert not unused, f"granted but never used: {sorted(unused, key=str)}"

@@ -16,12 +16,22 @@ def _grant(group: str, resource: str, *verbs: str) -> set[Permission]:
     return {(group, resource, verb) for verb in verbs}
 
 
+# FineTuneSweeps: watched, their status written; their trials are FineTuneJobs created (one that exists is awaited
+# from the watch, never read) and patched when pruned (granted above). finalizers: blockOwnerDeletion on the trials.
+SWEEPS: frozenset[Permission] = frozenset(
+    _grant("kubetune.dev", "finetunejobs", "create")
+    | _grant("kubetune.dev", "finetunesweeps", "list", "watch")
+    | _grant("kubetune.dev", "finetunesweeps/status", "patch")
+    | _grant("kubetune.dev", "finetunesweeps/finalizers", "update")
+)
+
 # Granted in every namespace the operator watches (a Role each, or the ClusterRole).
 NAMESPACED: frozenset[Permission] = frozenset(
     # Reconciled from the watch (no get). patch: Kopf removes the finalizer an earlier version added; delete:
     # ttlSecondsAfterFinished removes the FineTuneJob itself (its children go by ownerReferences).
     _grant("kubetune.dev", "finetunejobs", "list", "watch", "patch", "delete")
     | _grant("kubetune.dev", "finetunejobs/status", "patch")
+    | SWEEPS
     # update on finalizers: the OwnerReferencesPermissionEnforcement admission plugin (on in many
     # distributions) requires it to set blockOwnerDeletion on the children.
     | _grant("kubetune.dev", "finetunejobs/finalizers", "update")
@@ -52,4 +62,10 @@ ALL_NAMESPACES: frozenset[Permission] = NAMESPACED | ALL_NAMESPACES_ONLY
 KUEUE_ONLY: frozenset[Permission] = frozenset(_grant("kueue.x-k8s.io", "workloads", "list", "watch", "patch"))
 
 # Granted for admission, never seen as an API call.
-ADMISSION_ONLY: frozenset[Permission] = frozenset(_grant("kubetune.dev", "finetunejobs/finalizers", "update"))
+ADMISSION_ONLY: frozenset[Permission] = frozenset(
+    _grant("kubetune.dev", "finetunejobs/finalizers", "update")
+    | _grant("kubetune.dev", "finetunesweeps/finalizers", "update")
+)
+# Used only where FineTuneSweeps are served: the emulated API (tests/api) serves FineTuneJobs alone; the real
+# control plane (tests/cluster/test_sweep.py) serves both and checks these grants there.
+SWEEP_ONLY: frozenset[Permission] = SWEEPS - ADMISSION_ONLY

@@ -658,6 +658,7 @@ def test_network_policy_lets_operator_and_prometheus_reach_trainers(
 
 GENERATED_CRD = REPO_ROOT / "crds" / "kubetune.dev_finetunejobs.yaml"
 CHART_CRD = CHART_DIR / "crds" / "kubetune.dev_finetunejobs.yaml"
+CHART_SWEEP_CRD = CHART_DIR / "crds" / "kubetune.dev_finetunesweeps.yaml"
 
 
 def test_chart_ships_the_generated_crd() -> None:
@@ -670,10 +671,12 @@ def test_chart_ships_the_generated_crd() -> None:
     assert crd["metadata"]["name"] == "finetunejobs.kubetune.dev"
 
 
-def test_chart_crds_dir_holds_only_the_finetunejob_crd() -> None:
+def test_chart_crds_dir_holds_only_the_generated_crds() -> None:
     # Helm installs every manifest in crds/; anything else there would be installed, never upgraded.
-    manifests = [p.name for p in (CHART_DIR / "crds").glob("*") if p.suffix in {".yaml", ".yml", ".json"}]
-    assert manifests in ([], [CHART_CRD.name])
+    manifests = sorted(p.name for p in (CHART_DIR / "crds").glob("*") if p.suffix in {".yaml", ".yml", ".json"})
+    assert manifests == [CHART_CRD.name, CHART_SWEEP_CRD.name]
+    generated = REPO_ROOT / "crds" / CHART_SWEEP_CRD.name
+    assert CHART_SWEEP_CRD.read_bytes() == generated.read_bytes(), f"charts/ is stale: cp {generated} {CHART_SWEEP_CRD}"
 
 
 # -- container images ---------------------------------------------------------------------------

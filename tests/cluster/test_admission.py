@@ -27,6 +27,7 @@ from tests.support.catalog import (
     GOOD_EDGE_CASES,
     IMMUTABLE_CHANGES,
     MUTABLE_CHANGES,
+    SWEEP_BAD,
     UNSERVED,
     WRITTEN,
     with_changes,
@@ -54,9 +55,10 @@ def rehomed(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
 
 def dry_run_create(kube: Kube, obj: dict[str, Any]) -> str | None:
     """The apiserver's refusal of `obj`, or None when it would store it; strict, as `kubectl apply` asks."""
+    plural = "finetunesweeps" if obj.get("kind") == "FineTuneSweep" else PLURAL
     try:
         kube.custom.create_namespaced_custom_object(
-            GROUP, VERSION, obj["metadata"]["namespace"], PLURAL, obj, dry_run="All", field_validation="Strict"
+            GROUP, VERSION, obj["metadata"]["namespace"], plural, obj, dry_run="All", field_validation="Strict"
         )
     except kubernetes.client.ApiException as error:
         body = error.body or "{}"
@@ -132,6 +134,17 @@ def test_the_apiserver_accepts_each_valid_edge_case(kube: Kube, namespace: str, 
 def test_the_apiserver_accepts_the_examples(kube: Kube, namespace: str, path: Path) -> None:
     for obj in yaml.safe_load_all(path.read_text()):
         assert dry_run_create(kube, rehomed(obj, namespace)) is None
+
+
+@pytest.mark.parametrize(("case", "obj", "names"), SWEEP_BAD, ids=[case for case, _, _ in SWEEP_BAD])
+def test_the_apiserver_refuses_bad_sweeps_naming_the_field(
+    kube: Kube, namespace: str, case: str, obj: dict[str, Any], names: str
+) -> None:
+    """Unknown parameter paths, min above max, a grid over a float, parallelTrials above trials, an objective or a
+    pruner that needs evaluations on a template without an eval set: refused at `kubectl apply`."""
+    refusal = dry_run_create(kube, rehomed(obj, namespace))
+    assert refusal is not None, f"{case}: admitted"
+    assert names in refusal, refusal
 
 
 @pytest.mark.parametrize("case", ["unknown-top-field", "unknown-nested-field"])

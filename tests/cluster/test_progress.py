@@ -11,6 +11,7 @@ so the result in the status is the real trainer's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,11 @@ pytestmark = pytest.mark.usefixtures("operator")
 DATASET = Path(__file__).resolve().parents[2] / "cli" / "kubetune_cli" / "data" / "support-instructions.jsonl"
 
 
-def trainer_process(kube: Kube, ns: str, scratch: Path) -> subprocess.Popen[bytes]:
-    """Start the real trainer as the pod's container would run, from the objects the operator created."""
-    config = json.loads(kube.configmap(ns, "run-trainer")["data"]["config.json"])
-    container = kube.job(ns)["spec"]["template"]["spec"]["containers"][0]
+def trainer_process(kube: Kube, ns: str, scratch: Path, name: str = "run") -> subprocess.Popen[bytes]:
+    """Start the real trainer as the pod's container would run, from the objects the operator created for the
+    FineTuneJob `name`."""
+    config = json.loads(kube.configmap(ns, f"{name}-trainer")["data"]["config.json"])
+    container = kube.job(ns, name)["spec"]["template"]["spec"]["containers"][0]
     paths = {contract.CONFIG_PATH: scratch / "config.json", contract.TERMINATION_LOG: scratch / "termination-log"}
     paths[contract.CONFIG_PATH].write_text(json.dumps(config))
     command = [str(paths.get(arg, arg)) for arg in container["command"]]
@@ -44,7 +46,8 @@ def trainer_process(kube: Kube, ns: str, scratch: Path) -> subprocess.Popen[byte
     with (scratch / "trainer.log").open("wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, *command[1:]],
-            env={"PATH": "/usr/bin:/bin", **env},
+            # PYTHONPATH, where the tests set one: the trainer of this checkout, as the operator under test is.
+            env={"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,

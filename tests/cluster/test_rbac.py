@@ -1,6 +1,6 @@
 """The chart's RBAC, as the real apiserver enforces it: the operator runs with its ServiceAccount's token, and the
 apiserver's audit log records every call it makes. Least privilege from both sides: no call is refused (403) or
-goes beyond the grants, and every grant is used over a FineTuneJob's life (Kueue included)."""
+goes beyond the grants, and every grant is used over a FineTuneJob's life (Kueue included) and a sweep's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 
 from tests.api.rbac import GRANTED, NEEDED_BY_ADMISSION
 from tests.cluster.conftest import (
+    GROUP,
+    VERSION,
     Installation,
     Kube,
     OperatorProcess,
@@ -19,7 +21,7 @@ from tests.cluster.conftest import (
     install,
     wait_for,
 )
-from tests.objects import LEGACY_FINALIZER, succeeded_message
+from tests.objects import LEGACY_FINALIZER, SPEC, succeeded_message
 
 OUTAGE_NAMESPACES = "t-test-runs-whose-children-are-being-creat"  # test_outages' namespaces (kept short)
 
@@ -53,6 +55,16 @@ def test_every_call_is_granted_and_every_grant_is_used(
     kube.batch.delete_namespaced_job("gang", ns, propagation_policy="Background")
     wait_for(lambda: (j := kube.job(ns, "gang")) and j["metadata"]["uid"] != old, 30, "the gang's Job recreated")
     kube.delete_ftj(ns, "gang")
+    # A sweep of one trial: the trial is created (create finetunejobs), the sweep's status written.
+    rates = {"name": "training.learningRate", "categorical": {"choices": [1e-4]}}
+    sweep = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneSweep", "metadata": {"name": "sweep"},
+             "spec": {"template": {"spec": SPEC}, "trials": 1, "parameters": [rates]}}  # fmt: skip
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "finetunesweeps", sweep)
+    kube.run_pod_to(ns, 0, succeeded_message(), "sweep-0")
+    wait_for(
+        lambda: (kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "finetunesweeps", "sweep").get("status")
+                 or {}).get("phase") == "Succeeded", 60, "the sweep to succeed",
+    )  # fmt: skip
     # test_outages kills and restarts kube-apiserver; until its RBAC authorizer has synced it forbids every call, so
     # the operator's calls in that test's namespaces say nothing about the chart's grants.
     calls = [

@@ -18,6 +18,9 @@ GPU_ONLY_PANELS = frozenset({"GPU memory"})
 # Panels of the metrics only an objective dpo run exports (kubetune_trainer_reward_*): empty for an SFT run,
 # shown by a DPO run (`test_preference_panels_show_a_dpo_run`).
 DPO_PANELS = frozenset({"Reward accuracy", "Reward margin", "Chosen and rejected rewards"})
+# Panels of a FineTuneSweep's metrics (kubetune_sweep_*): empty without a sweep, as in the live run here; their
+# series are checked on the operator's own exposition (tests/unit/test_sweep.py).
+SWEEP_PANELS = frozenset({"Sweep trials by state", "Best objective by sweep"})
 
 # PromQL function names and keywords, so that what is left of an expression are metric names.
 _NOT_METRICS = frozenset(
@@ -44,6 +47,10 @@ class Query:
     @property
     def gpu_only(self) -> bool:
         return self.panel in GPU_ONLY_PANELS
+
+    @property
+    def sweep_only(self) -> bool:
+        return self.panel in SWEEP_PANELS
 
     @property
     def dpo_only(self) -> bool:

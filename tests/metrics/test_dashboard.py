@@ -453,7 +453,7 @@ def check_queries(prometheus: Prometheus, started: float, *, dpo_run: bool = Fal
         "All": {"namespace": ".*", "finetunejob": ".*", **builtins},
         "this run": {"namespace": NAMESPACE, "finetunejob": RUN, **builtins},
     }
-    empty, gpu_nonempty, dpo_nonempty = [], [], []
+    empty, gpu_nonempty, dpo_nonempty, sweep_nonempty = [], [], [], []
     for query in dash.queries(board):
         if dpo_run and not query.dpo_only:
             continue
@@ -471,6 +471,9 @@ def check_queries(prometheus: Prometheus, started: float, *, dpo_run: bool = Fal
             elif query.dpo_only and not dpo_run:
                 if result:
                     dpo_nonempty.append(where)
+            elif query.sweep_only:
+                if result:
+                    sweep_nonempty.append(where)
             elif not finite_values(result):
                 empty.append(f"{where}\n    -> {json.dumps(result)[:300]}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
@@ -478,6 +481,9 @@ def check_queries(prometheus: Prometheus, started: float, *, dpo_run: bool = Fal
         gpu_nonempty
     )
     assert not dpo_nonempty, "DPO panels with data from an SFT run (update DPO_PANELS):\n" + "\n".join(dpo_nonempty)
+    assert not sweep_nonempty, "sweep panels with data without a sweep (update SWEEP_PANELS):\n" + "\n".join(
+        sweep_nonempty
+    )
 
 
 def preference_data(tmp_path: Path) -> tuple[Path, Path]:

@@ -1,4 +1,4 @@
-"""What the API server does to a FineTuneJob on create/update, emulated from the generated CRD.
+"""What the API server does to a FineTuneJob (or FineTuneSweep) on create/update, emulated from the generated CRD.
 
 Structural defaulting, strict field validation (unknown fields rejected, as `kubectl apply` asks for), the
 uniqueness of keys in `x-kubernetes-list-type: map` lists,
@@ -19,15 +19,16 @@ import jsonschema
 import yaml
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "kubetune.dev_finetunejobs.yaml"
+CRD_PATHS = {"FineTuneJob": CRD_PATH, "FineTuneSweep": CRD_PATH.with_name("kubetune.dev_finetunesweeps.yaml")}
 
 
 @cache
-def crd() -> dict[str, Any]:
-    return yaml.safe_load(CRD_PATH.read_text())
+def crd(kind: str = "FineTuneJob") -> dict[str, Any]:
+    return yaml.safe_load(CRD_PATHS[kind].read_text())
 
 
-def crd_schema() -> dict[str, Any]:
-    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def crd_schema(kind: str = "FineTuneJob") -> dict[str, Any]:
+    return crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
@@ -61,9 +62,9 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def _validator() -> jsonschema.Draft4Validator:
+def _validator(kind: str) -> jsonschema.Draft4Validator:
     # OpenAPI v3.0 schemas use draft-4 style boolean exclusiveMinimum/exclusiveMaximum.
-    return jsonschema.Draft4Validator(_strict(crd_schema()))
+    return jsonschema.Draft4Validator(_strict(crd_schema(kind)))
 
 
 def _path(parts: Any) -> str:
@@ -135,13 +136,14 @@ def _list_map_errors(value: Any, schema: dict[str, Any], path: list[str]) -> lis
 
 def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Errors the API server would answer for this create (or update, with `old`); [] if admitted."""
-    served = f"{crd()['spec']['group']}/{crd()['spec']['versions'][0]['name']}"
+    kind = obj.get("kind") if obj.get("kind") in CRD_PATHS else "FineTuneJob"
+    served = f"{crd(kind)['spec']['group']}/{crd(kind)['spec']['versions'][0]['name']}"
     if obj.get("apiVersion") != served:  # the request would be routed nowhere
         return [f'apiVersion: no matches for kind "{obj.get("kind")}" in version "{obj.get("apiVersion")}"']
-    schema = crd_schema()
+    schema = crd_schema(kind)
     defaulted = apply_defaults(copy.deepcopy(obj), schema)
     schema_errors = sorted(
-        f"{_path(error.absolute_path)}: {error.message}" for error in _validator().iter_errors(defaulted)
+        f"{_path(error.absolute_path)}: {error.message}" for error in _validator(kind).iter_errors(defaulted)
     ) + _list_map_errors(defaulted, schema, [])
     if schema_errors:
         return schema_errors  # the API server runs CEL only on schema-valid objects

@@ -24,7 +24,12 @@ BASE: dict[str, Any] = {
 
 def with_changes(*changes: tuple[str, Any]) -> dict[str, Any]:
     """BASE with dotted paths set (a value of ... deletes the key)."""
-    obj = copy.deepcopy(BASE)
+    return changed(BASE, *changes)
+
+
+def changed(base: dict[str, Any], *changes: tuple[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with dotted paths set (a value of ... deletes the key)."""
+    obj = copy.deepcopy(base)
     for dotted, value in changes:
         *parents, last = dotted.split(".")
         node = obj
@@ -404,4 +409,94 @@ WRITTEN: list[tuple[str, str, str | None]] = [
     ("memory-in-gigabytes", _job_yaml("  resources:\n    memory: 32GB\n"), "use 32Gi or 32G"),
     ("tab-indentation", _job_yaml("  training:\n\tepochs: 1\n"), "indent with spaces"),
     ("number-as-string", _job_yaml("  training:\n    learningRate: '2e-4'\n"), "spec.training.learningRate"),
+]
+
+
+# -- FineTuneSweep --------------------------------------------------------------------------------------------------
+
+SWEEP_BASE: dict[str, Any] = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneSweep",
+    "metadata": {"name": "support-bot-lr", "namespace": "default"},
+    "spec": {
+        "template": {"spec": copy.deepcopy(BASE["spec"])},
+        "parameters": [{"name": "training.learningRate", "float": {"min": 1e-5, "max": 1e-3, "log": True}}],
+        "trials": 4,
+        "parallelTrials": 2,
+    },
+}
+
+
+def sweep_with(*changes: tuple[str, Any]) -> dict[str, Any]:
+    """SWEEP_BASE with dotted paths set (a value of ... deletes the key)."""
+    return changed(SWEEP_BASE, *changes)
+
+
+def _lr(**search: Any) -> list[dict[str, Any]]:
+    return [{"name": "training.learningRate", **search}]
+
+
+# (id, sweep, text that both the models' and the API server's refusals contain: the field, or the rule's words)
+SWEEP_BAD: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "unknown-parameter-path",
+        sweep_with(("spec.parameters", [{"name": "training.learningrate", "float": {"min": 1e-5, "max": 1e-3}}])),
+        "name must be a number, integer, string or boolean field",
+    ),
+    (
+        "parameter-outside-tunable-sections",
+        sweep_with(("spec.parameters", [{"name": "output.destination", "categorical": {"choices": ["a"]}}])),
+        "name must be a number, integer, string or boolean field",
+    ),
+    (
+        "float-min-above-max",
+        sweep_with(("spec.parameters", _lr(float={"min": 1e-3, "max": 1e-5}))),
+        "float.min must be less than float.max",
+    ),
+    (
+        "int-min-above-max",
+        sweep_with(("spec.parameters", [{"name": "method.lora.r", "int": {"min": 64, "max": 8}}])),
+        "int.min must be at most int.max",
+    ),
+    (
+        "float-log-from-zero",
+        sweep_with(("spec.parameters", _lr(float={"min": 0.0, "max": 1e-3, "log": True}))),
+        "float.log needs float.min above 0",
+    ),
+    (
+        "float-over-an-integer-field",
+        sweep_with(("spec.parameters", [{"name": "method.lora.r", "float": {"min": 4, "max": 8}}])),
+        "float ranges only number fields",
+    ),
+    (
+        "two-searches-in-one-parameter",
+        sweep_with(("spec.parameters", _lr(float={"min": 1e-5, "max": 1e-3}, categorical={"choices": [1e-4]}))),
+        "set exactly one of float, int or categorical",
+    ),
+    ("grid-over-a-float", sweep_with(("spec.algorithm", {"type": "grid"})), "algorithm grid searches categorical"),
+    ("parallel-trials-above-trials", sweep_with(("spec.parallelTrials", 5)), "parallelTrials must be at most trials"),
+    ("too-many-trials", sweep_with(("spec.trials", 101), ("spec.parallelTrials", 1)), "spec.trials"),
+    (
+        "eval-loss-without-eval-set",
+        sweep_with(("spec.template.spec.dataset.evalSplit", 0), ("spec.pruner.type", "none")),
+        "objective evalLoss needs an eval set",
+    ),
+    (
+        "pruning-without-evaluation",
+        sweep_with(("spec.template.spec.dataset.evalSplit", 0), ("spec.objective.metric", "trainLoss")),
+        "pruning compares trials at each evaluation",
+    ),
+    (
+        "reward-metric-without-dpo",
+        sweep_with(("spec.objective.metric", "rewardAccuracy")),
+        "need template.spec.objective.type dpo",
+    ),
+    ("unknown-algorithm", sweep_with(("spec.algorithm", {"type": "bayes"})), "spec.algorithm.type"),
+    ("no-parameters", sweep_with(("spec.parameters", [])), "spec.parameters"),
+    (
+        "bad-template",
+        sweep_with(("spec.template.spec.training", {"learningRate": -1})),
+        "spec.template.spec.training.learningRate",
+    ),
+    ("sweep-name-too-long-for-its-trials", sweep_with(("metadata.name", "s" * 60)), "metadata.name"),
 ]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from kubetune_cli.main import main
-from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob
+from kubetune_operator.api import FineTuneJob, SpecError, parse_finetunejob, parse_finetunesweep
 from kubetune_operator.crd import finetunejob_crd, render_crd_yaml
 from tests.support.admission import CRD_PATH, admit, apply_defaults, crd_schema
 from tests.support.catalog import BAD, BASE, GOOD_EDGE_CASES, IMMUTABLE_CHANGES, MUTABLE_CHANGES, UNSERVED, with_changes
@@ -26,7 +26,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 def model_errors(obj: dict[str, Any]) -> list[str]:
     try:
-        parse_finetunejob(obj)
+        (parse_finetunesweep if obj.get("kind") == "FineTuneSweep" else parse_finetunejob)(obj)
     except SpecError as error:
         return error.problems
     return []

@@ -29,6 +29,8 @@ BIN = Path(sys.executable).parent
             "cli/kubetune_cli/manifests.py",
             "cli/kubetune_cli/kubeyaml.py",
             "operator/kubetune_operator/spelling.py",
+            "operator/kubetune_operator/search.py",
+            "operator/kubetune_operator/sweep.py",
         ],
         # the layers of pyproject's [tool.importlinter] (who imports whom): test_layers runs lint-imports
     ],

@@ -136,3 +136,33 @@ def test_poller_and_sync_write_status_through_one_path() -> None:
         loop.run_until_complete(poller_and_sync_write_through_one_path())
     finally:
         loop.close()
+
+
+async def progress_of_another_run_is_not_written() -> None:
+    body, job, pod = running_objects()
+    kube = RecordingKube(body)
+    ours = {"run": "default/run", "step": 3, "totalSteps": 10, "percent": 30.0}
+    # The pod's address answered by another run's trainer (an IP reused between two polls; in tests/cluster, the
+    # next trial's pod polled on this machine's port while the pruned trial's trainer still stops there).
+    theirs = {"run": "default/other", "step": 9, "totalSteps": 10, "percent": 90.0}
+    poller = ScriptedPoller([dict(ours), dict(theirs)])
+    settings = Settings(progress_interval_seconds=0.02, progress_failure_threshold=2)
+    reconciler = Reconciler(kube, settings, Metrics(), poller)  # type: ignore[arg-type]
+    kube.reconciler = reconciler
+    reconciler.observe_job(job, deleted=False)
+    reconciler.observe_pod(pod, deleted=False)
+    reconciler.observe_finetunejob(body, deleted=False)
+    await settle(reconciler, kube, 3)
+    await reconciler.close()
+    status = kube.body["status"]
+    assert status["progress"] == {"step": 3, "totalSteps": 10, "percent": 30.0}  # ours, without the run's name
+    condition = next(c for c in status["conditions"] if c["type"] == "ProgressAvailable")
+    assert condition["status"] == "False" and "serves the trainer of default/other" in condition["message"]
+
+
+def test_progress_of_another_run_is_not_written() -> None:
+    loop = asyncio.new_event_loop()  # see test_reconciler_retry: a loop of its own, closed here
+    try:
+        loop.run_until_complete(progress_of_another_run_is_not_written())
+    finally:
+        loop.close()

@@ -214,6 +214,7 @@ class ProgressReport(EvalLossCallback):
 
     def on_eval_loss(self, loss: float, state: Any, control: Any) -> None:
         self.telemetry.update(eval_loss=loss)
+        self.telemetry.evaluated(state.global_step, eval_loss=loss)
         self.telemetry.set_stage("checkpointing" if control.should_save else "train")
         if self.dist.is_main:
             log.info(

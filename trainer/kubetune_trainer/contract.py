@@ -221,9 +221,26 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+MAX_EVALUATIONS = 200  # the most recent evaluations /progress keeps (a sweep's pruner reads them)
+
+
+class Evaluation(ContractModel):
+    """The metrics of one evaluation; a metric that was not a finite number (a diverged run) is absent."""
+
+    step: int = Field(ge=0, description="The optimizer step the evaluation ran at.")
+    eval_loss: float | None = Field(default=None, description="Evaluation loss; absent if it was not finite.")
+    reward_accuracy: float | None = Field(default=None, ge=0, le=1, description="objective dpo: on the eval pairs.")
+    reward_margin: float | None = Field(default=None, description="objective dpo: on the eval pairs.")
+
+
 class Progress(ContractModel):
     """Live progress of a run: what the trainer serves at /progress, mirrored into status.progress."""
 
+    run: str | None = Field(
+        default=None,
+        description="The FineTuneJob this trainer runs, as namespace/name: the operator ignores a /progress of "
+        "another run (an address reused by another pod between two polls).",
+    )
     stage: Stage = Field(default="starting", description="What the trainer is doing now.")
     step: int = Field(default=0, ge=0, description="Optimizer steps completed.")
     total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps the run will take.")
@@ -251,6 +268,11 @@ class Progress(ContractModel):
     )
     eval_reward_margin: float | None = Field(
         default=None, description="objective dpo: reward margin on the eval pairs, latest evaluation."
+    )
+    evaluations: list[Evaluation] | None = Field(
+        default=None,
+        max_length=MAX_EVALUATIONS,
+        description=f"Every evaluation's metrics by step (the latest {MAX_EVALUATIONS}): what a sweep prunes on.",
     )
     resumed_from_step: int | None = Field(default=None, ge=0, description="Checkpoint step this attempt resumed from.")
     storage_retry: str | None = Field(

@@ -342,6 +342,11 @@ class RewardReport(TrainerCallback):  # type: ignore[misc]
                 eval_reward_accuracy=float(logs["eval_rewards/accuracies"]),
                 eval_reward_margin=float(logs.get("eval_rewards/margins", 0.0)),
             )
+            self.telemetry.evaluated(
+                state.global_step,
+                reward_accuracy=float(logs["eval_rewards/accuracies"]),
+                reward_margin=float(logs.get("eval_rewards/margins", 0.0)),
+            )
             values = {ours: float(logs["eval_" + key]) for key, ours in REWARD_KEYS.items() if "eval_" + key in logs}
             where = "eval"
         else:

@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from kubetune_trainer.contract import (
+    MAX_EVALUATIONS,
     METRICS_PATH,
     METRICS_PORT,
     METRICS_PORT_ENV,
@@ -142,7 +143,8 @@ class Telemetry:
             self.child(self.metrics[name])
         self._gpu = {metric.name: self._register(metric) for metric in GPU_METRICS} if _cuda() else {}
         self._lock = threading.Lock()
-        self._progress = Progress()
+        run = self.labels["namespace"], self.labels["finetunejob"]
+        self._progress = Progress(run="/".join(run) if all(run) else None)
         self.set_stage("starting")
 
     def _register(self, metric: Metric) -> Any:
@@ -190,6 +192,20 @@ class Telemetry:
         for key, value in fields.items():
             if key in FOLLOW_PROGRESS and value is not None:
                 self.child(self.metrics[key]).set(value)
+
+    def evaluated(self, step: int, **metrics: float) -> None:
+        """Record an evaluation's metrics at `step` in progress.evaluations (merged into the entry of that step:
+        the eval loss and DPO's reward metrics arrive in separate callbacks). A value that is not finite (a
+        diverging run) is left out: JSON has no NaN, and an absent value reads as diverged."""
+        finite = {key: value for key, value in metrics.items() if math.isfinite(value)}
+        with self._lock:
+            evaluations = [entry.model_dump() for entry in self._progress.evaluations or []]
+            if evaluations and evaluations[-1]["step"] == step:
+                evaluations[-1].update(finite)
+            else:
+                evaluations.append({"step": step, **finite})
+            evaluations = evaluations[-MAX_EVALUATIONS:]
+        self.update(evaluations=evaluations)
 
     def step_done(self, step: int, total_steps: int, *, start: bool = False) -> None:
         """The loop finished optimizer step `step` (or, `start`, begins at it): the live ETA's reference."""

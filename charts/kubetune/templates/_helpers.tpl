@@ -97,11 +97,22 @@ Rules for the namespaces the operator watches (a Role in each, or part of the Cl
 - pods: watched to report why a trainer is pending or failed, and to find the pod to poll.
 - events: both APIs, since Kopf posts core/v1 events and newer clients events.k8s.io/v1.
 - workloads (Kueue): why a queued run waits; `spec.active` keeps a suspended run suspended.
+- finetunesweeps: list and watch (synced from the watch), their status; trials are FineTuneJobs the operator
+  creates and patches (a pruned trial is suspended); finalizers of sweeps: blockOwnerDeletion on the trials.
 */}}
 {{- define "kubetune.rbac.namespacedRules" -}}
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["patch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetunesweeps/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
