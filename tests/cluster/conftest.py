@@ -375,6 +375,18 @@ def eight_gpu_queue(kube: Kube, ns: str) -> Iterator[str]:
     kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
 
 
+def require_node() -> None:
+    """Skip where a real node cannot run (tests/cluster/node.py says why), except in CI (CI=true): a failure there."""
+    from tests.cluster.node import node_problem
+
+    problem = node_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the real node, but {problem}")
+    pytest.skip(problem)
+
+
 def _has_default_service_account(kube: Kube, namespace: str) -> bool:
     return kube.read(kube.core.read_namespaced_service_account, "default", namespace) is not None
 

@@ -351,6 +351,13 @@ class ControlPlane:
         self._component_kubeconfig = self.directory / "components.kubeconfig"
         components = self._ca.issue("components", "kubetune-test-components", organization="system:masters")
         self._write_kubeconfig(self._component_kubeconfig, user="components", cert=components.cert, key=components.key)
+        # What the apiserver shows a kubelet (logs, exec, port-forward): a real node trusts this CA's clients.
+        self._kubelet_client = self._ca.issue("kubelet-client", "kube-apiserver-kubelet-client")
+
+    def kubelet_serving_certificate(self, node: str, address: str) -> pki.KeyPair:
+        """A serving certificate for a real node's kubelet at `address`, from the CA the apiserver checks kubelets
+        against (`--kubelet-certificate-authority`)."""
+        return self._ca.issue(f"kubelet-{node}", f"system:node:{node}", organization="system:nodes", hosts=(address,))
 
     def _write_kubeconfig(self, path: Path, **kwargs: Any) -> None:
         path.write_text(yaml.safe_dump(kubeconfig(f"https://127.0.0.1:{self.ports['apiserver']}", self.ca, **kwargs)))
@@ -411,6 +418,13 @@ class ControlPlane:
                 f"--service-account-key-file={self._sa.cert}",
                 f"--service-account-signing-key-file={self._sa.key}",
                 "--service-cluster-ip-range=10.96.0.0/16",
+                # `kubectl logs` on a real node (tests/cluster/node.py): the apiserver calls its kubelet at the node's
+                # InternalIP (the node's name resolves nowhere), checks its serving certificate against the test CA
+                # and shows a client certificate of that CA. KWOK's nodes serve no kubelet API.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={self.ca}",
+                f"--kubelet-client-certificate={self._kubelet_client.cert}",
+                f"--kubelet-client-key={self._kubelet_client.key}",
                 # No kubelets to reach and a loopback address the `kubernetes` Service may not point at.
                 "--endpoint-reconciler-type=none",
                 f"--audit-policy-file={audit_policy}",

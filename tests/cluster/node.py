@@ -8,7 +8,8 @@ pods that tolerate `REAL_NODE_TAINT` land on it; the KWOK nodes keep serving eve
 What it took on these machines (cgroup v1, root without CAP_SYS_RESOURCE), each also in ENVIRONMENT.md:
 `failCgroupV1: false` and the cgroupfs driver for the kubelet; `restrict_oom_score_adj` in containerd's CRI config;
 runc v1.5.3 built with seccomp (Debian's 1.1 fails to start sandboxes here). Pod networking stays on the bridge:
-no masquerading, no route outward; the kubelet and containerd's stream server listen on loopback only.
+no masquerading, no route outward. The kubelet's API listens on the bridge's address (the node's InternalIP, where
+the apiserver calls it for `kubectl logs`), its healthz and containerd's stream server on loopback.
 
 `stop()` leaves nothing: pods on the node are deleted first (the kubelet tears their sandboxes and network
 namespaces down through CNI), then the kubelet, containerd and any shim of ours end, their mounts are undone, the
@@ -22,7 +23,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -34,7 +34,7 @@ import psutil
 import yaml
 
 from kubetune_cli.local import free_port
-from tests.cluster.controlplane import Component, ControlPlane, read_versions, testbins_dir
+from tests.cluster.controlplane import Component, ControlPlane, read_versions, stop_pids, testbins_dir
 
 REAL_NODE_TAINT = {"key": "kubetune.dev/real-node", "value": "true", "effect": "NoSchedule"}
 REAL_NODE_LABEL = "kubetune.dev/real-node"
@@ -83,6 +83,30 @@ class RealNode:
     components: list[Component] = field(default_factory=list)
     subnet: ipaddress.IPv4Network = field(default_factory=free_subnet)
     made_cgroups: bool = False
+    tie_to_parent: bool = True  # False: the node outlives the process that started it (`python -m tests.cluster up`)
+    pids: list[int] = field(default_factory=list)  # of containerd and the kubelet, in start order
+
+    def state(self) -> dict[str, Any]:
+        """What `from_state` needs to stop this node from another process (`python -m tests.cluster down`)."""
+        return {
+            "name": self.name,
+            "directory": str(self.directory),
+            "subnet": str(self.subnet),
+            "madeCgroups": self.made_cgroups,
+            "pids": self.pids,
+        }
+
+    @classmethod
+    def from_state(cls, plane: ControlPlane, state: dict[str, Any]) -> RealNode:
+        return cls(
+            plane,
+            Path(state["directory"]),
+            name=state["name"],
+            subnet=ipaddress.IPv4Network(state["subnet"]),
+            made_cgroups=state["madeCgroups"],
+            tie_to_parent=False,
+            pids=list(state["pids"]),
+        )
 
     @property
     def bridge(self) -> str:
@@ -196,12 +220,17 @@ state = "{home / "state"}"
         assert save.wait(timeout=60) == 0 and imported.returncode == 0, f"importing {image}: {imported.stderr}"
 
     def _start_kubelet(self, bins: Path) -> None:
+        serving = self.plane.kubelet_serving_certificate(self.name, self.address)
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             "failCgroupV1": False,  # these machines run cgroup v1
             "cgroupDriver": "cgroupfs",
-            "address": "127.0.0.1",
+            # The kubelet API on the bridge's address, the node's InternalIP, where the apiserver calls it for
+            # `kubectl logs`; with a serving certificate from the test CA for that address, which the apiserver checks.
+            "address": self.address,
+            "tlsCertFile": str(serving.cert),
+            "tlsPrivateKeyFile": str(serving.key),
             "port": free_port(),
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
@@ -242,14 +271,10 @@ state = "{home / "state"}"
         """End everything start() began, in the order that lets each part clean up after itself."""
         with contextlib.suppress(Exception):
             self._delete_pods()
-        for component in reversed(self.components):
-            if component.process is not None and component.process.poll() is None:
-                component.process.send_signal(signal.SIGTERM)
-                try:
-                    component.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    component.process.kill()
-                    component.process.wait(timeout=10)
+        stop_pids(reversed(self.pids), timeout=20)  # the kubelet, then containerd (SIGTERM, then SIGKILL)
+        for component in self.components:
+            if component.process is not None:
+                component.process.wait(timeout=10)  # already ended: this only reaps it
         for process in self.processes():  # shims outlive containerd by design
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
@@ -299,8 +324,10 @@ state = "{home / "state"}"
     # ---- helpers -------------------------------------------------------------------------------------------
     def _launch(self, name: str, argv: list[str]) -> None:
         component = Component(name, argv, self.directory / "logs" / f"{name}.log")
-        component.start(tie_to_parent=True)
+        component.start(tie_to_parent=self.tie_to_parent)
         self.components.append(component)
+        assert component.process is not None
+        self.pids.append(component.process.pid)
 
     def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return _run([CTR, "--address", str(self.socket), "-n", "k8s.io", *args])

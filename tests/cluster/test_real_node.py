@@ -5,16 +5,19 @@ and termination message. The KWOK nodes carry on for every other test: this node
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import kubernetes
 import pytest
 
-from tests.cluster.conftest import Kube, OperatorProcess, _has_default_service_account, wait_for
+from tests.cluster.conftest import Kube, OperatorProcess, _has_default_service_account, require_node, wait_for
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.node import REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode, node_problem
+from tests.cluster.node import REAL_NODE_LABEL, REAL_NODE_TAINT, RealNode
 from tests.images.containers import BUILD_TIMEOUT_SECONDS, REPO_ROOT, build_images, image_name, require_docker
 from tests.support.s3 import S3Endpoint, moto_server
 
@@ -22,15 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 900)
 
 DATASET = REPO_ROOT / "cli" / "kubetune_cli" / "data" / "support-instructions.jsonl"
 STEPS = 20
-
-
-def require_node() -> None:
-    problem = node_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the real node, but {problem}")
-    pytest.skip(problem)
+RESUME_STEPS = 120  # long enough that the pod is deleted mid-run and the replacement has steps left
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +68,32 @@ def restricted_ns(kube: Kube) -> Iterator[str]:
     kube.core.delete_namespace(name)
 
 
+def submit(kube: Kube, ns: str, s3: S3Endpoint, model_dir: Path, name: str, **spec: Any) -> tuple[str, dict[str, Any]]:
+    """A FineTuneJob `name` in `ns` that trains the tiny model on the real node, from and to S3 on the node's bridge;
+    `spec` overrides sections of the spec. Returns the bucket and the FineTuneJob as created."""
+    bucket = f"real-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    s3.upload_dir(model_dir, bucket, "models/tiny")
+    s3.client().upload_file(str(DATASET), bucket, "data/train.jsonl")
+    if kube.read(kube.core.read_namespaced_secret, "s3", ns) is None:
+        kube.core.create_namespaced_secret(
+            ns, {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}}
+        )
+    toleration = {"key": REAL_NODE_TAINT["key"], "operator": "Exists", "effect": REAL_NODE_TAINT["effect"]}
+    body = {
+        "image": image_name("trainer"),
+        "model": {"source": f"s3://{bucket}/models/tiny/"},
+        "dataset": {"train": f"s3://{bucket}/data/train.jsonl", "maxLength": 128},
+        "training": {"maxSteps": STEPS, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 1e-2},
+        "output": {"destination": f"s3://{bucket}/out/"},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"},
+        "storage": {"endpoint": s3.url, "credentialsSecretRef": {"name": "s3"}},
+        "scheduling": {"nodeSelector": {REAL_NODE_LABEL: "true"}, "tolerations": [toleration]},
+        **spec,
+    }
+    return bucket, kube.apply(ns, name, spec=body)
+
+
 def test_a_finetunejob_runs_to_succeeded_on_a_real_node_under_restricted_pod_security(
     kube: Kube,
     operator: OperatorProcess,
@@ -81,29 +102,7 @@ def test_a_finetunejob_runs_to_succeeded_on_a_real_node_under_restricted_pod_sec
     restricted_ns: str,
     tiny_model_dir: Path,
 ) -> None:
-    bucket = f"real-{uuid.uuid4().hex[:8]}"
-    node_s3.make_bucket(bucket)
-    node_s3.upload_dir(tiny_model_dir, bucket, "models/tiny")
-    node_s3.client().upload_file(str(DATASET), bucket, "data/train.jsonl")
-    kube.core.create_namespaced_secret(
-        restricted_ns,
-        {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}},
-    )
-    toleration = {"key": REAL_NODE_TAINT["key"], "operator": "Exists", "effect": REAL_NODE_TAINT["effect"]}
-    kube.apply(
-        restricted_ns,
-        "tiny",
-        spec={
-            "image": image_name("trainer"),
-            "model": {"source": f"s3://{bucket}/models/tiny/"},
-            "dataset": {"train": f"s3://{bucket}/data/train.jsonl", "maxLength": 128},
-            "training": {"maxSteps": STEPS, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 1e-2},
-            "output": {"destination": f"s3://{bucket}/out/"},
-            "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"},
-            "storage": {"endpoint": node_s3.url, "credentialsSecretRef": {"name": "s3"}},
-            "scheduling": {"nodeSelector": {REAL_NODE_LABEL: "true"}, "tolerations": [toleration]},
-        },
-    )
+    bucket, _ = submit(kube, restricted_ns, node_s3, tiny_model_dir, "tiny")
     status = kube.wait_phase(restricted_ns, "Succeeded", "tiny", reason="Succeeded", timeout=300)
 
     (pod,) = kube.pods(restricted_ns, "tiny")
@@ -116,3 +115,110 @@ def test_a_finetunejob_runs_to_succeeded_on_a_real_node_under_restricted_pod_sec
     assert status["progress"]["step"] > 0  # polled from the real pod's /progress while it trained
     keys = node_s3.list_keys(bucket, "out/")
     assert "out/adapter/adapter_model.safetensors" in keys and "out/COMPLETE" in keys
+    # `kubectl logs` goes from the apiserver to the kubelet's API, which reads the container's log file.
+    logs = kube.kubectl("logs", "-n", restricted_ns, pod["metadata"]["name"]).stdout
+    assert re.search(rf"train step \d+/{STEPS} loss", logs), logs[-3000:]
+
+
+def last_state(kube: Kube, ns: str, pod: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    """The pod as it was when the API server removed it (its DELETED event), seen through a watch that starts from
+    `pod` as read: the kubelet's final container status, which no read can see once the pod is gone."""
+    name = pod["metadata"]["name"]
+    watch = kubernetes.watch.Watch()
+    try:
+        for event in watch.stream(
+            kube.core.list_namespaced_pod, ns, field_selector=f"metadata.name={name}",
+            resource_version=pod["metadata"]["resourceVersion"], timeout_seconds=int(timeout),
+        ):  # fmt: skip
+            if event["type"] == "DELETED":
+                return kube.plain(event["object"])
+    finally:
+        watch.stop()
+    pytest.fail(f"pod {ns}/{name} was not deleted within {timeout} s")
+
+
+def test_a_deleted_pod_checkpoints_on_the_kubelets_sigterm_and_its_replacement_resumes(
+    kube: Kube,
+    operator: OperatorProcess,
+    real_node: RealNode,
+    node_s3: S3Endpoint,
+    restricted_ns: str,
+    tiny_model_dir: Path,
+) -> None:
+    ns, steps = restricted_ns, RESUME_STEPS
+    # No periodic checkpoint: the one the replacement resumes from is the one SIGTERM made.
+    training = {"maxSteps": steps, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 1e-2,
+                "checkpointEverySteps": 1000, "evalEverySteps": 1000, "logEverySteps": 1}  # fmt: skip
+    bucket, _ = submit(kube, ns, node_s3, tiny_model_dir, "resume", training=training)
+    wait_for(
+        lambda: (kube.status(ns, "resume").get("progress") or {}).get("step", 0) >= 2,
+        180, lambda: f"the first pod's progress; status: {kube.status(ns, 'resume')}",
+    )  # fmt: skip
+    (first,) = kube.running_pods(ns, "resume")
+    grace = first["spec"]["terminationGracePeriodSeconds"]
+
+    kube.kubectl("delete", "pod", first["metadata"]["name"], "-n", ns, "--wait=false")
+    gone = last_state(kube, ns, first, timeout=grace)
+    terminated = gone["status"]["containerStatuses"][0]["state"]["terminated"]
+    # Exit 3, not the 137 of a SIGKILL at the end of the grace: the trainer stopped by itself, checkpoint saved.
+    assert terminated["exitCode"] == 3, terminated
+    message = json.loads(terminated["message"])
+    assert message["outcome"] == "preempted", message
+    step = message["checkpoint"]["step"]
+    assert 2 <= step < steps
+    assert f"out/checkpoints/step-{step}/COMPLETE" in node_s3.list_keys(bucket, "out/checkpoints/")
+
+    status = kube.wait_phase(ns, "Succeeded", "resume", reason="Succeeded", timeout=300)
+    (second,) = kube.pods(ns, "resume")
+    assert second["metadata"]["name"] != first["metadata"]["name"]
+    assert status["result"]["steps"] == steps
+    metrics = json.loads(node_s3.read(bucket, "out/metrics.json"))
+    assert metrics["resumed_from_step"] == step  # the replacement read the SIGTERM checkpoint, not step 0
+    assert metrics["loss_history"][0]["step"] <= step < metrics["loss_history"][-1]["step"] == steps
+    assert status["progress"]["resumedFromStep"] == step  # /progress of the replacement pod, as the operator saw it
+
+
+def test_a_memory_limit_too_small_ends_in_the_kernels_oom_kill_reported_with_advice(
+    kube: Kube,
+    operator: OperatorProcess,
+    real_node: RealNode,
+    node_s3: S3Endpoint,
+    restricted_ns: str,
+    tiny_model_dir: Path,
+) -> None:
+    ns = restricted_ns
+    # 128Mi is less than the trainer's Python and torch take to start: the memory cgroup's OOM killer ends it.
+    submit(
+        kube, ns, node_s3, tiny_model_dir, "small",
+        resources={"gpus": 0, "cpu": "1", "memory": "128Mi"}, runPolicy={"backoffLimit": 0},
+    )  # fmt: skip
+    status = kube.wait_phase(ns, "Failed", "small", timeout=180)
+    (pod,) = kube.pods(ns, "small")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137), terminated
+    assert status["reason"] == "OOMKilled", status
+    assert "raise resources.memory" in status["message"]
+
+
+def test_an_image_that_cannot_be_pulled_shows_in_status_at_once(
+    kube: Kube,
+    operator: OperatorProcess,
+    real_node: RealNode,
+    node_s3: S3Endpoint,
+    restricted_ns: str,
+    tiny_model_dir: Path,
+) -> None:
+    ns = restricted_ns
+    # A registry on a loopback port nothing listens on: the pull fails at once, without trying the network.
+    image = "127.0.0.1:9/kubetune/no-such-trainer:0"
+    submit(kube, ns, node_s3, tiny_model_dir, "wrong", image=image)
+
+    def stuck() -> dict[str, Any] | None:
+        status = kube.status(ns, "wrong")
+        return status if status.get("reason") in ("ErrImagePull", "ImagePullBackOff") else None
+
+    status = wait_for(stuck, 60, lambda: f"a pull error in status; status: {kube.status(ns, 'wrong')}")
+    assert status["phase"] == "Pending"  # not Failed: a registry credential or a pushed image may still fix it
+    assert image in status["message"], status
+    events = [e for e in kube.events(ns, "wrong") if e["reason"] in ("ErrImagePull", "ImagePullBackOff")]
+    assert events and events[0]["type"] == "Warning"

@@ -17,15 +17,18 @@ REQUEST_GAP_SECONDS = 0.05  # a client pausing this long has sent its request an
 
 
 class OutageProxy:
-    def __init__(self, upstream_url: str) -> None:
+    """`host`: the address it listens on, loopback unless clients in another network namespace must reach it (a
+    container's, through a veth pair: tests/images/containers.py)."""
+
+    def __init__(self, upstream_url: str, host: str = HOST) -> None:
         target = urlparse(upstream_url)
         self.upstream = (target.hostname or HOST, target.port or 80)
         self.down = False
         self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
         self.latency = 0.0  # seconds each request waits before it reaches the server
         self.refused = 0  # connections cut during outages
-        self._listener = socket.create_server((HOST, 0))
-        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
+        self._listener = socket.create_server((host, 0))
+        self.url = f"http://{host}:{self._listener.getsockname()[1]}"
         self._closed = False
         threading.Thread(target=self._accept, name="outage-proxy", daemon=True).start()
 
@@ -75,8 +78,8 @@ class OutageProxy:
 
 
 @contextmanager
-def outage_proxy(upstream_url: str) -> Iterator[OutageProxy]:
-    proxy = OutageProxy(upstream_url)
+def outage_proxy(upstream_url: str, host: str = HOST) -> Iterator[OutageProxy]:
+    proxy = OutageProxy(upstream_url, host)
     try:
         yield proxy
     finally:
