@@ -39,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     plane = ControlPlane(directory)
     try:
         plane.start(tie_to_parent=False)  # stays up after this command exits, until `down`
-        if args.node:
-            start_node(plane, args.node_image)
-    except (ControlPlaneError, NodeError) as error:
+    except ControlPlaneError as error:
         print(f"error: {error}", file=sys.stderr)
-        if (directory / STATE_FILE).exists():
-            down(directory)
         return 1
+    if args.node:
+        try:
+            start_node(plane, args.node_image)
+        except NodeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            down(directory)
+            return 1
     print(plane.admin_kubeconfig)
     return 0
 

@@ -1,5 +1,5 @@
 """A real node for the test control plane: kubelet, containerd (a second instance of Debian's, from docker.io), runc
-and the CNI bridge plugin, on a private bridge this harness creates and removes.
+and the CNI bridge plugin, on a private bridge this harness creates and removes, with CoreDNS as its cluster DNS.
 
 Pods on it run for real, from images imported into its containerd from the local docker (no registry): the trainer
 image, and a stand-in for the pause image (any image whose command sleeps forever). The node is tainted, so only
@@ -34,11 +34,20 @@ import psutil
 import yaml
 
 from kubetune_cli.local import free_port
-from tests.cluster.controlplane import Component, ControlPlane, read_versions, stop_pids, testbins_dir
+from tests.cluster.controlplane import (
+    KUBERNETES_SERVICE_IP,
+    Component,
+    ControlPlane,
+    read_versions,
+    stop_pids,
+    testbins_dir,
+)
+from tests.support.outage import OutageProxy
 
 REAL_NODE_TAINT = {"key": "kubetune.dev/real-node", "value": "true", "effect": "NoSchedule"}
 REAL_NODE_LABEL = "kubetune.dev/real-node"
 PAUSE_IMAGE = "kubetune.test/pause:1"
+CLUSTER_DOMAIN = "cluster.local"
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -53,12 +62,19 @@ def node_binaries() -> Path:
     return testbins_dir() / name
 
 
+def coredns_binary() -> Path:
+    """Where build.sh put CoreDNS for the pinned version."""
+    return testbins_dir() / f"coredns-{read_versions()['COREDNS_VERSION']}" / "bin" / "coredns"
+
+
 def node_problem() -> str | None:
     """Why a real node cannot run here, or None."""
     if os.geteuid() != 0:
         return "a real node needs root (a bridge, mounts, cgroups)"
     if not (node_binaries() / ".done").is_file():
         return f"{node_binaries()} is not built (bash tests/cluster/build.sh; runc needs libseccomp-dev, pkg-config)"
+    if not coredns_binary().is_file():
+        return f"{coredns_binary()} is not built (bash tests/cluster/build.sh)"
     for tool in (CONTAINERD, CTR, shutil.which("ip") or "ip"):
         if not Path(tool).exists():
             return f"{tool} is missing (apt-get install docker.io iproute2)"
@@ -85,6 +101,7 @@ class RealNode:
     made_cgroups: bool = False
     tie_to_parent: bool = True  # False: the node outlives the process that started it (`python -m tests.cluster up`)
     pids: list[int] = field(default_factory=list)  # of containerd and the kubelet, in start order
+    apiserver_proxy: OutageProxy | None = None  # a thread of the process that started the node
 
     def state(self) -> dict[str, Any]:
         """What `from_state` needs to stop this node from another process (`python -m tests.cluster down`)."""
@@ -129,14 +146,26 @@ class RealNode:
         self._ip("link", "add", self.bridge, "type", "bridge")
         self._ip("addr", "add", f"{self.address}/{self.subnet.prefixlen}", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
+        self._serve_the_apiserver_to_pods()
         self._start_containerd(bins)
         self._import(self._pause_image())
         _run(["docker", "rmi", PAUSE_IMAGE])  # made for this node only: its containerd holds it now
         for image in images:
             self._import(image)
+        self._start_cluster_dns()
         self._start_kubelet(bins)
         self._wait(lambda: self._ready(), "the node to be Ready")
         return self
+
+    def _serve_the_apiserver_to_pods(self) -> None:
+        """The kubelet gives every pod KUBERNETES_SERVICE_HOST/PORT, the `kubernetes` Service's ClusterIP and 443,
+        which no kube-proxy routes here, and the apiserver listens on loopback only. So that ClusterIP is an address
+        of the bridge (a pod's default route leads there), and a TCP proxy on it forwards to the apiserver, whose
+        serving certificate names that IP: the in-cluster configuration of a pod (the operator's) works unchanged,
+        and nothing listens beyond loopback and the bridge. One real node per machine at a time: the address and
+        port are fixed."""
+        self._ip("addr", "add", f"{KUBERNETES_SERVICE_IP}/32", "dev", self.bridge)
+        self.apiserver_proxy = OutageProxy(self.plane.server, host=KUBERNETES_SERVICE_IP, port=443)
 
     def _start_containerd(self, bins: Path) -> None:
         home = self.directory / "containerd"
@@ -198,6 +227,23 @@ state = "{home / "state"}"
         self._launch("containerd", [CONTAINERD, "--config", str(home / "config.toml")])
         self._wait(lambda: self._ctr("version").returncode == 0, "containerd to answer")
 
+    def _start_cluster_dns(self) -> None:
+        """CoreDNS on the bridge's address, port 53, answering for cluster.local from the apiserver (Services, and the
+        pods of a headless Service by hostname: a multi-node run's peers), and for nothing else: no upstream, so a
+        pod's lookup of any other name fails here rather than leaving this machine. No health or metrics port."""
+        corefile = self.directory / "Corefile"
+        corefile.write_text(
+            f"""{CLUSTER_DOMAIN}:53 {{
+    bind {self.address}
+    errors
+    kubernetes {CLUSTER_DOMAIN} {{
+        kubeconfig {self.plane.admin_kubeconfig}
+    }}
+}}
+"""
+        )
+        self._launch("coredns", [str(coredns_binary()), "-conf", str(corefile)])
+
     def _pause_image(self) -> str:
         """The sandbox image: the local Python base with a command that sleeps forever, as 65532."""
         base = "kubetune-base/python:3.11-bookworm"
@@ -244,6 +290,8 @@ state = "{home / "state"}"
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             "failSwapOn": False,
             "resolvConf": "/etc/resolv.conf",
+            "clusterDNS": [self.address],  # CoreDNS, _start_cluster_dns
+            "clusterDomain": CLUSTER_DOMAIN,
             "podLogsDir": str(self.directory / "pods"),
             "registerWithTaints": [REAL_NODE_TAINT],
             # A busy shared disk must not evict the test's pods.
@@ -265,6 +313,14 @@ state = "{home / "state"}"
                 f"--root-dir={self.directory / 'kubelet'}",
             ],
         )
+
+    def advertise_gpus(self, count: int, resource: str = "nvidia.com/gpu") -> None:
+        """Give the node `count` of `resource` in its capacity (an extended resource no device plugin backs), so
+        that pods asking for GPUs are scheduled and admitted here; they run on the CPU."""
+        patch = [{"op": "add", "path": f"/status/capacity/{resource.replace('/', '~1')}", "value": str(count)}]
+        self.plane.kubectl("patch", "node", self.name, "--subresource=status", "--type=json", "-p", json.dumps(patch))
+        self._wait(lambda: resource in ((self._node() or {}).get("status", {}).get("allocatable") or {}),
+                   f"{resource} in the node's allocatable")  # fmt: skip
 
     # ---- stop ----------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -291,6 +347,8 @@ state = "{home / "state"}"
                                 folder.rmdir()
                     with contextlib.suppress(OSError):
                         kubepods.rmdir()
+        if self.apiserver_proxy is not None:
+            self.apiserver_proxy.close()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
         self.plane.kubectl("delete", "node", self.name, "--ignore-not-found", check=False)
         # The imported trainer image, as containerd's content and unpacked snapshots, is ~12 GB: pytest keeps the

@@ -17,17 +17,18 @@ REQUEST_GAP_SECONDS = 0.05  # a client pausing this long has sent its request an
 
 
 class OutageProxy:
-    """`host`: the address it listens on, loopback unless clients in another network namespace must reach it (a
-    container's, through a veth pair: tests/images/containers.py)."""
+    """`host` and `port`: where it listens, loopback and a free port unless clients in another network namespace
+    must reach it (a container's, through a veth pair: tests/images/containers.py; a real node's pods:
+    tests/cluster/node.py)."""
 
-    def __init__(self, upstream_url: str, host: str = HOST) -> None:
+    def __init__(self, upstream_url: str, host: str = HOST, port: int = 0) -> None:
         target = urlparse(upstream_url)
         self.upstream = (target.hostname or HOST, target.port or 80)
         self.down = False
         self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
         self.latency = 0.0  # seconds each request waits before it reaches the server
         self.refused = 0  # connections cut during outages
-        self._listener = socket.create_server((host, 0))
+        self._listener = socket.create_server((host, port))
         self.url = f"http://{host}:{self._listener.getsockname()[1]}"
         self._closed = False
         threading.Thread(target=self._accept, name="outage-proxy", daemon=True).start()
