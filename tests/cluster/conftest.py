@@ -234,8 +234,16 @@ def helm(plane: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def install(plane: ControlPlane, release: str, namespace: str, *values: str, skip_crds: bool = False) -> Installation:
-    """`helm install` of charts/kubetune, then a token for its ServiceAccount from the TokenRequest API."""
+def install(
+    plane: ControlPlane,
+    release: str,
+    namespace: str,
+    *values: str,
+    skip_crds: bool = False,
+    string_values: tuple[str, ...] = (),
+) -> Installation:
+    """`helm install` of charts/kubetune (`values` as `--set`, `string_values` as `--set-string`: a label value such
+    as "true"), then a token for its ServiceAccount from the TokenRequest API."""
     repository, _, tag = TRAINER_IMAGE.rpartition(":")
     args = [
         "install",
@@ -251,6 +259,8 @@ def install(plane: ControlPlane, release: str, namespace: str, *values: str, ski
     ]
     for value in values:
         args += ["--set", value]
+    for value in string_values:
+        args += ["--set-string", value]
     if skip_crds:
         args.append("--skip-crds")
     result = helm(plane, *args)

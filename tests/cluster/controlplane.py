@@ -471,7 +471,10 @@ class ControlPlane:
                 "namespace-controller,serviceaccount-controller,endpointslice-controller,"
                 "pod-garbage-collector-controller,resourcequota-controller,"
                 # kube-root-ca.crt in every namespace: the CA of a ServiceAccount token the kubelet mounts in a pod.
-                "root-ca-certificate-publisher-controller",
+                "root-ca-certificate-publisher-controller,"
+                # The chart's Deployment gets its pod (the operator as a pod on the real node; elsewhere a KWOK pod
+                # that runs nothing, beside the operator the tests run as a process).
+                "deployment-controller,replicaset-controller",
                 "--concurrent-job-syncs=10",
             ],
             tie_to_parent,

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 900)
 
 DATASET = REPO_ROOT / "cli" / "kubetune_cli" / "data" / "support-instructions.jsonl"
 STEPS = 20
-RESUME_STEPS = 120  # long enough that the pod is deleted mid-run and the replacement has steps left
+RESUME_STEPS = 60  # long enough that the pod is deleted mid-run and the replacement has steps left
 
 
 @pytest.fixture(scope="module")
@@ -241,11 +241,12 @@ def test_the_operator_runs_as_a_pod_of_its_image_installed_by_helm(
     repository, _, tag = image_name("operator").rpartition(":")
     values = [
         f"image.repository={repository}", f"image.tag={tag}", "image.pullPolicy=Never",
-        "nodeSelector.kubetune\\.dev/real-node=true", f"tolerations[0].key={REAL_NODE_TAINT['key']}",
-        "tolerations[0].operator=Exists", f"tolerations[0].effect={REAL_NODE_TAINT['effect']}",
+        f"tolerations[0].key={REAL_NODE_TAINT['key']}", "tolerations[0].operator=Exists",
+        f"tolerations[0].effect={REAL_NODE_TAINT['effect']}",
         f"watchNamespaces={{{watched}}}",
     ]  # fmt: skip
-    installation = install(control_plane, release, namespace, *values, skip_crds=True)
+    selector = "nodeSelector." + REAL_NODE_LABEL.replace(".", "\\.") + "=true"  # helm: an escaped dot in a key
+    installation = install(control_plane, release, namespace, *values, skip_crds=True, string_values=(selector,))
     try:
 
         def ready_pod() -> dict[str, Any] | None:
