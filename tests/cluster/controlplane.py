@@ -476,6 +476,9 @@ class ControlPlane:
                 # that runs nothing, beside the operator the tests run as a process).
                 "deployment-controller,replicaset-controller",
                 "--concurrent-job-syncs=10",
+                # What the publisher writes as kube-root-ca.crt: without it, the CA data of the controller-manager's
+                # kubeconfig, empty when that names the CA by file (as here), and a pod's client then refuses to start.
+                f"--root-ca-file={self.ca}",
             ],
             tie_to_parent,
         )

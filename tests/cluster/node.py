@@ -82,13 +82,14 @@ def node_problem() -> str | None:
 
 
 def free_subnet() -> ipaddress.IPv4Network:
-    """A /24 in 10.244.0.0/16 that no interface of this machine uses (other sessions may have a node too)."""
+    """A /24 in 10.245.0.0/16 that no interface of this machine uses (other sessions may have a node too): not in
+    KWOK's 10.244.0.0/16, whose made-up pod IPs the operator polls too."""
     used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
     for third in range(0, 256):
-        subnet = ipaddress.IPv4Network(f"10.244.{third}.0/24")
+        subnet = ipaddress.IPv4Network(f"10.245.{third}.0/24")
         if f" {subnet[1]}/" not in used:
             return subnet
-    raise RuntimeError("no free /24 left in 10.244.0.0/16")
+    raise RuntimeError("no free /24 left in 10.245.0.0/16")
 
 
 @dataclass

@@ -75,6 +75,9 @@ class OutageProxy:
 
     def close(self) -> None:
         self._closed = True
+        # A close alone leaves the port bound while the accepting thread waits in accept(); a shutdown wakes it.
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
 
 
