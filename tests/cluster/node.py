@@ -161,7 +161,7 @@ class RealNode:
     def _serve_the_apiserver_to_pods(self) -> None:
         """The kubelet gives every pod KUBERNETES_SERVICE_HOST/PORT, the `kubernetes` Service's ClusterIP and 443,
         which no kube-proxy routes here, and the apiserver listens on loopback only. So that ClusterIP is an address
-        of the bridge (a pod's default route leads there), and a TCP proxy on it forwards to the apiserver, whose
+        of the bridge (pods get a route to it through the bridge, and no default route), and a TCP proxy on it forwards to the apiserver, whose
         serving certificate names that IP: the in-cluster configuration of a pod (the operator's) works unchanged,
         and nothing listens beyond loopback and the bridge. One real node per machine at a time: the address and
         port are fixed."""
@@ -186,6 +186,9 @@ class RealNode:
                             "ipam": {
                                 "type": "host-local",
                                 "ranges": [[{"subnet": str(self.subnet), "gateway": self.address}]],
+                                # No default route (nothing leaves this machine): the bridge's subnet, and the
+                                # `kubernetes` Service's address, which the bridge holds (_serve_the_apiserver_to_pods).
+                                "routes": [{"dst": f"{KUBERNETES_SERVICE_IP}/32"}],
                                 "dataDir": str(self.directory / "ipam"),
                             },
                         },
