@@ -51,6 +51,7 @@ CLUSTER_DOMAIN = "cluster.local"
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+NETNS_DIR = Path("/run/netns")  # where CNI names a pod's network namespace
 READY_TIMEOUT = 120.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # containerd adds none to an image
 
@@ -103,6 +104,7 @@ class RealNode:
     tie_to_parent: bool = True  # False: the node outlives the process that started it (`python -m tests.cluster up`)
     pids: list[int] = field(default_factory=list)  # of containerd and the kubelet, in start order
     apiserver_proxy: OutageProxy | None = None  # a thread of the process that started the node
+    started_at: float = field(default_factory=time.time)
 
     def state(self) -> dict[str, Any]:
         """What `from_state` needs to stop this node from another process (`python -m tests.cluster down`)."""
@@ -111,6 +113,7 @@ class RealNode:
             "directory": str(self.directory),
             "subnet": str(self.subnet),
             "madeCgroups": self.made_cgroups,
+            "startedAt": self.started_at,
             "pids": self.pids,
         }
 
@@ -122,6 +125,7 @@ class RealNode:
             name=state["name"],
             subnet=ipaddress.IPv4Network(state["subnet"]),
             made_cgroups=state["madeCgroups"],
+            started_at=state["startedAt"],
             tie_to_parent=False,
             pids=list(state["pids"]),
         )
@@ -161,10 +165,10 @@ class RealNode:
     def _serve_the_apiserver_to_pods(self) -> None:
         """The kubelet gives every pod KUBERNETES_SERVICE_HOST/PORT, the `kubernetes` Service's ClusterIP and 443,
         which no kube-proxy routes here, and the apiserver listens on loopback only. So that ClusterIP is an address
-        of the bridge (pods get a route to it through the bridge, and no default route), and a TCP proxy on it forwards to the apiserver, whose
-        serving certificate names that IP: the in-cluster configuration of a pod (the operator's) works unchanged,
-        and nothing listens beyond loopback and the bridge. One real node per machine at a time: the address and
-        port are fixed."""
+        of the bridge (pods get a route to it through the bridge, and no default route), and a TCP proxy on it
+        forwards to the apiserver, whose serving certificate names that IP: the in-cluster configuration of a pod
+        (the operator's) works unchanged, and nothing listens beyond loopback and the bridge. One real node per
+        machine at a time: the address and port are fixed."""
         self._ip("addr", "add", f"{KUBERNETES_SERVICE_IP}/32", "dev", self.bridge)
         self.apiserver_proxy = OutageProxy(self.plane.server, host=KUBERNETES_SERVICE_IP, port=443)
 
@@ -341,6 +345,9 @@ state = "{home / "state"}"
         psutil.wait_procs(self.processes(), timeout=10)
         for mount in reversed(self.mounts()):
             subprocess.run(["umount", "--lazy", mount], capture_output=True, check=False)
+        for netns in self.network_namespaces():  # CNI's, named outside the node's folder; each takes its pod's veth
+            subprocess.run(["umount", str(netns)], capture_output=True, check=False)
+            netns.unlink(missing_ok=True)
         if self.made_cgroups:
             for controller in CGROUP_ROOT.iterdir():
                 kubepods = controller / "kubepods"
@@ -361,7 +368,9 @@ state = "{home / "state"}"
             shutil.rmtree(folder, ignore_errors=True)
 
     def _delete_pods(self) -> None:
-        """Delete the pods bound to this node and wait until containerd runs no task of theirs."""
+        """Delete the pods bound to this node and wait until containerd runs no task of theirs. Cordoned first: a
+        Deployment's replacement pod would land here again, and containerd would end with its sandbox up."""
+        self.plane.kubectl("cordon", self.name, check=False)
         self.plane.kubectl(
             "delete", "pods", "--all-namespaces", f"--field-selector=spec.nodeName={self.name}", "--wait=false",
             check=False,
@@ -379,6 +388,21 @@ state = "{home / "state"}"
     def mounts(self) -> list[str]:
         with open("/proc/mounts") as table:
             return [line.split()[1] for line in table if line.split()[1].startswith(str(self.directory))]
+
+    def network_namespaces(self) -> list[Path]:
+        """The pod network namespaces (`/run/netns/cni-*`) made since this node started that no process uses: those a
+        sandbox left when it ended with containerd. Another node's, in use, are not touched."""
+        in_use = set()
+        for ns in Path("/proc").glob("[0-9]*/ns/net"):
+            with contextlib.suppress(OSError):
+                in_use.add(ns.stat().st_ino)
+        found = []
+        for netns in sorted(NETNS_DIR.glob("cni-*")):
+            with contextlib.suppress(OSError):
+                info = netns.stat()
+                if info.st_mtime >= self.started_at and info.st_ino not in in_use:
+                    found.append(netns)
+        return found
 
     def bridge_exists(self) -> bool:
         return subprocess.run(["ip", "link", "show", self.bridge], capture_output=True, check=False).returncode == 0

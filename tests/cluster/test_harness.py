@@ -127,5 +127,6 @@ def test_up_with_a_node_runs_pods_and_down_leaves_no_process_mount_cgroup_or_int
     assert not node.processes(), node.processes()  # no kubelet, containerd or shim
     assert not node.mounts(), node.mounts()
     assert not interfaces() - before, interfaces() - before
+    assert not node.network_namespaces(), node.network_namespaces()
     assert not (node.made_cgroups and Path("/sys/fs/cgroup/memory/kubepods").exists())
     assert not (tmp_path / STATE_FILE).exists() and not (tmp_path / NODE_STATE_FILE).exists()

@@ -54,6 +54,7 @@ def real_node(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFact
         assert not node.processes(), node.processes()
         assert not node.mounts(), node.mounts()
         assert not node.bridge_exists()
+        assert not node.network_namespaces(), node.network_namespaces()
         assert not (node.made_cgroups and Path("/sys/fs/cgroup/memory/kubepods").exists())
         files = [path for path in node.directory.rglob("*") if path.is_file() and not path.is_symlink()]
         left = sum(path.stat().st_size for path in files)
