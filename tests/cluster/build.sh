@@ -101,6 +101,12 @@ build_node() {
     "github.com/containernetworking/plugins/plugins/main/loopback@v${CNI_PLUGINS_VERSION}"
 }
 
+build_coredns() {
+  # Cluster DNS for the real node's pods (a multi-node run's peers find each other by name through the headless
+  # Service): CoreDNS with its default plugins, the kubernetes one among them.
+  GOBIN="$out/bin" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@v${COREDNS_VERSION}"
+}
+
 mkdir -p "$TESTBINS"
 done_or_build etcd "$ETCD_VERSION" build_etcd
 done_or_build kwok "$KWOK_VERSION" build_kwok
@@ -109,6 +115,7 @@ done_or_build kubernetes "$K8S_VERSION" build_kubernetes
 # runc needs cgo and libseccomp's headers: without them the real node is not built (its tests say so), the rest is.
 if pkg-config --exists libseccomp 2>/dev/null && command -v gcc >/dev/null 2>&1; then
   done_or_build node "$K8S_VERSION-runc$RUNC_VERSION-cni$CNI_PLUGINS_VERSION" build_node
+  done_or_build coredns "$COREDNS_VERSION" build_coredns
 else
   log "not building the real node: runc needs gcc, pkg-config and libseccomp-dev"
 fi

@@ -234,8 +234,16 @@ def helm(plane: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def install(plane: ControlPlane, release: str, namespace: str, *values: str, skip_crds: bool = False) -> Installation:
-    """`helm install` of charts/kubetune, then a token for its ServiceAccount from the TokenRequest API."""
+def install(
+    plane: ControlPlane,
+    release: str,
+    namespace: str,
+    *values: str,
+    skip_crds: bool = False,
+    string_values: tuple[str, ...] = (),
+) -> Installation:
+    """`helm install` of charts/kubetune (`values` as `--set`, `string_values` as `--set-string`: a label value such
+    as "true"), then a token for its ServiceAccount from the TokenRequest API."""
     repository, _, tag = TRAINER_IMAGE.rpartition(":")
     args = [
         "install",
@@ -251,6 +259,8 @@ def install(plane: ControlPlane, release: str, namespace: str, *values: str, ski
     ]
     for value in values:
         args += ["--set", value]
+    for value in string_values:
+        args += ["--set-string", value]
     if skip_crds:
         args.append("--skip-crds")
     result = helm(plane, *args)
@@ -373,6 +383,18 @@ def eight_gpu_queue(kube: Kube, ns: str) -> Iterator[str]:
     kube.plane.kubectl_apply([cluster_queue(ns, 8, namespace=ns), local_queue(ns, "eight", cluster_queue_name=ns)])
     yield "eight"
     kube.kubectl("delete", "clusterqueue", ns, "--wait=false")
+
+
+def require_node() -> None:
+    """Skip where a real node cannot run (tests/cluster/node.py says why), except in CI (CI=true): a failure there."""
+    from tests.cluster.node import node_problem
+
+    problem = node_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the real node, but {problem}")
+    pytest.skip(problem)
 
 
 def _has_default_service_account(kube: Kube, namespace: str) -> bool:

@@ -50,6 +50,9 @@ LOOPBACK_TAINT = {"key": "kubetune.dev/loopback", "value": "true", "effect": "No
 # The simulated kubelet cannot pull this image (tests/cluster/stages.yaml): its pods stay in ImagePullBackOff.
 IMAGE_THAT_CANNOT_BE_PULLED = "registry.invalid/kubetune/trainer:missing"
 
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP: the range's first address
+
 KUEUE_NAMESPACE = "kueue-system"
 CLUSTER_QUEUE = "gpu-cluster-queue"
 LOCAL_QUEUE = "gpu"
@@ -342,7 +345,9 @@ class ControlPlane:
     # ---- certificates and kubeconfigs --------------------------------------------------------------------
     def _write_pki(self) -> None:
         self._ca = pki.CertificateAuthority(self.directory / "pki")
-        hosts = ("127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
+        # KUBERNETES_SERVICE_IP: where the kubelet tells a real node's pods the apiserver is (tests/cluster/node.py).
+        hosts = ("127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                 KUBERNETES_SERVICE_IP)  # fmt: skip
         self._serving = self._ca.issue("serving", "kube-apiserver", hosts=hosts)
         self._sa = pki.service_account_keys(self.directory / "pki")
         admin = self._ca.issue("admin", "kubetune-test-admin", organization="system:masters")
@@ -351,6 +356,13 @@ class ControlPlane:
         self._component_kubeconfig = self.directory / "components.kubeconfig"
         components = self._ca.issue("components", "kubetune-test-components", organization="system:masters")
         self._write_kubeconfig(self._component_kubeconfig, user="components", cert=components.cert, key=components.key)
+        # What the apiserver shows a kubelet (logs, exec, port-forward): a real node trusts this CA's clients.
+        self._kubelet_client = self._ca.issue("kubelet-client", "kube-apiserver-kubelet-client")
+
+    def kubelet_serving_certificate(self, node: str, address: str) -> pki.KeyPair:
+        """A serving certificate for a real node's kubelet at `address`, from the CA the apiserver checks kubelets
+        against (`--kubelet-certificate-authority`)."""
+        return self._ca.issue(f"kubelet-{node}", f"system:node:{node}", organization="system:nodes", hosts=(address,))
 
     def _write_kubeconfig(self, path: Path, **kwargs: Any) -> None:
         path.write_text(yaml.safe_dump(kubeconfig(f"https://127.0.0.1:{self.ports['apiserver']}", self.ca, **kwargs)))
@@ -410,7 +422,14 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={self._sa.cert}",
                 f"--service-account-signing-key-file={self._sa.key}",
-                "--service-cluster-ip-range=10.96.0.0/16",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                # `kubectl logs` on a real node (tests/cluster/node.py): the apiserver calls its kubelet at the node's
+                # InternalIP (the node's name resolves nowhere), checks its serving certificate against the test CA
+                # and shows a client certificate of that CA. KWOK's nodes serve no kubelet API.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={self.ca}",
+                f"--kubelet-client-certificate={self._kubelet_client.cert}",
+                f"--kubelet-client-key={self._kubelet_client.key}",
                 # No kubelets to reach and a loopback address the `kubernetes` Service may not point at.
                 "--endpoint-reconciler-type=none",
                 f"--audit-policy-file={audit_policy}",
@@ -450,8 +469,16 @@ class ControlPlane:
                 # ServiceAccount every pod needs, and EndpointSlices for the multi-node headless Service.
                 "--controllers=job-controller,garbage-collector-controller,ttl-after-finished-controller,"
                 "namespace-controller,serviceaccount-controller,endpointslice-controller,"
-                "pod-garbage-collector-controller,resourcequota-controller",
+                "pod-garbage-collector-controller,resourcequota-controller,"
+                # kube-root-ca.crt in every namespace: the CA of a ServiceAccount token the kubelet mounts in a pod.
+                "root-ca-certificate-publisher-controller,"
+                # The chart's Deployment gets its pod (the operator as a pod on the real node; elsewhere a KWOK pod
+                # that runs nothing, beside the operator the tests run as a process).
+                "deployment-controller,replicaset-controller",
                 "--concurrent-job-syncs=10",
+                # What the publisher writes as kube-root-ca.crt: without it, the CA data of the controller-manager's
+                # kubeconfig, empty when that names the CA by file (as here), and a pod's client then refuses to start.
+                f"--root-ca-file={self.ca}",
             ],
             tie_to_parent,
         )

@@ -7,10 +7,14 @@ what the operator really asks of it, not a hand-made copy.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,3 +164,55 @@ def docker_run_args(
     command = [expand(word) for word in container["command"]]
     args += ["--entrypoint", command[0], container["image"], *command[1:], *map(expand, container.get("args", []))]
     return args, termination_log
+
+
+@dataclass(frozen=True)
+class PrivateNetwork:
+    """A network namespace of its own, as a pod's sandbox has: `docker run --network container:<sandbox>` joins it.
+    Its only link is a veth pair to this machine, `host_address` on this side: what listens in it (the trainer's
+    0.0.0.0:9400) is reachable from nowhere else, and it reaches only what listens on `host_address`."""
+
+    sandbox: str
+    host_address: str
+
+    @property
+    def docker_option(self) -> str:
+        return f"--network=container:{self.sandbox}"
+
+
+@contextmanager
+def private_network(image: str) -> Iterator[PrivateNetwork]:
+    """A sandbox container (`image` sleeping, with no network) whose namespace gets one veth pair to this machine, on
+    a /24 no interface here uses; removed, with the pair, on exit. Docker's own bridge is off on these machines
+    (`dockerd --bridge=none`), and a private namespace must not be routed beyond this machine."""
+    from tests.cluster.node import free_subnet
+
+    sandbox, suffix = f"kubetune-net-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex[:6]
+    outer, inner = f"ktn{suffix}", f"ktp{suffix}"
+    subnet = free_subnet()
+    host, guest = f"{subnet[1]}/{subnet.prefixlen}", f"{subnet[2]}/{subnet.prefixlen}"
+    try:
+        _checked(["docker", "run", "--detach", "--rm", "--name", sandbox, "--network", "none", "--read-only",
+                  "--user", "65532:65532", "--entrypoint", "sleep", image, "infinity"])  # fmt: skip
+        pid = _checked(["docker", "inspect", "--format", "{{.State.Pid}}", sandbox]).strip()
+        _checked(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner])
+        _checked(["ip", "link", "set", inner, "netns", pid])
+        for command in (
+            ["addr", "add", guest, "dev", inner],
+            ["link", "set", inner, "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            _checked(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", *command])
+        _checked(["ip", "addr", "add", host, "dev", outer])
+        _checked(["ip", "link", "set", outer, "up"])
+        yield PrivateNetwork(sandbox, str(ipaddress.ip_interface(host).ip))
+    finally:
+        subprocess.run(["docker", "rm", "--force", sandbox], capture_output=True, timeout=120, check=False)
+        with suppress(subprocess.SubprocessError):  # gone with the sandbox's namespace, unless that never came
+            subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=30, check=False)
+
+
+def _checked(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(argv)} failed: {result.stderr.strip()}"
+    return result.stdout

@@ -1,6 +1,7 @@
 """The two images, run as the cluster runs them: read-only root filesystem, UID 65532, and the trainer with exactly
 the pod the Job builder writes, fine-tuning the tiny model from S3 to S3 (SeaweedFS on the host's loopback, reached
-with `--network host`), its exit code and termination message read as the operator reads them."""
+through a proxy on the host's end of a veth pair into the container's private network namespace, so the trainer's
+0.0.0.0:9400 listens there only), its exit code and termination message read as the operator reads them."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from kubetune_operator.builders import build_trainer_configmap, build_trainer_jo
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import Ending, parse_termination_message, trainer_ending
 from kubetune_trainer.contract import EXIT_INVALID_INPUT, EXIT_OK
-from tests.images.containers import BUILD_TIMEOUT_SECONDS, REPO_ROOT, Volumes, docker_run_args
+from tests.images.containers import (
+    BUILD_TIMEOUT_SECONDS,
+    REPO_ROOT,
+    PrivateNetwork,
+    Volumes,
+    docker_run_args,
+    private_network,
+)
 from tests.objects import finetunejob
+from tests.support.outage import outage_proxy
 from tests.support.s3 import S3Endpoint
 
 # The first test of a session may build the images (build.sh; seconds when they are current).
@@ -106,7 +115,15 @@ def test_trainer_image_has_the_cuda_builds(images: dict[str, str]) -> None:
 def fine_tune_in_the_image(
     image: str, s3: S3Endpoint, bucket: str, tmp_path: Path, *, train: str
 ) -> tuple[subprocess.CompletedProcess[str], Ending]:
-    """Run the trainer as the Job builder's pod would, and read its end as the operator does."""
+    """Run the trainer as the Job builder's pod would, in a network namespace of its own (a pod's), and read its
+    end as the operator does."""
+    with private_network(image) as network, outage_proxy(s3.url, host=network.host_address) as s3_proxy:
+        return _fine_tune(image, s3, s3_proxy.url, network, bucket, tmp_path, train=train)
+
+
+def _fine_tune(
+    image: str, s3: S3Endpoint, endpoint: str, network: PrivateNetwork, bucket: str, tmp_path: Path, *, train: str
+) -> tuple[subprocess.CompletedProcess[str], Ending]:
     job = finetunejob(
         bucket,
         spec={
@@ -115,7 +132,7 @@ def fine_tune_in_the_image(
             "training": {"maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 1e-2},
             "output": {"destination": f"s3://{bucket}/out/"},
             "resources": {"gpus": 0},
-            "storage": {"endpoint": s3.url, "credentialsSecretRef": {"name": CREDENTIALS_SECRET}},
+            "storage": {"endpoint": endpoint, "credentialsSecretRef": {"name": CREDENTIALS_SECRET}},
         },
     )
     settings = Settings(trainer_image=image)
@@ -127,7 +144,7 @@ def fine_tune_in_the_image(
         secrets={CREDENTIALS_SECRET: {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}},
         volumes=Volumes(tmp_path),
     )
-    result = run_container("--network", "host", *args)
+    result = run_container(network.docker_option, *args)
     message = parse_termination_message(termination_log.read_text())
     return result, trainer_ending(message, result.returncode, result.stdout + result.stderr)
 

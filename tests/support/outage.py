@@ -17,15 +17,19 @@ REQUEST_GAP_SECONDS = 0.05  # a client pausing this long has sent its request an
 
 
 class OutageProxy:
-    def __init__(self, upstream_url: str) -> None:
+    """`host` and `port`: where it listens, loopback and a free port unless clients in another network namespace
+    must reach it (a container's, through a veth pair: tests/images/containers.py; a real node's pods:
+    tests/cluster/node.py)."""
+
+    def __init__(self, upstream_url: str, host: str = HOST, port: int = 0) -> None:
         target = urlparse(upstream_url)
         self.upstream = (target.hostname or HOST, target.port or 80)
         self.down = False
         self.bytes_per_second: float | None = None  # throttle answers (a slow link), None: full speed
         self.latency = 0.0  # seconds each request waits before it reaches the server
         self.refused = 0  # connections cut during outages
-        self._listener = socket.create_server((HOST, 0))
-        self.url = f"http://{HOST}:{self._listener.getsockname()[1]}"
+        self._listener = socket.create_server((host, port))
+        self.url = f"http://{host}:{self._listener.getsockname()[1]}"
         self._closed = False
         threading.Thread(target=self._accept, name="outage-proxy", daemon=True).start()
 
@@ -71,12 +75,15 @@ class OutageProxy:
 
     def close(self) -> None:
         self._closed = True
+        # A close alone leaves the port bound while the accepting thread waits in accept(); a shutdown wakes it.
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
 
 
 @contextmanager
-def outage_proxy(upstream_url: str) -> Iterator[OutageProxy]:
-    proxy = OutageProxy(upstream_url)
+def outage_proxy(upstream_url: str, host: str = HOST) -> Iterator[OutageProxy]:
+    proxy = OutageProxy(upstream_url, host)
     try:
         yield proxy
     finally:
