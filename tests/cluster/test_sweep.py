@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from kubetune_cli.tiny import write_tiny_model
 from kubetune_operator.api import parse_finetunesweep
 from kubetune_operator.search import Search, TrialRecord
 from kubetune_operator.sweep import ANNOTATION_PARAMETERS, ANNOTATION_PRUNED, LABEL_SWEEP, trial_record
 from kubetune_trainer.contract import EXIT_OK, EXIT_PREEMPTED, Result, TerminationMessage
-from kubetune_trainer.tiny import write_tiny_model
 from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 from tests.cluster.controlplane import LOOPBACK_NODE, LOOPBACK_TAINT
 from tests.cluster.test_progress import DATASET, trainer_process

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_trainer.tiny import write_tiny_model
+from kubetune_cli.tiny import write_tiny_model
 from tests.e2e.test_local import DATA, kubetune
 
 pytestmark = pytest.mark.slow
