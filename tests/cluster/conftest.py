@@ -38,6 +38,7 @@ from tests.cluster.controlplane import (
 )
 from tests.objects import finetunejob_body
 from tests.support import waiting
+from tests.support.availability import require
 
 T = TypeVar("T")
 GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
@@ -389,12 +390,7 @@ def require_node() -> None:
     """Skip where a real node cannot run (tests/cluster/node.py says why), except in CI (CI=true): a failure there."""
     from tests.cluster.node import node_problem
 
-    problem = node_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the real node, but {problem}")
-    pytest.skip(problem)
+    require(node_problem(), "the real node")
 
 
 def _has_default_service_account(kube: Kube, namespace: str) -> bool:

@@ -8,7 +8,6 @@ what the operator really asks of it, not a hand-made copy.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.availability import require
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "images" / "build.sh"
@@ -50,12 +49,11 @@ def docker_problem() -> str | None:
 
 def require_docker() -> None:
     """Skip when docker is unavailable, except in CI (CI=true), where a missing docker is a failure."""
-    problem = docker_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run the image tests, but {problem} (.ci/setup --with-cluster starts dockerd)")
-    pytest.skip(f"{problem}; bash tests/images/build.sh --install --start-dockerd sets it up")
+    require(
+        docker_problem(),
+        "the image tests",
+        ".ci/setup --with-cluster, or bash tests/images/build.sh --install --start-dockerd, sets it up",
+    )
 
 
 def build_images() -> None:
