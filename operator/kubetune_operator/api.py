@@ -65,6 +65,9 @@ IMMUTABLE_SECTIONS = (
     "tracking",  # read by the trainer at its start: an edit would reach only a restarted attempt
     "serviceAccountName",  # in the Job's pod template, which Kubernetes does not let change
 )
+# Of spec.scheduling (whose nodeSelector, tolerations and affinity reach a Job that has not started): the pods'
+# priority class cannot change on an existing Job, and a Job's Kueue queue is fixed when its Workload is made.
+SCHEDULING_IMMUTABLE = ("priorityClassName", "queueName")
 
 
 def _is_quantity(text: str) -> str:
@@ -233,7 +236,9 @@ class Toleration(ApiModel):
 
 
 class Scheduling(ApiModel):
-    """Where the trainer pods may run. May change while a run is suspended or queued."""
+    """Where the trainer pods may run. nodeSelector, tolerations and affinity may change: they reach the Job while it
+    is suspended or queued and has not started; an edit made while the run trains waits until it is suspended
+    (status.observedGeneration stays behind until then). priorityClassName and queueName are immutable."""
 
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Taints tolerated.")
@@ -243,13 +248,13 @@ class Scheduling(ApiModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str | None = Field(
-        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods."
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods. Immutable."
     )
     queue_name: str | None = Field(
         default=None,
         max_length=63,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Kueue LocalQueue: the Job is created suspended and Kueue admits it when quota allows.",
+        description="Kueue LocalQueue: the Job is created suspended and Kueue admits it when quota allows. Immutable.",
     )
 
 

@@ -15,7 +15,14 @@ import yaml
 from pydantic.json_schema import GenerateJsonSchema
 
 from kubetune_operator import API_GROUP, API_VERSION, KIND, PLURAL, SWEEP_KIND, SWEEP_PLURAL
-from kubetune_operator.api import IMMUTABLE_SECTIONS, MAX_NAME_LENGTH, MAX_SWEEP_NAME_LENGTH, FineTuneJob, FineTuneSweep
+from kubetune_operator.api import (
+    IMMUTABLE_SECTIONS,
+    MAX_NAME_LENGTH,
+    MAX_SWEEP_NAME_LENGTH,
+    SCHEDULING_IMMUTABLE,
+    FineTuneJob,
+    FineTuneSweep,
+)
 
 _DROPPED_KEYS = {"title", "additionalProperties", "discriminator"}
 _ROOT_DESCRIPTION = (
@@ -125,6 +132,15 @@ def _immutable(section: str) -> dict[str, str]:
     return {"rule": "self == oldSelf", "message": f"spec.{section} is immutable: create a new FineTuneJob instead"}
 
 
+def _immutable_field(field: str, parent: str) -> dict[str, str]:
+    """The rule, on `parent`, keeping its optional scalar `field` as it was (a rule on the field alone would not
+    see it set or unset)."""
+    return {
+        "rule": f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
+        "message": f"{parent}.{field} is immutable: create a new FineTuneJob instead",
+    }
+
+
 def _object_schema(model: type[Any], kind: str, description: str) -> dict[str, Any]:
     """The structural openAPIV3Schema of one of the API's kinds, before its kind's own rules."""
     raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
@@ -153,15 +169,13 @@ def openapi_schema() -> dict[str, Any]:
     spec = properties["spec"]
     for section in IMMUTABLE_SECTIONS:
         if section in ("image", "serviceAccountName"):  # optional scalars: a rule on one alone misses set/unset
-            spec.setdefault("x-kubernetes-validations", []).append(
-                {
-                    "rule": f"has(self.{section}) == has(oldSelf.{section})"
-                    f" && (!has(self.{section}) || self.{section} == oldSelf.{section})",
-                    "message": f"spec.{section} is immutable: create a new FineTuneJob instead",
-                }
-            )
+            spec.setdefault("x-kubernetes-validations", []).append(_immutable_field(section, "spec"))
             continue
         spec["properties"][section].setdefault("x-kubernetes-validations", []).append(_immutable(section))
+    # A Job's pods keep their priority class, and Kueue's Workload its queue: neither can follow an edit.
+    scheduling = spec["properties"]["scheduling"]
+    for field in SCHEDULING_IMMUTABLE:
+        scheduling.setdefault("x-kubernetes-validations", []).append(_immutable_field(field, "spec.scheduling"))
     return schema
 
 

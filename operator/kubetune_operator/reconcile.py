@@ -59,6 +59,7 @@ from kubetune_operator.metrics import Metrics
 from kubetune_operator.progress import ProgressFollower, ProgressPoller, trainer_endpoint, url_of
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import (
+    SCHEDULING_WAITS,
     compute_status,
     failed_status,
     is_finished,
@@ -277,8 +278,10 @@ class Reconciler:
             observed = await self._update_job(body, job, observed, previous)
         self._reschedule.discard(key)
         workload = await self._follow_kueue(job, observed, previous)
-        status = compute_status(job, observed, self.cache.pods(namespace, name), previous, self.clock(), workload)
-        await self._publish(body, self.progress.with_progress(key, status, job.metadata.generation))
+        waiting = self._scheduling_waits(job, observed, previous)
+        pods = self.cache.pods(namespace, name)
+        status = compute_status(job, observed, pods, previous, self.clock(), workload, waiting=waiting)
+        await self._publish(body, self.progress.with_progress(key, status, status["observedGeneration"]))
         self._follow_phase(key, status, job)
 
     async def _parse(self, body: Body) -> FineTuneJob:
@@ -310,8 +313,9 @@ class Reconciler:
         if is_finished(previous):
             return observed
         namespace, child = observed["metadata"]["namespace"], job_name(job)
-        if (namespace, body["metadata"]["name"]) in self._reschedule:
-            await self._apply_scheduling(body, job, observed)
+        edited = (namespace, body["metadata"]["name"]) in self._reschedule
+        if edited or previous.get("observedGeneration") != job.metadata.generation:  # a change not yet in effect
+            observed = await self._apply_scheduling(body, job, observed, edited)
         for patch in (suspend_patch(job, observed), run_policy_patch(job, observed)):
             if patch is not None:
                 observed = await self.kube.patch(JOBS, namespace, child, patch)
@@ -443,22 +447,29 @@ class Reconciler:
         self._deferred.pop(key, None)
         self.enqueue(*key)
 
-    async def _apply_scheduling(self, body: Body, job: FineTuneJob, observed: Body) -> None:
-        """Apply changed spec.scheduling to a Job that has not started (suspended or queued)."""
-        namespace = body["metadata"]["namespace"]
-        template = observed["spec"]["template"]["spec"]
-        if template.get("priorityClassName") != job.spec.scheduling.priority_class_name:
-            self.kube.event(body, "Warning", "SchedulingNotApplied", "scheduling.priorityClassName cannot change "
-                            "on an existing Job; delete and recreate the FineTuneJob to change it")  # fmt: skip
+    async def _apply_scheduling(self, body: Body, job: FineTuneJob, observed: Body, edited: bool) -> Body:
+        """Bring the Job's pod template to spec.scheduling where Kubernetes lets it change: while the Job is
+        suspended and has not started (suspending a Job clears its startTime). An edit made while it trains waits
+        for a suspend (`_scheduling_waits` keeps observedGeneration behind); `edited`: the edit was just seen, so
+        it is worth an Event."""
         patch = scheduling_patch(job, self.settings)
         if not _would_change(observed, patch):
-            return
+            return observed
         if observed["spec"].get("suspend") and not observed.get("status", {}).get("startTime"):
-            self.cache.store_job(await self.kube.patch(JOBS, namespace, job_name(job), patch))
+            observed = await self.kube.patch(JOBS, observed["metadata"]["namespace"], job_name(job), patch)
+            self.cache.store_job(observed)
             self.kube.event(body, "Normal", "Rescheduled", "applied spec.scheduling to the suspended Job")
-        else:
-            self.kube.event(body, "Warning", "SchedulingNotApplied", "spec.scheduling changes reach the Job only "
-                            "while it is suspended or queued; suspend the run to apply them")  # fmt: skip
+        elif edited:
+            self.kube.event(body, "Warning", "SchedulingWaits", SCHEDULING_WAITS)
+        return observed
+
+    def _scheduling_waits(self, job: FineTuneJob, observed: Body | None, previous: Body) -> bool:
+        """True while an unfinished run's Job has not taken spec.scheduling (the run trains)."""
+        if observed is None or is_finished(previous) or not owned_by(observed, job.metadata.uid or ""):
+            return False
+        if previous.get("observedGeneration") == job.metadata.generation:
+            return False  # in effect already: nothing to compare
+        return _would_change(observed, scheduling_patch(job, self.settings))
 
     # -- work beside the syncs: progress polls (progress.py) and expiry --------------------------------------------
 

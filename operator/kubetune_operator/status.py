@@ -242,6 +242,12 @@ def running_nodes(pods: list[dict[str, Any]]) -> int:
     return len({node_index(pod) for pod in _running(pods)})
 
 
+SCHEDULING_WAITS = (
+    "the spec.scheduling edit waits: a started Job's pods cannot move, so it takes effect once the run is "
+    "suspended (spec.runPolicy.suspend: true)"
+)
+
+
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
@@ -462,20 +468,24 @@ def compute_status(
     now: datetime,
     workload: dict[str, Any] | None = None,
     refused: str | None = None,
+    waiting: bool = False,
 ) -> dict[str, Any]:
     """The whole FineTuneJob status (wire names) for what runs now; `workload` is Kueue's Workload for the Job
     when the run is queued (it says why Kueue has not admitted it); `refused` is why the API server refused to
-    create the Job that does not exist (Pending, reason CreateRefused)."""
+    create the Job that does not exist (Pending, reason CreateRefused); `waiting`: a spec.scheduling edit has not
+    reached the started Job, so observedGeneration stays at the generation in effect and the message says so."""
     previous = previous_status or {}
     pods = _own_pods(observed_job, pods)
     verdict = _storage_retry(_verdict(job, observed_job, pods, previous, workload, refused), previous)
+    generation = previous.get("observedGeneration") if waiting else job.metadata.generation
+    message = _short(f"{verdict.message}; {SCHEDULING_WAITS}") if waiting else verdict.message
     status: dict[str, Any] = {
         "phase": verdict.phase,
         "reason": verdict.reason,
-        "message": verdict.message,
-        "observedGeneration": job.metadata.generation,
+        "message": message,
+        "observedGeneration": generation,
         "jobName": job_name(job),
-        "conditions": _conditions(verdict, previous, job.metadata.generation, now),
+        "conditions": _conditions(verdict, previous, generation, now),
         "attempts": _attempts(observed_job, pods, previous),
     }
     if job.spec.resources.nodes > 1 and verdict.phase == "Running":

@@ -30,6 +30,7 @@ from tests.support.catalog import (
     SWEEP_BAD,
     UNSERVED,
     WRITTEN,
+    changed,
     with_changes,
 )
 
@@ -96,7 +97,7 @@ def test_training_fields_are_immutable(kube: Kube, namespace: str, created: str,
     # A merge patch: an update with no resourceVersion to conflict on, through the same transition rules.
     with pytest.raises(kubernetes.client.ApiException) as refused:
         kube.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, created, {"spec": {section: value}}, dry_run="All"
+            GROUP, VERSION, namespace, PLURAL, created, changed({}, (f"spec.{section}", value)), dry_run="All"
         )
     assert refused.value.status == 422
     assert f"spec.{section} is immutable: create a new FineTuneJob instead" in str(refused.value.body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import kubernetes
 import pytest
 
 from kubetune_trainer.contract import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_PREEMPTED
@@ -221,6 +222,36 @@ def test_scheduling_changes_reach_a_suspended_job_that_has_not_started(kube: Kub
              == "gpu-node-2", 30, "the Job's template to take the new nodeSelector")  # fmt: skip
     kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
     assert kube.wait_running_pod(ns)["spec"]["nodeName"] == "gpu-node-2"
+
+
+def test_a_scheduling_edit_waits_while_the_run_trains_and_lands_once_it_is_suspended(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    first = kube.wait_running_pod(ns)
+    kube.wait_phase(ns, "Running", reason="TrainerRunning")
+    in_effect = kube.status(ns)["observedGeneration"]
+    elsewhere = "gpu-node-2" if first["spec"]["nodeName"] != "gpu-node-2" else "gpu-node-1"
+    kube.patch_spec(ns, {"scheduling": {"nodeSelector": {"kubernetes.io/hostname": elsewhere}}})
+    wait_for(lambda: "spec.scheduling edit waits" in kube.status(ns)["message"], 30, "the message to say it waits")
+    assert kube.status(ns)["observedGeneration"] == in_effect, "an edit that has not taken effect is not observed"
+    assert kube.job(ns)["spec"]["template"]["spec"].get("nodeSelector", {}).get("kubernetes.io/hostname") != elsewhere
+    assert any(e["reason"] == "SchedulingWaits" for e in kube.events(ns))
+
+    suspended = kube.patch_spec(ns, {"runPolicy": {"suspend": True}})["metadata"]["generation"]
+    wait_for(lambda: kube.job(ns)["spec"]["template"]["spec"].get("nodeSelector") == {"kubernetes.io/hostname":
+             elsewhere}, 60, lambda: f"the suspended Job to take the edit; Job: {kube.job(ns)}")  # fmt: skip
+    wait_for(lambda: kube.status(ns)["observedGeneration"] == suspended, 30, "observedGeneration to catch up")
+    assert "waits" not in kube.status(ns)["message"]
+    kube.patch_spec(ns, {"runPolicy": {"suspend": False}})
+    assert kube.wait_running_pod(ns, exclude={first["metadata"]["name"]})["spec"]["nodeName"] == elsewhere
+
+
+def test_priority_class_and_queue_cannot_change(kube: Kube, ns: str) -> None:
+    kube.apply(ns)
+    for field, value in (("priorityClassName", "training-high"), ("queueName", "gpu-queue")):
+        with pytest.raises(kubernetes.client.ApiException) as refused:
+            kube.patch_spec(ns, {"scheduling": {field: value}})
+        assert refused.value.status == 422
+        assert f"spec.scheduling.{field} is immutable: create a new FineTuneJob instead" in str(refused.value.body)
 
 
 def test_edits_to_the_retry_limit_and_the_deadline_reach_the_running_job(kube: Kube, ns: str) -> None:

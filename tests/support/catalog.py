@@ -354,6 +354,8 @@ IMMUTABLE_CHANGES: list[tuple[str, Any]] = [
     ("pod", {"labels": {"team": "other"}}),
     ("tracking", {"mlflow": {"trackingUri": "http://mlflow.example:5000"}}),
     ("serviceAccountName", "s3-reader"),
+    ("scheduling.priorityClassName", "training-high"),
+    ("scheduling.queueName", "gpu-queue"),
 ]
 
 # An update the apiserver must accept: what a user may change on a running FineTuneJob.
