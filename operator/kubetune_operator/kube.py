@@ -2,8 +2,8 @@
 
 One client is made at startup (kept in Kopf's `memo`) and closed at cleanup. Calls go through the official
 client's connection pool in worker threads (`asyncio.to_thread`) and return plain dicts exactly as the API
-serves them (camelCase), so the pure layers never see client models. Events are posted through Kopf's
-own queue (batched, with Kopf's credentials).
+serves them (camelCase), so the pure layers never see client models. Events are posted in the background,
+each on its own (`Kube.event`), so none waits for another.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-import kopf
 import kubernetes
 import urllib3
 
@@ -26,6 +28,12 @@ from kubetune_operator.settings import API_CONCURRENCY
 
 MERGE_PATCH = "application/merge-patch+json"
 USER_AGENT = "kubetune-operator"  # audit logs (and the tests' RBAC check) tell the operator's calls by it
+COMPONENT = "kubetune-operator"  # an Event's source (`kubectl describe`'s From column)
+EVENT_MESSAGE_MAX = 1024
+EVENT_RETRY_SECONDS = (1.0, 2.0, 4.0)  # an Event the API server could not take is tried again after these
+NAMESPACE_TERMINATING = "because it is being terminated"
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -78,6 +86,7 @@ JOBS = Resource("batch", "v1", "jobs")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 PODS = Resource("", "v1", "pods")
 SERVICES = Resource("", "v1", "services")
+EVENTS = Resource("", "v1", "events")
 KUEUE_GROUP = "kueue.x-k8s.io"
 
 
@@ -125,6 +134,7 @@ class Kube:
         self._client.configuration.connection_pool_maxsize = concurrency
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kubetune-api")
         self._closed = False
+        self._events: set[asyncio.Task[None]] = set()
 
     @classmethod
     def connect(cls, concurrency: int = API_CONCURRENCY) -> Kube:
@@ -141,8 +151,11 @@ class Kube:
         return cls(api_client, concurrency)
 
     def close(self) -> None:
-        """Refuse new calls; let calls in flight finish (Kopf may stop daemons after its cleanup)."""
+        """Refuse new calls; let calls in flight finish (Kopf may stop daemons after its cleanup). Events not yet
+        posted are dropped."""
         self._closed = True
+        for task in self._events:
+            task.cancel()
         self._executor.shutdown(wait=False)
 
     def _request_sync(
@@ -229,7 +242,65 @@ class Kube:
             if error.status != 404:
                 raise
 
-    @staticmethod
-    def event(obj: Body, type: str, reason: str, message: str) -> None:
-        """A Kubernetes Event on `obj` (what `kubectl describe` lists), queued to Kopf's poster."""
-        kopf.event(obj, type=type, reason=reason, message=message)
+    def event(self, obj: Body, type: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on `obj` (what `kubectl describe` lists), posted in the background: it never holds up
+        a sync or another Event. Events are best effort, in Kubernetes as here: one is dropped at once when its
+        namespace is being deleted or gone, and after EVENT_RETRY_SECONDS when the API server keeps refusing it.
+        (Kopf's poster posts one Event at a time, retrying each for about a minute: a deleted namespace's Events
+        held back every other namespace's.)"""
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._post_event(event_body(obj, type, reason, message)))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _post_event(self, body: Body) -> None:
+        namespace = body["metadata"]["namespace"]
+        for delay in (*EVENT_RETRY_SECONDS, None):
+            try:
+                await self._request("POST", EVENTS.path(namespace), body)
+                return
+            except ApiError as error:
+                if error.status == 404 or NAMESPACE_TERMINATING in error.message or self._closed:
+                    return  # the namespace goes, and its Events with it
+                if error.status < 500 and error.status != 429:
+                    logger.warning("event %s on %s/%s refused: %s", body["reason"], namespace,
+                                   body["involvedObject"]["name"], error)  # fmt: skip
+                    return
+                problem: Exception = error
+            except ApiUnreachable as error:
+                problem = error
+            if delay is None:
+                logger.warning("event %s on %s/%s dropped: %s", body["reason"], namespace,
+                               body["involvedObject"]["name"], problem)  # fmt: skip
+                return
+            await asyncio.sleep(delay)
+
+
+def event_body(obj: Body, type: str, reason: str, message: str) -> Body:
+    """A core/v1 Event about `obj`, as `kubectl describe` shows it."""
+    meta = obj["metadata"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if len(message) > EVENT_MESSAGE_MAX:
+        message = message[: EVENT_MESSAGE_MAX - 3] + "..."
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"namespace": meta["namespace"], "generateName": f"{meta['name']}."},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": type,
+        "reason": reason,
+        "message": message,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": os.environ.get("HOSTNAME", COMPONENT),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

@@ -48,11 +48,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         # namespaced install is not granted. It takes the listed namespaces and the kinds served at start-up.
         settings.scanning.disabled = True
     settings.networking.error_backoffs = EndlessBackoffs()
-    settings.posting.enabled = True
-    settings.posting.level = logging.WARNING  # our phase events are posted explicitly; Kopf's chatter is not
+    settings.posting.enabled = False  # Events are the operator's own (Kube.event), none of Kopf's log lines
     kube = Kube.connect(config.api_concurrency)
     metrics = Metrics()
-    memo.metrics_server = await metrics.serve(config.metrics_port)
+    memo.metrics_server = await metrics.serve(config.metrics_port, config.listen_address)
     poller = ProgressPoller(config.progress_concurrency, config.progress_timeout_seconds)
     memo.reconciler = Reconciler(kube, config, metrics, poller)
     memo.sweeps = SweepController(kube, config, metrics)

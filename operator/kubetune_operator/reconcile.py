@@ -46,6 +46,7 @@ from kubetune_operator.cache import Body, Cache, Key, key_of
 from kubetune_operator.kube import (
     FINETUNEJOBS,
     JOBS,
+    NAMESPACE_TERMINATING,
     ApiError,
     ApiUnreachable,
     Kube,
@@ -76,7 +77,6 @@ PREDECESSOR_RETRY_SECONDS = 2.0  # at least this long before a run whose childre
 # is written at once.
 COALESCE_SECONDS = 2.0
 # How the apiserver refuses a create in a namespace being deleted (the NamespaceLifecycle admission plugin).
-NAMESPACE_TERMINATING = "because it is being terminated"
 logger = logging.getLogger(__name__)
 
 

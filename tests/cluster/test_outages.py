@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster.conftest import Kube, OperatorProcess, wait_for
+from tests.cluster.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 
 RUNS = 20  # as in the reproduction; on this 2-core machine every run's Job follows within seconds of the fault
 QUOTA = "no-jobs"
@@ -145,3 +145,37 @@ def controllers_caught_up(kube: Kube) -> None:
                  "the controller-manager to resume after the outage")  # fmt: skip
     finally:
         kube.core.delete_namespace(probe)
+
+
+@pytest.mark.parametrize("after", [0.0, 0.5, 2.0])
+def test_a_namespace_deleted_under_running_syncs_ends_them_quietly(
+    kube: Kube, operator: OperatorProcess, after: float
+) -> None:
+    """Deleting a namespace while the operator creates its runs' children and writes their status and Events: every
+    call that meets the terminating namespace (403) or a run already gone (404) ends quietly, without a traceback or
+    an error logged, and the other namespaces are served as before: a run elsewhere gets its Job and its Events at
+    once (Kopf's poster, which posted one Event at a time and retried each for a minute, held every namespace's
+    Events back behind the deleted one's)."""
+    ns = f"doomed-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace({"metadata": {"name": ns}})
+    wait_for(lambda: kube.read(kube.core.read_namespaced_service_account, "default", ns) is not None, 30,
+             f"ServiceAccount default in {ns}")  # fmt: skip
+    logged = len(operator.log_text())
+    for number in range(RUNS):
+        kube.apply(ns, f"run-{number}")
+    time.sleep(after)
+    kube.core.delete_namespace(ns)
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"], 60,
+             f"the FineTuneJobs of {ns} to go with it")  # fmt: skip
+    survivor = f"alive-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace({"metadata": {"name": survivor}})
+    try:
+        kube.apply(survivor)
+        kube.wait_job(survivor, timeout=15)
+        wait_for(lambda: kube.events(survivor), 10, f"an Event on {survivor}/run")
+    finally:
+        kube.core.delete_namespace(survivor)
+    fresh = operator.log_text()[logged:]
+    assert "Traceback" not in fresh, fresh[-6000:]
+    errors = [line for line in fresh.splitlines() if ns in line and ("ERROR" in line or "WARNING" in line)]
+    assert not errors, "\n".join(errors[-20:])
