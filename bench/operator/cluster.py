@@ -184,7 +184,8 @@ def run_cluster(args: Any) -> dict[str, Any]:
             env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
             env.update(installation.env)  # the chart's settings
             env.update(KUBECONFIG=str(installation.kubeconfig), PYTHONPATH=os.pathsep.join(bench.SOURCE_PATHS),
-                       KUBETUNE_METRICS_PORT=str(free_port()), KUBETUNE_HEALTH_PORT=str(free_port()))  # fmt: skip
+                       KUBETUNE_METRICS_PORT=str(free_port()), KUBETUNE_HEALTH_PORT=str(free_port()),
+                       KUBETUNE_LISTEN_ADDRESS="127.0.0.1")  # fmt: skip
             env.update(overrides)
             env.update(extra)
             return env

@@ -98,6 +98,7 @@ def operator_env(kubeconfig: pathlib.Path, **overrides: str) -> dict[str, str]:
         KUBETUNE_TRAINER_IMAGE_PULL_POLICY="IfNotPresent",
         KUBETUNE_DEFAULT_GPU_RESOURCE="nvidia.com/gpu",
         KUBETUNE_PROGRESS_INTERVAL_SECONDS="15",
+        KUBETUNE_LISTEN_ADDRESS="127.0.0.1",
         KUBETUNE_METRICS_PORT=str(free_port()),
         KUBETUNE_HEALTH_PORT=str(free_port()),
         KUBETUNE_LOG_LEVEL="INFO",

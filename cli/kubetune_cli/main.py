@@ -131,7 +131,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         standalone=True,
         clusterwide=clusterwide,
         namespaces=() if clusterwide else settings.namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+        liveness_endpoint=f"http://{settings.listen_address}:{settings.health_port}/healthz",
     )
     return EXIT_OK
 

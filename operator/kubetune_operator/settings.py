@@ -30,6 +30,9 @@ class Settings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     trainer_image_pull_policy: str = "IfNotPresent"
     default_gpu_resource: str = "nvidia.com/gpu"
+    # Where /metrics and /healthz listen: every interface in a pod (the kubelet probes, Prometheus scrapes the
+    # pod IP); a process on a shared host (`kubetune operator` from a laptop, the tests) may keep to loopback.
+    listen_address: str = "0.0.0.0"
     metrics_port: int = 8080
     health_port: int = 8081
     progress_interval_seconds: float = 10.0
@@ -92,6 +95,15 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _address(raw: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError("must be an IP address, e.g. 0.0.0.0 or 127.0.0.1") from None
+
+
 def _one_of(choices: tuple[str, ...], normalize: Callable[[str], str] = str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = normalize(raw)
@@ -107,6 +119,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "trainer_image": str,
     "trainer_image_pull_policy": _one_of(PULL_POLICIES),
     "default_gpu_resource": str,
+    "listen_address": _address,
     "metrics_port": _port,
     "health_port": _port,
     "progress_interval_seconds": _positive_float,

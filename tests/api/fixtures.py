@@ -115,6 +115,7 @@ def operator_calls(server: KubeApiServer) -> set[tuple[str, str, str, str | None
 def operator_env(**overrides: str) -> dict[str, str]:
     return {
         "KUBETUNE_TRAINER_IMAGE": "registry.example/kubetune/trainer:test",
+        "KUBETUNE_LISTEN_ADDRESS": "127.0.0.1",
         "KUBETUNE_METRICS_PORT": str(free_port()),
         "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.2",
         "KUBETUNE_PROGRESS_TIMEOUT_SECONDS": "0.5",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 
+import psutil
 import pytest
 
 from tests.api.fixtures import Cluster, free_port, operator_env, wait_for
@@ -45,6 +46,11 @@ def test_kubetune_operator_runs_the_operator(cluster: Cluster) -> None:
         wait_for(lambda: answers(f"http://127.0.0.1:{health}/healthz"), timeout=30, what="liveness endpoint")
         metrics = f"http://127.0.0.1:{env['KUBETUNE_METRICS_PORT']}/metrics"
         assert answers(metrics)
+        # KUBETUNE_LISTEN_ADDRESS=127.0.0.1: both listen on loopback only, on a host shared with others
+        ports = {health, int(env["KUBETUNE_METRICS_PORT"])}
+        listening = [c.laddr for c in psutil.Process(process.pid).net_connections() if c.status == psutil.CONN_LISTEN]
+        assert {address.port for address in listening} >= ports, listening
+        assert all(address.ip == "127.0.0.1" for address in listening if address.port in ports), listening
         cluster.apply()
         cluster.wait_job()
         cluster.wait_phase("Pending")

@@ -292,6 +292,7 @@ class OperatorProcess:
         self.env = {
             **installation.env,
             "KUBECONFIG": str(installation.kubeconfig),
+            "KUBETUNE_LISTEN_ADDRESS": "127.0.0.1",
             "KUBETUNE_METRICS_PORT": str(free_port()),
             "KUBETUNE_HEALTH_PORT": str(free_port()),
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",

@@ -21,6 +21,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
             "KUBETUNE_DEFAULT_GPU_RESOURCE": "amd.com/gpu",
             "KUBETUNE_METRICS_PORT": "9000",
             "KUBETUNE_HEALTH_PORT": "9001",
+            "KUBETUNE_LISTEN_ADDRESS": "127.0.0.1",
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "0.5",
             "KUBETUNE_PROGRESS_TIMEOUT_SECONDS": "1",
             "KUBETUNE_PROGRESS_CONCURRENCY": "4",
@@ -33,6 +34,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
     assert settings.trainer_image_pull_policy == "Always"
     assert settings.default_gpu_resource == "amd.com/gpu"
     assert (settings.metrics_port, settings.health_port) == (9000, 9001)
+    assert settings.listen_address == "127.0.0.1"
     assert settings.progress_interval_seconds == 0.5
     assert settings.progress_timeout_seconds == 1
     assert settings.progress_concurrency == 4
@@ -45,6 +47,7 @@ def test_every_variable_the_chart_sets_is_read() -> None:
     [
         ("KUBETUNE_METRICS_PORT", "http", "KUBETUNE_METRICS_PORT='http': invalid literal"),
         ("KUBETUNE_HEALTH_PORT", "70000", "must be a port number"),
+        ("KUBETUNE_LISTEN_ADDRESS", "localhost", "must be an IP address"),
         ("KUBETUNE_PROGRESS_INTERVAL_SECONDS", "0", "greater than 0"),
         ("KUBETUNE_PROGRESS_CONCURRENCY", "0", "at least 1"),
         ("KUBETUNE_API_CONCURRENCY", "0", "at least 1"),
