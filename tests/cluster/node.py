@@ -153,10 +153,10 @@ class RealNode:
         self._ip("link", "set", self.bridge, "up")
         self._serve_the_apiserver_to_pods()
         self._start_containerd(bins)
-        self._import(self._pause_image())
+        self.load(self._pause_image())
         _run(["docker", "rmi", PAUSE_IMAGE])  # made for this node only: its containerd holds it now
         for image in images:
-            self._import(image)
+            self.load(image)
         self._start_cluster_dns()
         self._start_kubelet(bins)
         self._wait(lambda: self._ready(), "the node to be Ready")
@@ -263,7 +263,8 @@ state = "{home / "state"}"
             _run(["docker", "rm", created])
         return PAUSE_IMAGE
 
-    def _import(self, image: str) -> None:
+    def load(self, image: str) -> None:
+        """Import `image` from the docker daemon into the node's containerd (no registry)."""
         save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
         assert save.stdout is not None
         imported = subprocess.run(

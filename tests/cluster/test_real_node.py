@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -302,3 +303,63 @@ def test_two_pods_of_an_indexed_job_rendezvous_through_the_headless_service_and_
     assert status["result"]["steps"] == STEPS
     metrics = json.loads(runs.s3.read(bucket, "out/metrics.json"))
     assert metrics["world_size"] == 2  # one process per pod, one model
+
+
+# The trainer image with one change: `python` (the command the Job builder writes) is a wrapper that, in the pod of
+# index 1 only, hands the real trainer a copy of its config whose dataset.fields.response names a column the data
+# lacks. Both pods read one ConfigMap, so this is the one way to make a single index refuse its input for real.
+FAULTY_PYTHON = """#!/opt/venv/bin/python
+import json, os, sys
+args = sys.argv[1:]
+if os.environ.get("JOB_COMPLETION_INDEX") == "1":
+    at = args.index("--config") + 1
+    with open(args[at]) as source:
+        config = json.load(source)
+    config["dataset"].setdefault("fields", {})["response"] = "reply"
+    with open("/tmp/config.json", "w") as copy:
+        json.dump(config, copy)
+    args[at] = "/tmp/config.json"
+os.execv("/opt/venv/bin/python", ["/opt/venv/bin/python", *args])  # argv[0] names the venv
+"""
+
+
+@pytest.fixture
+def invalid_on_index_1(real_node: RealNode, tmp_path: Path) -> Iterator[str]:
+    """The image name of the trainer whose index-1 pod refuses its input, loaded into the node."""
+    name = image_name("trainer").replace("/trainer:", "/trainer-invalid-on-index-1:")
+    (tmp_path / "python").write_text(FAULTY_PYTHON)
+    (tmp_path / "python").chmod(0o755)
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {image_name('trainer')}\nCOPY python /fault/python\nENV PATH=/fault:$PATH\n"
+    )
+    subprocess.run(["docker", "build", "-q", "-t", name, str(tmp_path)], check=True, capture_output=True, timeout=300)
+    try:
+        real_node.load(name)
+        yield name
+    finally:
+        subprocess.run(["docker", "rmi", name], capture_output=True, timeout=120, check=False)
+
+
+def test_invalid_input_on_one_index_of_a_real_multi_node_run_fails_the_run_once(
+    runs: NodeRuns, invalid_on_index_1: str
+) -> None:
+    """Index 1's real trainer refuses its input behind the launcher: the launcher's exit 2 reaches the real Job's
+    podFailurePolicy (FailJob), the Job controller stops index 0, and nothing is retried."""
+    kube, ns = runs.kube, runs.ns
+    runs.node.advertise_gpus(2)
+    runs.submit("halfbad", image=invalid_on_index_1, resources={"gpus": 1, "nodes": 2, "cpu": "750m", "memory": "4Gi"},
+                runPolicy={"backoffLimit": 3})  # fmt: skip
+    status = kube.wait_phase(ns, "Failed", "halfbad", reason="InvalidInput", timeout=300)
+    assert status["message"].startswith("node 1 (pod "), status
+    assert "dataset.fields.response" in status["message"], status
+    job = kube.job(ns, "halfbad")
+    assert any(c["type"] == "Failed" and c["reason"] == "PodFailurePolicy" for c in job["status"]["conditions"]), job
+    # The Job controller stops index 0 (it waited in the rendezvous or trained alone) and deletes its pod.
+    wait_for(lambda: all(p["status"]["phase"] in ("Succeeded", "Failed") for p in kube.pods(ns, "halfbad")), 60,
+             "the Job controller to stop index 0")  # fmt: skip
+    created = [e["message"] for e in kube.events(ns, "halfbad")
+               if e["involvedObject"]["kind"] == "Job" and e["reason"] == "SuccessfulCreate"]  # fmt: skip
+    assert len(created) == 2, f"exit 2 must not be retried: {created}"
+    failed = next(p for p in kube.pods(ns, "halfbad") if p["spec"]["hostname"] == "halfbad-1")
+    terminated = failed["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 2, terminated  # the launcher's code, as the kubelet saw the container end
