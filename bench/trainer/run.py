@@ -74,20 +74,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def gemm_flops(n: int = 2048, seconds: float = 3.0, dtype: str = "float32") -> float:
-    """GEMM FLOP/s on THREADS threads: the best of several timed n x n matmuls."""
-    import torch
+def gemm_flops(n: int = 2048, seconds: float = 3.0, dtype: str = "fp32") -> float:
+    """GEMM FLOP/s on THREADS threads (`kubetune plan` measures a CPU the same way)."""
+    from kubetune_trainer.plan import gemm_flops as measure
 
-    torch.set_num_threads(THREADS)
-    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
-    a @ b
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    return measure(dtype, seconds, n, threads=THREADS)
 
 
 def _tree_rss(pid: int) -> int:
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = gemm / flops_per_token
     # Contenders that train in bf16 (TRL's default; kubetune's auto on CPUs with native bf16) run their
     # matmuls at this rate instead.
-    gemm_bf16 = gemm_flops(seconds=1.0 if args.smoke else 3.0, dtype="bfloat16")
+    gemm_bf16 = gemm_flops(seconds=1.0 if args.smoke else 3.0, dtype="bf16")
     print(
         f"model: {params['total'] / 1e6:.2f}M parameters ({params['matmul'] / 1e6:.2f}M in matmuls); "
         f"GEMM {gemm / 1e9:.1f} GFLOP/s on {THREADS} threads -> compute-bound limit {limit:.0f} tokens/s",

@@ -213,7 +213,7 @@ def print_table(plan: Any, out: IO[str], color: bool, disk: int, job: Any) -> No
             (
                 "ETA",
                 f"{format_seconds(e.seconds[0])} to {format_seconds(e.seconds[1])} "
-                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of the GPU's {memory.precision} peak)",
+                f"(at {e.utilisation[1]:.0%} to {e.utilisation[0]:.0%} of {e.device})",
             ),
         ]
     width = max(len(row[0]) for row in rows if isinstance(row, tuple))
@@ -285,7 +285,7 @@ def _plan(
 ) -> int:
     try:
         plan_mod.refuse_unplannable(config)
-        target = plan_target(job, plan_mod, gpu, gpu_memory)
+        target = plan_target(job, config, plan_mod, gpu, gpu_memory)
     except plan_mod.PlanError as error:
         print(f"kubetune plan: {error}", file=sys.stderr)
         return EXIT_INVALID_FILE
@@ -337,13 +337,19 @@ def _plan(
     return EXIT_DOES_NOT_FIT if reasons else EXIT_OK
 
 
-def plan_target(job: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None) -> Any:
+def plan_target(job: Any, config: Any, plan_mod: Any, gpu: str | None, gpu_memory: str | None) -> Any:
     """The GPU the plan is for: --gpu NAME (memory and peak FLOPs from the table), --gpu-memory SIZE (memory
-    only: no ETA), or, without either, a GPU of unknown size (a CPU for resources.gpus 0)."""
+    only: no ETA), or, without either, a GPU of unknown size; for resources.gpus 0, this machine's CPU, its GEMM
+    rate measured (a second) at the run's compute dtype for the ETA."""
     chosen = plan_mod.find_gpu(gpu) if gpu else None
     memory = plan_mod.parse_memory(gpu_memory) if gpu_memory else (chosen.memory_bytes if chosen else None)
     cuda = chosen is not None or memory is not None or job.spec.resources.gpus > 0
-    return plan_mod.Target(cuda=cuda, memory_bytes=memory, gpu=chosen)
+    if cuda:
+        return plan_mod.Target(cuda=True, memory_bytes=memory, gpu=chosen)
+    from kubetune_trainer import model as model_mod
+
+    dtype = model_mod.precision(config.training, cuda=False)
+    return plan_mod.Target(cuda=False, memory_bytes=None, cpu=plan_mod.measure_cpu(dtype))
 
 
 def run_sweep_plan(
@@ -365,7 +371,7 @@ def run_sweep_plan(
         configs = [local_config(trial, s3_endpoint=s3_endpoint) for trial in trials]
         for config in configs:
             plan_mod.refuse_unplannable(config)
-        target = plan_target(trials[0], plan_mod, gpu, gpu_memory)
+        target = plan_target(trials[0], configs[0], plan_mod, gpu, gpu_memory)
     except SpecError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -408,8 +414,9 @@ def run_sweep_plan(
     peak = worst_memory.memory.peak_bytes if worst_memory.memory else None
     at = trials[plans.index(worst_memory)].metadata.annotations
     longest = max((plan.eta.seconds[1] for plan in plans if plan.eta), default=None)
-    gpus = max(resources.gpus, 1) * resources.nodes
+    gpus = max(resources.gpus, 1) * resources.nodes  # on a CPU: the nodes (node-hours)
     gpu_hours = count * longest * gpus / 3600 if longest is not None else None
+    hours = "node-hours" if target.cpu is not None else "GPU-hours"
     fits = peak is None or target.memory_bytes is None or peak <= target.memory_bytes
     if output == "json":
         document = {"file": str(path), "name": sweep.metadata.name, "trials": count,
@@ -425,9 +432,9 @@ def run_sweep_plan(
         print(f"  peak memory    {gib(peak) if peak is not None else 'unknown'} at worst (with {where})", file=out)
         if longest is not None and gpu_hours is not None:
             print(f"  longest trial  {format_seconds(longest)}", file=out)
-            print(f"  GPU-hours      at most {gpu_hours:.2f} (fewer with pruning)", file=out)
+            print(f"  {hours:<14} at most {gpu_hours:.2f} (fewer with pruning)", file=out)
         else:
-            print("  GPU-hours      unknown: name the GPU with --gpu for an ETA", file=out)
+            print(f"  {hours:<14} unknown: name the GPU with --gpu for an ETA", file=out)
     if not fits:
         print(f"{path}: does not fit: the worst-case trial needs {gib(peak or 0)} of GPU memory", file=sys.stderr)
         return EXIT_DOES_NOT_FIT

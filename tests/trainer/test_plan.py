@@ -203,6 +203,25 @@ def test_plan_prints_the_data_the_run_and_the_fit(tmp_path: Path, plan_model: Pa
     assert document["memory"]["optimizer"] == "paged_adamw_8bit"
 
 
+def test_a_cpu_run_gets_an_eta_from_this_cpus_measured_gemm_rate(tmp_path: Path, plan_model: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", plan_model, f"{DATA}/support-instructions.jsonl")
+    spec = yaml.safe_load(job.read_text())
+    spec["spec"]["resources"] = {"gpus": 0}
+    job.write_text(yaml.safe_dump(spec))
+    code, out, err = plan_command(str(job), "-o", "json")
+    assert code == 0, err
+    eta, run = json.loads(out)["eta"], json.loads(out)["schedule"]
+    assert eta["device"].startswith("this CPU's measured") and eta["peak_flops"] > 1e9  # any CPU does a GFLOP/s
+    assert eta["tokens"] > 0 and run["total_steps"] > 0
+    # the range is the work over the peak at the assumed utilisation, slowest at the lowest
+    work = eta["flops_per_token"] * eta["tokens"]
+    low, high = eta["utilisation"]
+    assert eta["seconds"] == pytest.approx([work / (eta["peak_flops"] * high), work / (eta["peak_flops"] * low)])
+    code, out, err = plan_command(str(job))
+    assert code == 0, err
+    assert "ETA" in out and "of this CPU's measured" in out and "GEMM rate" in out, out
+
+
 @pytest.mark.parametrize(
     ("dataset", "training", "advised"),
     [

@@ -78,6 +78,11 @@ GPUS: dict[str, Gpu] = {
 # Assumed model FLOPs utilisation (share of the GPU's peak a step achieves), low and high. QLoRA pays for
 # dequantizing every weight in forward and backward; LoRA and full fine-tuning run plain 16-bit matmuls.
 UTILISATION = {"qlora": (0.15, 0.35), "lora": (0.25, 0.45), "full": (0.30, 0.50)}
+# On a CPU, the share of its measured GEMM rate (at the run's dtype) a step achieves, low and high. Measured on
+# SmolLM2-135M, 2 cores with AVX512-BF16, nothing else running (bench/results/plan-cpu-eta-2026-12-07.json):
+# 25-28 % for QLoRA, LoRA and full fine-tuning alike, with or without gradient checkpointing, at 1,024- and
+# 2,048-token rows. The range reaches half that (a node shared with other work) and a third more.
+CPU_UTILISATION = (0.12, 0.35)
 
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
 _FACTORS = {
@@ -370,13 +375,52 @@ OPTIMIZER_STATE_BYTES = {
 }
 
 
+@dataclass(frozen=True)
+class Cpu:
+    """This machine's CPU as a training run would use it: `flops` is the GEMM rate measured at the run's compute
+    dtype on `threads` threads (`measure_cpu`), the peak an ETA on it is a share of."""
+
+    threads: int
+    dtype: str  # "bf16" or "fp32"
+    flops: float
+
+
+def gemm_flops(dtype: str = "fp32", seconds: float = 1.0, n: int = 1024, threads: int | None = None) -> float:
+    """GEMM FLOP/s on this CPU: the best of timed n x n matmuls over `seconds` (torch's thread count unless
+    `threads` is given). The bench's compute-bound limit uses it too."""
+    import time
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
+    a @ b
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def measure_cpu(dtype: str, seconds: float = 1.0) -> Cpu:
+    """This CPU at `dtype` ("bf16" or "fp32"), on the threads torch would train with."""
+    import torch
+
+    return Cpu(torch.get_num_threads(), dtype, gemm_flops(dtype, seconds))
+
+
 @dataclass
 class Target:
-    """The machine a plan is for: a GPU (by name, or memory alone) or this CPU."""
+    """The machine a plan is for: a GPU (by name, or memory alone) or this CPU (`cpu`: measured, for an ETA)."""
 
     cuda: bool
     memory_bytes: int | None
     gpu: Gpu | None = None
+    cpu: Cpu | None = None
 
     @property
     def bf16(self) -> bool:
@@ -688,14 +732,26 @@ class Eta:
     tokens: int  # processed over the whole run, padding included
     utilisation: tuple[float, float]
     seconds: tuple[float, float]  # fastest, slowest
+    peak_flops: float  # of all the run's GPUs, or of this CPU at the run's dtype
+    device: str  # what the peak is of: "the GPU's bf16 peak", "this CPU's measured bf16 GEMM rate"
 
 
-def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: DataPlan, checkpointing: bool) -> Eta:
-    """Training FLOPs over the GPUs' peak at an assumed utilisation. A forward pass costs 2 FLOPs per weight
-    per token (the head's only at the positions whose logits are computed; plus attention, 4 x layers x q_dim x
-    the mean context within an example); backward costs twice that for full fine-tuning, about once for
-    (Q)LoRA (gradients of the activations only, the base is frozen); gradient checkpointing adds one more
-    forward."""
+def eta(cfg: TrainerConfig, shape: ModelShape, target: Target, run: Schedule, data: DataPlan, precision: str,
+        checkpointing: bool) -> Eta | None:  # fmt: skip
+    """Training FLOPs over the GPUs' peak (or this CPU's measured GEMM rate) at an assumed utilisation; None for
+    a target without either (a GPU known by its memory alone). A forward pass costs 2 FLOPs per weight per token
+    (the head's only at the positions whose logits are computed; plus attention, 4 x layers x q_dim x the mean
+    context within an example); backward costs twice that for full fine-tuning, about once for (Q)LoRA
+    (gradients of the activations only, the base is frozen); gradient checkpointing adds one more forward."""
+    if target.gpu is not None:
+        peak = target.gpu.bf16_tflops * 1e12 * run.world_size
+        utilisation, device = UTILISATION[cfg.method.type], f"the GPU's {precision} peak"
+    elif target.cpu is not None:
+        peak = target.cpu.flops * run.world_size
+        utilisation = CPU_UTILISATION
+        device = f"this CPU's measured {target.cpu.dtype} GEMM rate ({target.cpu.flops / 1e9:.0f} GFLOP/s)"
+    else:
+        return None
     head = (shape.head_params or shape.vocab * shape.hidden) * data.predicted_tokens / max(data.processed_tokens, 1)
     context = data.real_tokens / max(data.examples, 1) / 2  # causal: a token attends to half its example
     forward = 2 * (shape.linear_params + head) + 4 * shape.layers * shape.q_dim * context
@@ -704,9 +760,9 @@ def eta(cfg: TrainerConfig, shape: ModelShape, gpu: Gpu, run: Schedule, data: Da
     # An epoch processes every sequence once, in steps_per_epoch steps (fewer micro-batches than a global batch
     # when the data is small: the last step of an epoch takes what is left).
     tokens = int(data.processed_tokens * run.total_steps / run.steps_per_epoch)
-    low, high = UTILISATION[cfg.method.type]
-    peak = gpu.bf16_tflops * 1e12 * run.world_size
-    return Eta(per_token, tokens, (low, high), (per_token * tokens / (peak * high), per_token * tokens / (peak * low)))
+    low, high = utilisation
+    work = per_token * tokens
+    return Eta(per_token, tokens, utilisation, (work / (peak * high), work / (peak * low)), peak, device)
 
 
 def as_json(value: Any) -> Any:
@@ -797,7 +853,7 @@ def make_plan(
         {"total": shape.total_params, "trainable": estimated_trainable_parameters(cfg, shape)},
         estimate,
         fit(cfg, shape, target, estimate, world_size, train.examples, batches),
-        eta(cfg, shape, target.gpu, run, data, estimate.gradient_checkpointing) if target.gpu is not None else None,
+        eta(cfg, shape, target, run, data, estimate.precision, estimate.gradient_checkpointing),
         estimate_disk(cfg, shape, model_config, estimate.optimizer),
         estimate_host_memory(cfg, shape, model_config),
     )
