@@ -102,11 +102,29 @@ def _lexicon(rng: random.Random, size: int) -> list[str]:
     return words
 
 
-class _Language:
-    """A Zipfian bigram language over made-up words: learnable structure, so eval loss can fall."""
+def tokenizer_words(model_dir: Path, size: int) -> list[str]:
+    """The `size` commonest whole words of a real model's byte-level BPE vocabulary (merge order is frequency
+    order), each one token after a space. Made-up words cost a real tokenizer ~2.6 tokens each, so rows
+    built from them are twice Alpaca's length in tokens; built from these, a word is ~1.1 tokens as in
+    English text, and the rows keep Alpaca's shape."""
+    from transformers import AutoTokenizer
 
-    def __init__(self, rng: random.Random, size: int):
-        self.words = _lexicon(rng, size)
+    vocabulary = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    words = []
+    for token, _ in sorted(vocabulary.items(), key=lambda item: item[1]):
+        word = token[1:]
+        if token.startswith("\u0120") and word.isalpha() and word.islower() and len(word) >= 3:
+            words.append(word)
+    return words[:size]
+
+
+class _Language:
+    """A Zipfian bigram language over a lexicon (made-up words unless given): learnable structure, so eval
+    loss can fall."""
+
+    def __init__(self, rng: random.Random, size: int, words: list[str] | None = None):
+        self.words = words[:size] if words else _lexicon(rng, size)
+        size = len(self.words)
         self.cum_weights = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(size)))  # Zipf
         self.successors = [rng.sample(range(size), 6) for _ in range(size)]
         self.rng = rng
@@ -130,10 +148,10 @@ def _length(rng: random.Random, median: float, sigma: float, bounds: tuple[int, 
     return max(bounds[0], min(bounds[1], round(math.exp(rng.gauss(math.log(median), sigma)))))
 
 
-def generate_rows(spec: DataSpec) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def generate_rows(spec: DataSpec, words: list[str] | None = None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, eval) rows of {prompt, response}; eval rows are held out (never trained on)."""
     rng = random.Random(spec.seed)
-    language = _Language(rng, spec.lexicon)
+    language = _Language(rng, spec.lexicon, words)
     rows = []
     for _ in range(spec.train_rows + spec.eval_rows):
         n_prompt = _length(rng, spec.prompt_median, spec.prompt_sigma, spec.prompt_range)
@@ -203,12 +221,13 @@ def prepare(root: Path = WORK, size: ModelSize = ModelSize(), data: DataSpec = D
 
 def prepare_pretrained(model_dir: Path, root: Path = WORK, data: DataSpec = DataSpec()) -> Workload:
     """A real pretrained model (SmolLM2-135M-Instruct, from `kubetune_cli.pretrained`) with the same generated
-    rows: the model is used as it is, so only the data is written under `root`."""
-    key = hashlib.sha256(json.dumps(["pretrained", asdict(data)]).encode()).hexdigest()[:12]
+    rows, over the commonest words of its own vocabulary (`tokenizer_words`): the model is used as it is, so
+    only the data is written under `root`."""
+    key = hashlib.sha256(json.dumps(["pretrained", "tokenizer-words", asdict(data)]).encode()).hexdigest()[:12]
     root = root / f"workload-{key}"
     workload = Workload(root, model_dir, root / "train.jsonl", root / "eval.jsonl")
     if not (root / "READY").exists():
-        train, held_out = generate_rows(data)
+        train, held_out = generate_rows(data, tokenizer_words(model_dir, data.lexicon))
         write_jsonl(workload.train_file, train)
         write_jsonl(workload.eval_file, held_out)
         (root / "READY").write_text(key)
