@@ -46,7 +46,13 @@ RELEASE, RELEASE_NAMESPACE = "kubetune", "kubetune-system"
 
 def bench_node(index: int) -> dict[str, Any]:
     node = kwok_node(f"bench-node-{index}", gpus=BENCH_NODE_PODS)
-    capacity = {**node["status"]["capacity"], "cpu": "4000", "memory": "64Ti", "pods": str(BENCH_NODE_PODS)}
+    capacity = {
+        **node["status"]["capacity"],
+        "cpu": "4000",
+        "memory": "64Ti",
+        "ephemeral-storage": "64Ti",
+        "pods": str(BENCH_NODE_PODS),
+    }  # a trainer pod asks for 50Gi of disk (spec.resources.disk)
     node["status"] = {"capacity": capacity, "allocatable": capacity}
     return node
 

@@ -6,10 +6,10 @@
 
 For each case (the CRD's method defaults, then one change each), in a fresh process: the plan is made exactly as
 `kubetune plan` makes it for a CPU run (`plan_target`: this CPU's GEMM rate measured at the run's compute dtype,
-`make_plan`), then the trainer trains the same config for `--steps` optimizer steps, each one packed row of 1,024 tokens
-(`--max-length`; the bench's Alpaca-shaped rows), and `trainer.train()` is timed (model loading and data preparation are not in the
-ETA). The result gives, per case, the plan's fastest and slowest time, the measured time, and the utilisation
-that time implies (`plan.CPU_UTILISATION` is set from these).
+`make_plan`), then the trainer trains the same config for `--steps` optimizer steps, each one packed row of
+1,024 tokens (`--max-length`; the bench's Alpaca-shaped rows), and `trainer.train()` is timed (model loading and
+data preparation are not in the ETA). The result gives, per case, the plan's fastest and slowest time, the
+measured time, and the utilisation that time implies (`plan.CPU_UTILISATION` is set from these).
 """
 
 from __future__ import annotations
