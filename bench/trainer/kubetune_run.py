@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--without", action="append", default=[], choices=LEVERS)
     parser.add_argument("--result")
     args = parser.parse_args(argv)
+    import os
+
+    from kubetune_trainer import threads
+
+    threads.configure(os.environ)  # as the trainer's entry point does, before torch loads (its wait policy)
     write_result(args.result, train(args.model, args.train, args.out, variant=args.variant, levers_off=args.without))
 
 

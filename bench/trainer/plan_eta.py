@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = smollm2_dir()
     if args.one:
+        from kubetune_trainer import threads
+
+        threads.configure(os.environ)  # as the trainer's entry point does, before torch loads (its wait policy)
         print(json.dumps(measure(args.one, args.steps, args.model, args.work, args.max_length)))
         return 0
     results = []

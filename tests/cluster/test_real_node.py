@@ -148,6 +148,8 @@ def test_a_finetunejob_runs_to_succeeded_on_a_real_node_under_restricted_pod_sec
     # `kubectl logs` goes from the apiserver to the kubelet's API, which reads the container's log file.
     logs = kube.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
     assert re.search(rf"train step \d+/{STEPS} loss", logs), logs[-3000:]
+    # The container's CPU limit (resources.cpu: 1), read from its own cgroup, not the node's 2 cores.
+    assert "CPU threads per worker: 1 (1 usable CPUs, CPU limit 1;" in logs, logs[:3000]
 
 
 def last_state(kube: Kube, ns: str, pod: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune_trainer import threads
 from kubetune_trainer.config import TrainerConfig, describe_errors, error_path
 from kubetune_trainer.contract import (
     CONFIG_PATH,
@@ -187,7 +188,10 @@ def _launcher_failure(args: argparse.Namespace, code: int, tail: list[str]) -> T
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    if (args.nproc_per_node > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+    launcher = (args.nproc_per_node > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ
+    # Before anything loads torch: a launcher's workers inherit it (torchrun would otherwise set 1 thread each).
+    log.info("%s", threads.configure(os.environ, workers=args.nproc_per_node if launcher else 1))
+    if launcher:
         return _launch(args)
 
     from kubetune_trainer.errors import TrainerFailure
