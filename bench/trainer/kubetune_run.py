@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "defaults-checkpointing": {"method": {}, "training": {"gradientCheckpointing": True}, "max_length": None},
 }
 LEVERS = (
+    "tcmalloc",
     "segments",
     "shared-dropout",
     "fused-lora",
@@ -65,15 +66,15 @@ LEVERS = (
 
 def without(levers: list[str]) -> None:
     """Undo the named fast paths in this process: the trainer's speed-ups through its own switch
-    (`speedups.SPEEDUPS_OFF_ENV`), the rest by monkeypatching the trainer's modules."""
+    (`runtime.SPEEDUPS_OFF_ENV`), the rest by monkeypatching the trainer's modules."""
     import os
 
-    from kubetune_trainer import attention, config, objectives, speedups
+    from kubetune_trainer import attention, config, objectives, runtime
 
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown:
         raise SystemExit(f"--without {', '.join(unknown)}: not one of {', '.join(LEVERS)}")
-    os.environ[speedups.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in levers if lever in speedups.SPEEDUPS)
+    os.environ[runtime.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in levers if lever in runtime.SPEEDUPS)
     for lever in levers:
         if lever == "segments":
             attention.register = lambda: "sdpa"  # type: ignore[assignment]
@@ -170,10 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result")
     args = parser.parse_args(argv)
     import os
+    import sys
 
-    from kubetune_trainer import threads
+    from kubetune_trainer import runtime
 
-    threads.configure(os.environ)  # as the trainer's entry point does, before torch loads (its wait policy)
+    os.environ[runtime.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in args.without if lever in runtime.SPEEDUPS)
+    runtime.preload_allocator([sys.executable, *sys.argv])  # as the trainer's entry point does, before torch loads
+    runtime.configure(os.environ)
     write_result(args.result, train(args.model, args.train, args.out, variant=args.variant, levers_off=args.without))
 
 

@@ -85,9 +85,9 @@ def measure(
 
     torch.set_num_threads(2)
     if without_fused_loss:
-        from kubetune_trainer import speedups
+        from kubetune_trainer import runtime
 
-        os.environ[speedups.SPEEDUPS_OFF_ENV] = "fused-loss"
+        os.environ[runtime.SPEEDUPS_OFF_ENV] = "fused-loss"
     model_dir = model_dir or smollm2_dir()
     data = wl.prepare_pretrained(model_dir, work)
     cfg = TrainerConfig.model_validate(

@@ -121,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = smollm2_dir()
     if args.one:
-        from kubetune_trainer import threads
+        from kubetune_trainer import runtime
 
-        threads.configure(os.environ)  # as the trainer's entry point does, before torch loads (its wait policy)
+        runtime.preload_allocator([sys.executable, *sys.argv])  # as the trainer's entry point does
+        runtime.configure(os.environ)
         print(json.dumps(measure(args.one, args.steps, args.model, args.work, args.max_length)))
         return 0
     results = []

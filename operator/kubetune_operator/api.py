@@ -200,8 +200,8 @@ class Resources(ApiModel):
     )
     cpu: Quantity | None = Field(
         default=None,
-        description=f'CPU request and limit, e.g. "8". Unset: a request (no limit) of {DEFAULT_CPU_PER_GPU} per GPU; '
-        "none on CPU runs.",
+        description=f'CPU request and limit, e.g. "8"; the trainer runs as many CPU threads as the limit allows '
+        f"(rounded down, at least 1). Unset: a request (no limit) of {DEFAULT_CPU_PER_GPU} per GPU; none on CPU runs.",
     )
     memory: Quantity | None = Field(
         default=None,

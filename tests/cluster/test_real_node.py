@@ -150,6 +150,7 @@ def test_a_finetunejob_runs_to_succeeded_on_a_real_node_under_restricted_pod_sec
     assert re.search(rf"train step \d+/{STEPS} loss", logs), logs[-3000:]
     # The container's CPU limit (resources.cpu: 1), read from its own cgroup, not the node's 2 cores.
     assert "CPU threads per worker: 1 (1 usable CPUs, CPU limit 1;" in logs, logs[:3000]
+    assert "; allocator tcmalloc" in logs, logs[:3000]  # the image's, preloaded by the trainer's re-execution
 
 
 def last_state(kube: Kube, ns: str, pod: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

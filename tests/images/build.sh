@@ -90,7 +90,7 @@ VERSION=${KUBETUNE_IMAGE_VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproje
 inputs_label() { "$DOCKER" image inspect --format "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
 
 # --- the base: Debian bookworm (minbase) with its Python 3.11 and venv, standing in for python:3.11-slim-bookworm -
-BASE_PACKAGES=python3,python3-venv,ca-certificates
+BASE_PACKAGES=python3,python3-venv,ca-certificates,libtcmalloc-minimal4
 # docker import sets no environment: PATH and LANG as the official image has them (an unset PATH would leave the
 # Dockerfiles' PATH=/opt/venv/bin:$PATH with an empty entry, the working directory).
 BASE_ENV=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8)

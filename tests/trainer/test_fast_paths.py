@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kubetune_trainer import runtime
 from kubetune_trainer.data import IGNORE_INDEX, Collator, Example, pack
 
 
@@ -122,29 +123,27 @@ def test_speedups_off_leaves_peft_s_own_dropout_and_forward(tmp_path: Path, monk
 
     from kubetune_trainer import speedups
 
-    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "shared-dropout,fused-lora")
+    monkeypatch.setenv(runtime.SPEEDUPS_OFF_ENV, "shared-dropout,fused-lora")
     model = _lora_model(tmp_path, 0.5)
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     assert layers
     assert all(type(module.lora_dropout["default"]) is torch.nn.Dropout for module in layers)
     assert all("forward" not in vars(module) for module in layers)  # the class's forward, not the fused one
-    assert speedups.enabled("dropout-mask") and not speedups.enabled("fused-lora")
+    assert runtime.enabled("dropout-mask") and not runtime.enabled("fused-lora")
 
-    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "all")
-    assert not any(speedups.enabled(name) for name in speedups.SPEEDUPS)
+    monkeypatch.setenv(runtime.SPEEDUPS_OFF_ENV, "all")
+    assert not any(runtime.enabled(name) for name in runtime.SPEEDUPS)
     assert speedups.return_freed_memory() is False
 
-    monkeypatch.setenv(speedups.SPEEDUPS_OFF_ENV, "fused-lora,fast")
+    monkeypatch.setenv(runtime.SPEEDUPS_OFF_ENV, "fused-lora,fast")
     with pytest.raises(ValueError, match=r"KUBETUNE_SPEEDUPS_OFF='fused-lora,fast': unknown fast; use 'all' or"):
-        speedups.enabled("fused-lora")
+        runtime.enabled("fused-lora")
 
 
 def test_speedups_are_on_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peft.tuners.lora import LoraLayer
 
-    from kubetune_trainer import speedups
-
-    monkeypatch.delenv(speedups.SPEEDUPS_OFF_ENV, raising=False)
+    monkeypatch.delenv(runtime.SPEEDUPS_OFF_ENV, raising=False)
     model = _lora_model(tmp_path, 0.5)
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     assert layers and all("forward" in vars(module) for module in layers)  # the fused forward

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune_trainer import threads
+from kubetune_trainer import runtime
 from kubetune_trainer.config import TrainerConfig, describe_errors, error_path
 from kubetune_trainer.contract import (
     CONFIG_PATH,
@@ -186,11 +186,14 @@ def _launcher_failure(args: argparse.Namespace, code: int, tail: list[str]) -> T
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own entry point: it may re-execute itself with tcmalloc first
+        runtime.preload_allocator([sys.executable, "-m", "kubetune_trainer", *sys.argv[1:]])
     args = parse_args(argv)
     configure_logging()
     launcher = (args.nproc_per_node > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ
     # Before anything loads torch: a launcher's workers inherit it (torchrun would otherwise set 1 thread each).
-    log.info("%s", threads.configure(os.environ, workers=args.nproc_per_node if launcher else 1))
+    threads = runtime.configure(os.environ, workers=args.nproc_per_node if launcher else 1)
+    log.info("%s; allocator %s", threads, runtime.allocator())
     if launcher:
         return _launch(args)
 

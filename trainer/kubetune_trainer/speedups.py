@@ -35,7 +35,6 @@ against 31-53 s.
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any
 
@@ -43,32 +42,7 @@ import torch
 
 from kubetune_trainer import loss
 from kubetune_trainer.config import MethodSpec
-
-SPEEDUPS_OFF_ENV = "KUBETUNE_SPEEDUPS_OFF"
-SPEEDUPS = (
-    "mmap-threshold",
-    "bf16-weights",
-    "input-cast",
-    "shared-dropout",
-    "dropout-mask",
-    "fused-lora",
-    "fused-loss",
-)
-
-
-def enabled(name: str) -> bool:
-    """Whether the speed-up `name` is on (not named in KUBETUNE_SPEEDUPS_OFF, which is not `all`)."""
-    if name not in SPEEDUPS:
-        raise ValueError(f"unknown speed-up {name!r}; known: {', '.join(SPEEDUPS)}")
-    off = {part.strip() for part in os.environ.get(SPEEDUPS_OFF_ENV, "").split(",") if part.strip()}
-    unknown = off - {*SPEEDUPS, "all"}
-    if unknown:
-        raise ValueError(
-            f"{SPEEDUPS_OFF_ENV}={os.environ[SPEEDUPS_OFF_ENV]!r}: unknown {', '.join(sorted(unknown))}; "
-            f"use 'all' or names from: {', '.join(SPEEDUPS)}"
-        )
-    return "all" not in off and name not in off
-
+from kubetune_trainer.runtime import allocator, enabled
 
 # -- host memory -----------------------------------------------------------------------------------
 
@@ -81,7 +55,7 @@ def return_freed_memory() -> bool:
     size (up to 32 MiB): then activations of every new row length are carved from the heap, which
     fragments and is not given back. What `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here
     so every launch gets it. False where it is off or the C library has no mallopt (not glibc)."""
-    if not enabled("mmap-threshold"):
+    if not enabled("mmap-threshold") or allocator() == "tcmalloc":  # tcmalloc returns freed pages itself
         return False
     import ctypes
     import ctypes.util
