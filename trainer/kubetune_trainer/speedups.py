@@ -6,9 +6,13 @@ Each speed-up has a name; `KUBETUNE_SPEEDUPS_OFF` (a comma-separated list of tho
 named ones off for a run, to measure them or to rule them out when a result looks wrong. The figures are
 from `bench/trainer` on 2-core CPUs (docs/performance.md; the runs in bench/results/):
 
-- `mmap-threshold`: glibc's mmap threshold fixed at 128 KiB, so freed activation buffers go back to the
-  system. Peak RSS 1,838 -> 1,607 MiB (seed's method, 128 rows, trainer-2026-12-02); without it peak RSS grew
-  with the number of steps (+570 MiB between 32 and 128 examples).
+- `tcmalloc` (in `runtime`: it takes effect before the process loads anything): tcmalloc preloaded where it is
+  installed. SmolLM2-135M, CRD defaults, one pass of the bench's 128 rows: 498-516 against 269 tokens/s with
+  `mmap-threshold` below, peak RSS 3.7 against 3.4 GiB (2026-12-07).
+- `mmap-threshold` (only without tcmalloc): glibc's mmap threshold fixed at 128 KiB, so freed activation buffers
+  go back to the system (at a cost: every buffer is fresh pages to fault in and zero). Peak RSS 1,838 -> 1,607
+  MiB (seed's method, 128 rows, trainer-2026-12-02); without it peak RSS grew with the number of steps (+570 MiB
+  between 32 and 128 examples).
 - `bf16-weights`: the unquantized frozen weights (norms, embeddings, head) kept in bf16 after peft's k-bit
   preparation upcast them to fp32. `copy_` fell from 25 % to 13 % of a profile; 805 vs 112 tokens/s and
   -87 MiB peak RSS (CRD defaults, a loaded machine, trainer-2026-12-02).
