@@ -26,6 +26,7 @@ Usage: python bench/trainer/kubetune_run.py --model DIR --train FILE --out DIR -
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,24 @@ LEVERS = (
 )
 
 
+def switch_off(levers: list[str]) -> None:
+    """Add the trainer's speed-ups among `levers` to KUBETUNE_SPEEDUPS_OFF, keeping what the shell set there."""
+    from kubetune_trainer import runtime
+
+    off = [part for part in os.environ.get(runtime.SPEEDUPS_OFF_ENV, "").split(",") if part]
+    off += [lever for lever in levers if lever in runtime.SPEEDUPS and lever not in off]
+    os.environ[runtime.SPEEDUPS_OFF_ENV] = ",".join(off)
+
+
 def without(levers: list[str]) -> None:
     """Undo the named fast paths in this process: the trainer's speed-ups through its own switch
     (`runtime.SPEEDUPS_OFF_ENV`), the rest by monkeypatching the trainer's modules."""
-    import os
-
-    from kubetune_trainer import attention, config, objectives, runtime
+    from kubetune_trainer import attention, config, objectives
 
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown:
         raise SystemExit(f"--without {', '.join(unknown)}: not one of {', '.join(LEVERS)}")
-    os.environ[runtime.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in levers if lever in runtime.SPEEDUPS)
+    switch_off(levers)
     for lever in levers:
         if lever == "segments":
             attention.register = lambda: "sdpa"  # type: ignore[assignment]
@@ -170,12 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--without", action="append", default=[], choices=LEVERS)
     parser.add_argument("--result")
     args = parser.parse_args(argv)
-    import os
     import sys
 
     from kubetune_trainer import runtime
 
-    os.environ[runtime.SPEEDUPS_OFF_ENV] = ",".join(lever for lever in args.without if lever in runtime.SPEEDUPS)
+    switch_off(args.without)
     runtime.preload_allocator([sys.executable, *sys.argv])  # as the trainer's entry point does, before torch loads
     runtime.configure(os.environ)
     write_result(args.result, train(args.model, args.train, args.out, variant=args.variant, levers_off=args.without))
