@@ -17,9 +17,10 @@ Three defaults cost a CPU run dearly:
   heap that fragments (SmolLM2, one pass of the bench's rows: 4.7 GiB peak RSS) or, with its mmap threshold
   fixed low, maps and zero-fills fresh pages for every buffer (3.4 GiB, but 43 % of the step time: 269 against
   450 tokens/s). tcmalloc reuses freed pages without either cost: 498-516 tokens/s at 3.7 GiB, its heap growing
-  to 4.1 GiB over 4x the rows (2026-12-07, docs/performance.md). It has to be loaded before anything else (`LD_PRELOAD`), so the trainer re-executes
-  itself once with it when the library is installed (the image has it) and the speed-up is on; without it,
-  `speedups.return_freed_memory` fixes glibc's threshold (memory over speed).
+  to 4.1 GiB over 4x the rows (2026-12-07, docs/performance.md). It has to be loaded before anything else
+  (`LD_PRELOAD`), so the trainer re-executes itself once with it when the library is installed (the image has
+  it) and the speed-up is on; without it, `speedups.return_freed_memory` fixes glibc's threshold (memory over
+  speed).
 
 The thread variables are defaults: one already set (the pod template's `env`, the shell of `kubetune run`)
 wins. `KUBETUNE_SPEEDUPS_OFF=tcmalloc` keeps glibc's malloc.
