@@ -135,20 +135,23 @@ def cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     return min(quotas) if quotas else None
 
 
+def _usable(quota: float | None) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
+
+
 def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     """The CPUs this process can keep busy: its affinity, capped by its CPU quota rounded down, at least 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(root)
-    return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
+    return _usable(cpu_quota(root))
 
 
 def configure(environ: MutableMapping[str, str], workers: int = 1, root: Path = CGROUP_ROOT) -> str:
     """Set the thread defaults in `environ` for `workers` processes sharing this one's CPUs; says what it chose."""
-    cpus = usable_cpus(root)
+    quota = cpu_quota(root)  # the cgroup is read once
+    cpus = _usable(quota)
     environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // workers)))
     for name, value in DEFAULTS.items():
         environ.setdefault(name, value)
-    quota = cpu_quota(root)
     limit = f", CPU limit {quota:g}" if quota is not None else ""
     return (
         f"CPU threads per worker: {environ['OMP_NUM_THREADS']} ({cpus} usable CPUs{limit}; "

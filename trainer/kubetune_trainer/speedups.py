@@ -59,7 +59,7 @@ def return_freed_memory() -> bool:
     size (up to 32 MiB): then activations of every new row length are carved from the heap, which
     fragments and is not given back. What `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here
     so every launch gets it. False where it is off or the C library has no mallopt (not glibc)."""
-    if not enabled("mmap-threshold") or allocator() == "tcmalloc":  # tcmalloc returns freed pages itself
+    if not enabled("mmap-threshold") or allocator() == "tcmalloc":  # glibc's mallopt does not reach tcmalloc's heap
         return False
     import ctypes
     import ctypes.util
