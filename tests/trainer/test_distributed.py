@@ -15,6 +15,9 @@ from tests.trainer.conftest import S3Run, TrainerProcess, base_config, s3_env
 pytestmark = pytest.mark.slow
 
 
+STEPS = 200
+
+
 def test_launch_command() -> None:
     from kubetune_trainer.contract import launch_command
 
@@ -33,7 +36,9 @@ def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
         "ddp",
         rows=40,
         method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
-        training={"maxSteps": 10, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
+        # Long enough that the SIGTERM lands mid-run: a step of the tiny model takes ~15 ms, and 10 steps once
+        # ended between two polls of wait_for_step, before the signal was sent.
+        training={"maxSteps": STEPS, "checkpointEverySteps": 1000, "evalEverySteps": 5, "logEverySteps": 1},
     )
     env = {**s3_env(s3_moto), "OMP_NUM_THREADS": "1"}
 
@@ -63,7 +68,7 @@ def test_torchrun_two_processes_preempt_resume_and_write_one_set_of_artifacts(
     assert keys.count("ddp/adapter/adapter_model.safetensors") == 1
     assert keys.count("ddp/COMPLETE") == 1
     metrics = json.loads(s3_moto.read(bucket, "ddp/metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["steps"] == 10 and metrics["resumed_from_step"] == step
+    assert metrics["world_size"] == 2 and metrics["steps"] == STEPS and metrics["resumed_from_step"] == step
     assert log.count("artifacts written to") == 1  # rank 0 only
 
 
